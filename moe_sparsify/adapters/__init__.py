@@ -1,0 +1,26 @@
+"""Architecture adapters, looked up by the config's `model_type`."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from .base import MoEAdapter, TensorRule
+from .mixtral import MixtralAdapter
+
+ADAPTERS: dict[str, type[MoEAdapter]] = {t: cls for cls in (MixtralAdapter,) for t in cls.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(config) -> MoEAdapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UsageError(
+            f"model type {model_type!r} is not a supported MoE architecture (supported: "
+            f"{', '.join(supported_model_types())}); add an adapter in moe_sparsify/adapters/"
+        )
+    return ADAPTERS[model_type](config)
+
+
+__all__ = ["ADAPTERS", "MoEAdapter", "TensorRule", "adapter_for", "supported_model_types"]

@@ -1,0 +1,115 @@
+"""Run a model one decoder layer at a time over calibration tokens.
+
+The sparsegpt/wanda shape: catch the inputs of decoder layer 0 (hidden states
+plus whatever keyword arguments the model passes its layers: rotary
+embeddings, mask, positions), then for each layer move it to the compute
+device, run it on every batch while a hook records its MoE block's inputs,
+let the caller decide, and feed the outputs (from the original layer, or from
+the pruned one in progressive mode) to the next layer. Only the current layer
+needs to be on the compute device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from ..adapters import MoEAdapter
+
+# on_layer(layer index, MoE block, block inputs per batch as (tokens x hidden)) ->
+# experts to keep while producing the next layer's inputs, or None for all.
+LayerCallback = Callable[[int, nn.Module, list[torch.Tensor]], list[int] | None]
+
+
+class _Caught(Exception):
+    pass
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def catch_layer0_inputs(
+    model: nn.Module, adapter: MoEAdapter, token_ids: torch.Tensor, batch_size: int, device: torch.device
+) -> list[tuple[torch.Tensor, dict]]:
+    layers = adapter.decoder_layers(model)
+    caught: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden, dict(kwargs)))
+        raise _Caught
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, len(token_ids), batch_size):
+            try:
+                model(input_ids=token_ids[start : start + batch_size].to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def _recorder(store: list[torch.Tensor]):
+    def hook(module, args):
+        store.append(args[0].reshape(-1, args[0].shape[-1]))
+
+    return hook
+
+
+def place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Move embeddings, norms, rotary tables and head to `device`, leaving decoder layers where they are."""
+    inside = {id(m) for m in layers.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(device)
+
+
+@torch.no_grad()
+def propagate(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    token_ids: torch.Tensor,
+    on_layer: LayerCallback,
+    *,
+    batch_size: int,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> None:
+    layers = adapter.decoder_layers(model)
+    home = next(layers[0].parameters()).device
+    place_outside_layers(model, layers, device)
+    layers[0].to(device)
+    batches = catch_layer0_inputs(model, adapter, token_ids, batch_size, device)
+    task = progress.add_task("layers", total=len(layers)) if progress else None
+    for index, layer in enumerate(layers):
+        layer.to(device)
+        block = adapter.moe_block(layer)
+        captured: list[torch.Tensor] = []
+        handle = None
+        if block is not None:
+            handle = block.register_forward_pre_hook(_recorder(captured))
+        try:
+            outputs = [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+        finally:
+            if handle is not None:
+                handle.remove()
+        if block is not None:
+            kept = on_layer(index, block, captured)
+            if kept is not None and len(kept) < adapter.num_experts:
+                with adapter.pruned_view(model, {index: kept}):
+                    outputs = [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+        batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
+        layer.to(home)
+        if progress:
+            progress.advance(task)
+    place_outside_layers(model, layers, home)

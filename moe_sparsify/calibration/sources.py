@@ -1,0 +1,116 @@
+"""Calibration text sources and their spec strings.
+
+bundled                 the package's calib split of the offline corpus (default)
+bundled:heldout         its held-out split (the default for `eval`)
+path/to/file.txt        plain text
+path/to/file.jsonl      one JSON object per line, field "text"
+path/to/file.json       a list of strings, or of objects with "text"
+path/to/file.parquet    a "text" column (needs pyarrow)
+hf:NAME[:CONFIG][@SPLIT]  a Hugging Face dataset (needs `datasets` and a network)
+a=0.7,b=0.3             a mix: comma-separated SOURCE=WEIGHT
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..corpus import DOCUMENT_SEPARATOR, bundled_text
+from ..errors import UsageError
+
+TEXT_FIELD = "text"
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    source: str
+    weight: float = 1.0
+
+
+def parse_sources(spec: str | list) -> list[SourceSpec]:
+    """A spec string or a YAML list of {source, weight} / strings."""
+    if isinstance(spec, list):
+        items = [SourceSpec(**i) if isinstance(i, dict) else SourceSpec(str(i)) for i in spec]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            source, _, weight = part.strip().rpartition("=") if "=" in part else (part.strip(), "", "1")
+            try:
+                items.append(SourceSpec(source.strip(), float(weight)))
+            except ValueError:
+                raise UsageError(
+                    f"calibration weight {weight!r} in {part!r} is not a number; write SOURCE=0.5"
+                ) from None
+    if not items or any(not i.source for i in items):
+        raise UsageError("empty calibration source; pass --calibration bundled, a file, or hf:NAME")
+    if any(i.weight <= 0 for i in items):
+        raise UsageError("calibration weights must be positive; write e.g. a.txt=0.7,b.txt=0.3")
+    return items
+
+
+def check_source(source: str) -> None:
+    """Cheap validation before any heavy work."""
+    if source in ("bundled", "bundled:calib", "bundled:heldout") or source.startswith("hf:"):
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(
+            f"calibration source {source!r} is not a file; "
+            "pass bundled, a local .txt/.jsonl/.json/.parquet file, or hf:NAME"
+        )
+    if path.suffix not in FILE_SUFFIXES:
+        raise UsageError(
+            f"calibration file {source!r} has suffix {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}"
+        )
+
+
+def load_documents(source: str) -> list[str]:
+    check_source(source)
+    if source.startswith("bundled"):
+        split = source.partition(":")[2] or "calib"
+        return bundled_text(split).split(DOCUMENT_SEPARATOR)
+    if source.startswith("hf:"):
+        return _hf_documents(source[3:])
+    path = Path(source)
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [_text_of(row, source) for row in rows]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get(TEXT_FIELD), list):
+            data = data[TEXT_FIELD]
+        if not isinstance(data, list):
+            raise UsageError(f"{source}: expected a JSON list of strings or of objects with {TEXT_FIELD!r}")
+        return [_text_of(row, source) for row in data]
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError("reading .parquet needs pyarrow; pip install pyarrow") from None
+    table = pq.read_table(path, columns=[TEXT_FIELD])
+    return [str(t) for t in table.column(TEXT_FIELD).to_pylist()]
+
+
+def _text_of(row, source: str) -> str:
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict) and isinstance(row.get(TEXT_FIELD), str):
+        return row[TEXT_FIELD]
+    raise UsageError(f"{source}: every record needs a string field {TEXT_FIELD!r}")
+
+
+def _hf_documents(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("hf: sources need the `datasets` package; pip install datasets") from None
+    name, _, split = name.partition("@")
+    path, _, config = name.partition(":")
+    try:
+        data = datasets.load_dataset(path, config or None, split=split or "train")
+    except Exception as exc:  # the hub raises many types; all mean the same to the user
+        raise UsageError(f"could not load dataset {path!r}: {exc}; check the name or use a local file") from None
+    return [str(t) for t in data[TEXT_FIELD]]

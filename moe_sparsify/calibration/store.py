@@ -1,0 +1,88 @@
+"""A calibration on disk: token windows, manifest, and every MoE block's inputs.
+
+    DIR/manifest.json          sources, counts, seed, sha256 of the token ids, model identity
+    DIR/tokens.safetensors     token_ids (samples x seq_len)
+    DIR/layer_XXX.safetensors  moe_input (tokens x hidden), one file per MoE layer
+
+Several `prune` runs (keep values, strategies) reuse one calibration in
+layer-wise mode; progressive mode re-runs the layers from the stored tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UsageError
+
+KIND = "moe-sparsify-calibration"
+MANIFEST = "manifest.json"
+
+
+def manifest_sha256(manifest: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+class CalibrationWriter:
+    """Writes into DIR.tmp and renames on `commit()`, so a failed run leaves nothing."""
+
+    def __init__(self, directory: Path, overwrite: bool):
+        self.final = Path(directory)
+        if self.final.exists() and not overwrite:
+            raise UsageError(f"{self.final} exists; pass --overwrite or choose another --output")
+        self.tmp = self.final.with_name(f".{self.final.name}.partial")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+
+    def add_tokens(self, token_ids: torch.Tensor) -> None:
+        save_file({"token_ids": token_ids.contiguous()}, self.tmp / "tokens.safetensors")
+
+    def add_layer(self, index: int, inputs: list[torch.Tensor]) -> None:
+        tensor = torch.cat([x.detach().cpu() for x in inputs]).contiguous()
+        save_file({"moe_input": tensor}, self.tmp / f"layer_{index:03d}.safetensors")
+
+    def commit(self, manifest: dict) -> Path:
+        (self.tmp / MANIFEST).write_text(json.dumps({"kind": KIND, **manifest}, indent=2, sort_keys=True) + "\n")
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        self.tmp.rename(self.final)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class CalibrationStore:
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(
+                f"{self.dir} is not a calibration directory (no readable {MANIFEST}); "
+                "run `moe-sparsify calibrate` first"
+            ) from None
+        if self.manifest.get("kind") != KIND:
+            raise UsageError(f"{path} is not a moe-sparsify calibration manifest")
+
+    def token_ids(self) -> torch.Tensor:
+        return load_file(self.dir / "tokens.safetensors")["token_ids"]
+
+    def layer_inputs(self, index: int) -> torch.Tensor:
+        path = self.dir / f"layer_{index:03d}.safetensors"
+        if not path.exists():
+            raise UsageError(f"calibration {self.dir} has no inputs for layer {index}; recalibrate this model")
+        return load_file(path)["moe_input"]
+
+    def check_model(self, identity: dict) -> None:
+        stored = self.manifest.get("model", {})
+        diffs = [f"{k}: {stored.get(k)!r} != {v!r}" for k, v in identity.items() if stored.get(k) != v]
+        if diffs:
+            raise UsageError(f"calibration {self.dir} was made for another model ({'; '.join(diffs)}); recalibrate")

@@ -1,0 +1,269 @@
+"""The `moe-sparsify` command line: parse flags, call `commands`, print, exit.
+
+Results go to stdout (`--json`: one JSON object), logs and progress to
+stderr. Exit codes: 0 success, 2 usage or config error, 1 failed run; errors
+are one line naming the fix (MOE_SPARSIFY_TRACEBACK=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from . import commands
+from .config import Settings, resolve_settings
+from .errors import MoeSparsifyError
+from .plan import load_plan
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", help="Alias (configs/models.yaml), model directory or hub id.")
+]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings; flags override it.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Where results are written.")]
+CalibOpt = Annotated[
+    Optional[str], typer.Option("--calibration", help="Text source: bundled, a file, hf:NAME, or a mix a=0.7,b=0.3.")
+]
+SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="Calibration sequences.")]
+SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per calibration sequence.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")]
+OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def reporting_errors(fn):
+    """Known errors become one line and their exit code; anything else one line and 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoeSparsifyError as exc:
+            if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
+                raise
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", 130)
+        except Exception as exc:
+            if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(f"{type(exc).__name__}: {first} (set MOE_SPARSIFY_TRACEBACK=1 for the traceback)", 1)
+
+    return wrapper
+
+
+def _settings(config: Optional[Path], **flags) -> Settings:
+    return resolve_settings(config, flags)
+
+
+def _emit(result: dict, as_json: bool, summary) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        summary(result)
+
+
+def _show_progress(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+def _layers_table(result: dict) -> None:
+    table = Table(title=f"{result['model']}: keep {result['keep']} ({result['strategy']}, {result['mode']})")
+    for column in ("layer", "kept experts", "loss", "runner-up loss", "subsets"):
+        table.add_column(column, justify="right")
+    for lp in result["layers"]:
+        runner_up = "-" if lp["runner_up_loss"] is None else f"{lp['runner_up_loss']:.4g}"
+        table.add_row(
+            str(lp["layer"]), " ".join(map(str, lp["kept"])), f"{lp['loss']:.4g}", runner_up, str(lp["subsets_scored"])
+        )
+    commands.stderr.print(table)
+    where = result["output"] or result["plan"]
+    commands.stderr.print(f"wrote {where} in {result['timings']['total_s']:.1f} s")
+
+
+@app.command()
+@reporting_errors
+def calibrate(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = None,
+    calibration: CalibOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = None,
+    overwrite: OverwriteOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Sample calibration tokens and store every MoE block's inputs for later `prune` runs."""
+    settings = _settings(
+        config,
+        model=model,
+        output=output,
+        calibration=calibration,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        overwrite=overwrite,
+    )
+    result = commands.calibrate(settings, _show_progress(json_out))
+    _emit(
+        result,
+        json_out,
+        lambda r: commands.stderr.print(
+            f"wrote {r['output']}: {r['manifest']['tokens']} tokens in {r['seconds']:.1f} s"
+        ),
+    )
+
+
+@app.command()
+@reporting_errors
+def prune(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = None,
+    calibration: CalibOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = None,
+    overwrite: OverwriteOpt = None,
+    json_out: JsonOpt = False,
+    keep: Annotated[Optional[int], typer.Option("--keep", help="Experts each MoE layer keeps.")] = None,
+    strategy: Annotated[
+        Optional[str], typer.Option("--strategy", help="exhaustive, greedy, frequency or random.")
+    ] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="layerwise (the paper) or progressive.")] = None,
+    plan_only: Annotated[
+        Optional[bool], typer.Option("--plan-only", help="Write the plan file, not a checkpoint.")
+    ] = None,
+    from_calibration: Annotated[
+        Optional[str], typer.Option("--from-calibration", help="Directory written by `calibrate`.")
+    ] = None,
+    max_subsets: Annotated[
+        Optional[int], typer.Option("--max-subsets", help="Exhaustive search limit per layer.")
+    ] = None,
+    beam: Annotated[Optional[int], typer.Option("--beam", help="Greedy beam width.")] = None,
+):
+    """Choose the experts to keep per layer and write the slimmed checkpoint (or only the plan)."""
+    settings = _settings(
+        config,
+        model=model,
+        output=output,
+        calibration=calibration,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        keep=keep,
+        strategy=strategy,
+        mode=mode,
+        plan_only=plan_only,
+        from_calibration=from_calibration,
+        max_subsets=max_subsets,
+        beam=beam,
+    )
+    _emit(commands.prune(settings, _show_progress(json_out)), json_out, _layers_table)
+
+
+@app.command()
+@reporting_errors
+def export(
+    plan: Annotated[Path, typer.Option("--plan", help="Plan file written by `prune --plan-only`.")],
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = None,
+    calibration: CalibOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
+    overwrite: OverwriteOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Write the slimmed checkpoint for a plan (the model defaults to the plan's source)."""
+    if model is None:
+        model = load_plan(plan).source
+    settings = _settings(
+        config,
+        model=model,
+        output=output,
+        calibration=calibration,
+        seq_len=seq_len,
+        seed=seed,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+    result = commands.export(settings, plan)
+    _emit(
+        result,
+        json_out,
+        lambda r: commands.stderr.print(
+            f"wrote {r['output']} ({', '.join(r['config_changes'])}); "
+            f"max logit diff {r['verified_max_abs_logit_diff']:.2g}"
+        ),
+    )
+
+
+@app.command("eval")
+@reporting_errors
+def eval_(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+    text: Annotated[
+        Optional[str], typer.Option("--text", help="Text source (default: the bundled held-out split).")
+    ] = None,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Apply a plan in memory instead of exporting.")] = None,
+    window: Annotated[Optional[int], typer.Option("--window", help="Tokens per scoring window.")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts.")] = None,
+):
+    """Perplexity of a model (original, exported, or with a plan applied) on a text source."""
+    settings = _settings(
+        config, model=model, device=device, dtype=dtype, eval_text=text, eval_window=window, eval_stride=stride
+    )
+    result = commands.evaluate(settings, plan)
+    _emit(
+        result,
+        json_out,
+        lambda r: commands.stderr.print(
+            f"{r['model']}{' + ' + r['plan'] if r['plan'] else ''}: perplexity {r['perplexity']:.3f} on {r['tokens']} "
+            f"tokens of {r['text']} (window {r['window']}, stride {r['stride']}, {r['device']}, {r['dtype']})"
+        ),
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

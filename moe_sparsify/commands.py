@@ -1,0 +1,258 @@
+"""What each subcommand does, given resolved settings; returns a JSON-able result.
+
+No parsing and no printing of results here (that is `cli.py`); only logs and
+progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .adapters import MoEAdapter, adapter_for
+from .calibration.propagate import propagate
+from .calibration.sources import check_source, load_documents, parse_sources
+from .calibration.store import CalibrationStore, CalibrationWriter, manifest_sha256
+from .calibration.tokens import sample_windows, token_stream
+from .config import Settings
+from .errors import UsageError
+from .evaluate import perplexity
+from .export import PLAN_FILE, check_target, export_checkpoint
+from .models import load_config, load_model, pick_device, pick_dtype, resolve_model_dir
+from .plan import Plan, load_plan
+from .prune import check_keep, model_identity, plan_pruning
+
+stderr = Console(stderr=True)
+
+
+@dataclass
+class Job:
+    """A model resolved and checked, weights not yet loaded."""
+
+    settings: Settings
+    model_dir: Path
+    adapter: MoEAdapter
+    device: torch.device
+    dtype: torch.dtype
+
+
+def open_job(settings: Settings) -> Job:
+    model_dir = resolve_model_dir(settings.model)
+    adapter = adapter_for(load_config(model_dir))
+    device = pick_device(settings.device)
+    return Job(settings, model_dir, adapter, device, pick_dtype(settings.dtype, device))
+
+
+def _model_name(settings: Settings) -> str:
+    return Path(settings.model.rstrip("/")).name
+
+
+def peak_memory_bytes(device: torch.device) -> dict:
+    peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
+
+
+@contextmanager
+def progress_bar(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        yield progress
+
+
+def _calibration_tokens(job: Job, tokenizer) -> tuple[torch.Tensor, dict]:
+    s = job.settings
+    return sample_windows(tokenizer, parse_sources(s.calibration), s.samples, s.seq_len, s.seed)
+
+
+def _check_sources(settings: Settings) -> None:
+    for spec in parse_sources(settings.calibration):
+        check_source(spec.source)
+
+
+def calibrate(settings: Settings, show_progress: bool) -> dict:
+    job = open_job(settings)
+    _check_sources(settings)
+    output = Path(settings.output or f"{_model_name(settings)}-calibration")
+    writer = CalibrationWriter(output, settings.overwrite)
+    try:
+        start = time.perf_counter()
+        model, tokenizer = load_model(job.model_dir, job.dtype)
+        token_ids, manifest = _calibration_tokens(job, tokenizer)
+        writer.add_tokens(token_ids)
+
+        def store(index, block, inputs):
+            writer.add_layer(index, inputs)
+            return None
+
+        with progress_bar(show_progress) as progress:
+            propagate(
+                model,
+                job.adapter,
+                token_ids,
+                store,
+                batch_size=settings.batch_size,
+                device=job.device,
+                progress=progress,
+            )
+        identity = model_identity(model, job.adapter)
+        manifest["model"] = {
+            "source": settings.model,
+            "model_type": identity.model_type,
+            "num_experts": identity.num_experts,
+            "router_sha256": identity.router_sha256,
+        }
+        path = writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    return {
+        "output": str(path),
+        "manifest": manifest,
+        "seconds": time.perf_counter() - start,
+        "peak_memory": peak_memory_bytes(job.device),
+    }
+
+
+def _write_atomically(path: Path, text: str, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite or choose another --output")
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def prune(settings: Settings, show_progress: bool) -> dict:
+    start = time.perf_counter()
+    job = open_job(settings)
+    keep = check_keep(job.adapter, settings.keep)
+    default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
+    output = Path(settings.output or default_output)
+    if settings.plan_only:
+        if output.exists() and not settings.overwrite:
+            raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+    else:
+        check_target(job.model_dir, output, settings.overwrite)
+    store = CalibrationStore(Path(settings.from_calibration)) if settings.from_calibration else None
+    if store is None:
+        _check_sources(settings)
+    model, tokenizer = load_model(job.model_dir, job.dtype)
+    if store is not None:
+        identity = model_identity(model, job.adapter)
+        store.check_model(
+            {
+                "model_type": identity.model_type,
+                "num_experts": identity.num_experts,
+                "router_sha256": identity.router_sha256,
+            }
+        )
+        token_ids = store.token_ids()
+        manifest = {k: v for k, v in store.manifest.items() if k not in ("kind", "model")}
+        settings.seq_len = token_ids.shape[1]
+    else:
+        token_ids, manifest = _calibration_tokens(job, tokenizer)
+    manifest["sha256"] = manifest_sha256(manifest)
+    loaded = time.perf_counter()
+    with progress_bar(show_progress) as progress:
+        plan, timings = plan_pruning(
+            model, job.adapter, settings, token_ids, manifest, device=job.device, store=store, progress=progress
+        )
+    searched = time.perf_counter()
+    result = {"model": settings.model, "keep": keep, "strategy": settings.strategy, "mode": settings.mode}
+    if settings.plan_only:
+        _write_atomically(output, plan.dumps("json" if output.suffix == ".json" else "yaml"), settings.overwrite)
+        result.update(plan=str(output), output=None)
+    else:
+        provenance = export_checkpoint(
+            job.model_dir,
+            output,
+            plan,
+            job.adapter,
+            model,
+            token_ids[: settings.verify_samples],
+            overwrite=settings.overwrite,
+        )
+        result.update(
+            output=str(output),
+            plan=str(output / PLAN_FILE),
+            verified_max_abs_logit_diff=provenance["verified_max_abs_logit_diff"],
+            config_changes=provenance["config_changes"],
+        )
+    done = time.perf_counter()
+    result["layers"] = [
+        {
+            "layer": lp.layer,
+            "kept": lp.kept,
+            "loss": lp.loss,
+            "runner_up_loss": lp.runner_up_loss,
+            "subsets_scored": lp.subsets_scored,
+            "stats_seconds": t.stats_s,
+            "search_seconds": t.search_s,
+        }
+        for lp, t in zip(plan.layers, timings)
+    ]
+    result["timings"] = {
+        "load_and_calibration_tokens_s": loaded - start,
+        "search_s": searched - loaded,
+        "export_s": done - searched,
+        "total_s": done - start,
+    }
+    result["peak_memory"] = peak_memory_bytes(job.device)
+    result["plan_sha256"] = plan.sha256()
+    return result
+
+
+def export(settings: Settings, plan_path: Path) -> dict:
+    start = time.perf_counter()
+    plan = load_plan(plan_path)
+    job = open_job(settings)
+    output = Path(settings.output or f"{_model_name(settings)}-keep{plan.uniform_keep() or 'mixed'}")
+    check_target(job.model_dir, output, settings.overwrite)
+    for lp in plan.layers:
+        check_keep(job.adapter, len(lp.kept))
+    _check_sources(settings)
+    model, tokenizer = load_model(job.model_dir, job.dtype)
+    plan.check_matches(model_identity(model, job.adapter))
+    settings.samples = settings.verify_samples
+    token_ids, _ = _calibration_tokens(job, tokenizer)
+    provenance = export_checkpoint(
+        job.model_dir, output, plan, job.adapter, model, token_ids, overwrite=settings.overwrite
+    )
+    return {"output": str(output), "plan": str(plan_path), "seconds": time.perf_counter() - start, **provenance}
+
+
+def evaluate(settings: Settings, plan_path: Path | None) -> dict:
+    start = time.perf_counter()
+    job = open_job(settings)
+    check_source(settings.eval_text)
+    model, tokenizer = load_model(job.model_dir, job.dtype)
+    model.to(job.device)
+    stream = token_stream(tokenizer, load_documents(settings.eval_text))
+    result = {
+        "model": settings.model,
+        "text": settings.eval_text,
+        "device": str(job.device),
+        "dtype": str(job.dtype).removeprefix("torch."),
+        "plan": str(plan_path) if plan_path else None,
+    }
+    kept = {}
+    if plan_path:
+        plan: Plan = load_plan(plan_path)
+        plan.check_matches(model_identity(model, job.adapter))
+        kept = plan.kept()
+    with job.adapter.pruned_view(model, kept):
+        result.update(perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device))
+    result["seconds"] = time.perf_counter() - start
+    result["peak_memory"] = peak_memory_bytes(job.device)
+    return result

@@ -1,0 +1,125 @@
+"""Run settings: built-in defaults < model alias defaults < --config YAML < flags.
+
+Unknown keys and bad values are collected and reported together, before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import UsageError
+from .models import DTYPES, model_aliases
+from .search import DEFAULT_MAX_SUBSETS, STRATEGIES
+
+MODES = ("layerwise", "progressive")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Settings:
+    model: str = "tiny"
+    keep: int | None = None
+    strategy: str = "exhaustive"
+    mode: str = "layerwise"  # layerwise: original inputs per layer (the paper); progressive: pruned inputs
+    calibration: str | list = "bundled"
+    samples: int = 128  # the paper: 128 sequences of 2048 tokens
+    seq_len: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8  # sequences per forward during calibration
+    max_subsets: int = DEFAULT_MAX_SUBSETS  # exhaustive refuses above this many subsets per layer
+    beam: int = 1  # greedy beam width
+    output: str | None = None
+    overwrite: bool = False
+    plan_only: bool = False
+    from_calibration: str | None = None  # a directory written by `calibrate`
+    verify_samples: int = 4  # calibration sequences the exported checkpoint is checked on
+    eval_text: str = "bundled:heldout"
+    eval_window: int = 256
+    eval_stride: int = 128
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+KNOWN_KEYS = {f.name for f in fields(Settings)}
+
+
+def _validate(s: Settings) -> list[str]:
+    errors = []
+
+    def positive(name: str) -> None:
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(f"{name}: must be a positive integer, got {value!r}")
+
+    for name in (
+        "samples",
+        "seq_len",
+        "batch_size",
+        "max_subsets",
+        "beam",
+        "verify_samples",
+        "eval_window",
+        "eval_stride",
+    ):
+        positive(name)
+    if s.keep is not None:
+        positive("keep")
+    if not isinstance(s.seed, int) or isinstance(s.seed, bool):
+        errors.append(f"seed: must be an integer, got {s.seed!r}")
+    if s.strategy not in STRATEGIES:
+        errors.append(f"strategy: {s.strategy!r} is not one of {', '.join(sorted(STRATEGIES))}")
+    if s.mode not in MODES:
+        errors.append(f"mode: {s.mode!r} is not one of {', '.join(MODES)}")
+    if s.device not in DEVICES and not str(s.device).startswith("cuda:"):
+        errors.append(f"device: {s.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    if s.dtype != "auto" and s.dtype not in DTYPES:
+        errors.append(f"dtype: {s.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if isinstance(s.eval_window, int) and isinstance(s.eval_stride, int) and s.eval_stride > s.eval_window:
+        errors.append(f"eval_stride: {s.eval_stride} is larger than eval_window {s.eval_window}")
+    return errors
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError:
+        raise UsageError(f"cannot read config {path}; check the --config path") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path} must be a mapping of setting: value")
+    return data
+
+
+def resolve_settings(config_file: Path | None, flags: dict) -> Settings:
+    """flags: values the user passed on the command line (None = not given)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    from_file = _read_yaml(config_file) if config_file else {}
+    errors = [
+        f"{k}: unknown setting in {config_file} (known: {', '.join(sorted(KNOWN_KEYS))})"
+        for k in from_file
+        if k not in KNOWN_KEYS
+    ]
+    model = given.get("model", from_file.get("model", Settings.model))
+    alias = model_aliases().get(model, {})
+    alias_defaults = {k: v for k, v in alias.items() if k != "path"}
+    errors += [
+        f"{k}: unknown setting in the alias {model!r} of configs/models.yaml"
+        for k in alias_defaults
+        if k not in KNOWN_KEYS
+    ]
+    merged = {**alias_defaults, **{k: v for k, v in from_file.items() if k in KNOWN_KEYS}, **given}
+    settings = Settings(**{k: v for k, v in merged.items() if k in KNOWN_KEYS})
+    errors += _validate(settings)
+    if errors:
+        raise UsageError("invalid settings: " + "; ".join(errors))
+    return settings

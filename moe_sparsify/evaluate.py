@@ -1,0 +1,41 @@
+"""Perplexity with a sliding window.
+
+The text is tokenised as one stream (documents joined by end-of-text). Windows
+of `window` tokens start every `stride` tokens; each window scores only the
+tokens not scored by the previous one, so every token after the first is
+predicted exactly once, with at least `window - stride` tokens of context
+(except near the start). This is the transformers documentation's recipe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, window: int, stride: int, device: torch.device) -> dict:
+    token_ids = token_ids.reshape(-1)
+    nll, counted, scored_until = 0.0, 0, 1  # the first token has no prediction
+    for start in range(0, max(1, len(token_ids) - 1), stride):
+        end = min(start + window, len(token_ids))
+        chunk = token_ids[start:end].to(device).unsqueeze(0)
+        logits = model(input_ids=chunk, use_cache=False).logits[0].float()
+        # Position p predicts token p + 1; score targets in [scored_until, end).
+        first_target = max(scored_until, start + 1)
+        targets = chunk[0, first_target - start :]
+        preds = logits[first_target - start - 1 : end - start - 1]
+        nll += F.cross_entropy(preds, targets, reduction="sum").item()
+        counted += targets.numel()
+        scored_until = end
+        if end == len(token_ids):
+            break
+    return {
+        "perplexity": math.exp(nll / counted),
+        "nll_per_token": nll / counted,
+        "tokens": counted,
+        "window": window,
+        "stride": stride,
+    }

@@ -1,0 +1,178 @@
+"""Write the slimmed checkpoint by streaming tensors from the source shards.
+
+1. Refuse bad targets first: an existing output (without overwrite), a target
+   inside the source, a plan with per-layer expert counts.
+2. For each source shard, read tensors one at a time with `safe_open`: drop
+   removed per-expert tensors and renumber the rest; gather kept rows of
+   stacked expert tensors and router rows (one `get_slice` per kept expert,
+   since slices take ranges, not index lists); copy everything else.
+3. Write shards and index, config.json with the new expert count, tokenizer and
+   generation files, the plan and a provenance record into a temporary
+   directory; verify by reloading it with stock transformers and comparing
+   logits with the source model routed as if the experts were gone; then
+   rename into place. A failure at any step leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .adapters import MoEAdapter
+from .errors import FailedRun, UsageError
+from .plan import Plan
+
+INDEX = "model.safetensors.index.json"
+PLAN_FILE = "moe_sparsify_plan.yaml"
+PROVENANCE_FILE = "moe_sparsify_provenance.json"
+VERIFY_TOLERANCE = 1e-4
+# Files of the source directory that describe weights this export rewrites.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_NOT_COPIED_NAMES = {"config.json", INDEX, "pytorch_model.bin.index.json", PLAN_FILE, PROVENANCE_FILE}
+
+
+def check_target(source_dir: Path, output: Path, overwrite: bool) -> None:
+    source_dir, output = Path(source_dir).resolve(), Path(output).resolve()
+    if output == source_dir or source_dir in output.parents:
+        raise UsageError(f"output {output} is inside the source model {source_dir}; choose a directory outside it")
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+
+
+def source_shards(source_dir: Path) -> list[str]:
+    index = source_dir / INDEX
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (source_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise UsageError(
+        f"{source_dir} has no safetensors weights; re-save the model with save_pretrained(safe_serialization=True)"
+    )
+
+
+def _gather_rows(handle, name: str, rows: list[int]) -> torch.Tensor:
+    view = handle.get_slice(name)
+    return torch.stack([view[r] for r in rows])
+
+
+def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name in handle.keys():
+        rule = adapter.tensor_rule(name)
+        if rule is None or rule.layer not in kept:
+            out[name] = handle.get_tensor(name)
+        elif rule.kind == "expert":
+            if rule.expert in kept[rule.layer]:
+                out[rule.renamed(kept[rule.layer].index(rule.expert))] = handle.get_tensor(name)
+        else:  # stacked experts or router rows: experts along dim 0
+            out[name] = _gather_rows(handle, name, kept[rule.layer])
+    return out
+
+
+def _write_weights(source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[int, list[int]]) -> None:
+    shards = source_shards(source_dir)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        try:
+            with safe_open(source_dir / shard, framework="pt") as handle:
+                tensors = _slim_shard(handle, adapter, kept)
+                metadata = handle.metadata() or {"format": "pt"}
+        except (SafetensorError, OSError) as exc:
+            raise FailedRun(f"cannot read {source_dir / shard}: {exc}; re-download or re-save the checkpoint") from None
+        target = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / target, metadata=metadata)
+        weight_map.update({name: target for name in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_config(source_dir: Path, tmp: Path, adapter: MoEAdapter, keep: int) -> list[str]:
+    config = json.loads((source_dir / "config.json").read_text())
+    changes = adapter.pruned_config(config, keep)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return changes
+
+
+def _copy_side_files(source_dir: Path, tmp: Path) -> None:
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and path.name not in _NOT_COPIED_NAMES and not path.name.endswith(_NOT_COPIED_SUFFIXES):
+            shutil.copy2(path, tmp / path.name)
+
+
+@torch.no_grad()
+def verify_export(original, adapter: MoEAdapter, plan: Plan, exported_dir: Path, token_ids: torch.Tensor) -> float:
+    """Max abs logit difference between the export and the masked original, in float32 on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype=torch.float32).eval()
+    dtype = next(original.parameters()).dtype
+    reference = original.float()
+    try:
+        with adapter.pruned_view(reference, plan.kept()):
+            expected = reference(input_ids=token_ids, use_cache=False).logits
+        got = exported(input_ids=token_ids, use_cache=False).logits
+    finally:
+        original.to(dtype)
+    return (got - expected).abs().max().item()
+
+
+def export_checkpoint(
+    source_dir: Path,
+    output: Path,
+    plan: Plan,
+    adapter: MoEAdapter,
+    original_model,
+    verify_tokens: torch.Tensor,
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> dict:
+    """Returns the provenance record (config changes, verification diff)."""
+    source_dir, output = Path(source_dir), Path(output)
+    check_target(source_dir, output, overwrite)
+    keep = plan.uniform_keep()
+    if keep is None:
+        raise UsageError("the plan keeps different expert counts per layer; stock transformers configs hold one count")
+    tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_weights(source_dir, tmp, adapter, plan.kept())
+        changes = _write_config(source_dir, tmp, adapter, keep)
+        _copy_side_files(source_dir, tmp)
+        plan.save(tmp / PLAN_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        diff = verify_export(original_model, adapter, plan, tmp, verify_tokens)
+        if not diff <= VERIFY_TOLERANCE:
+            raise FailedRun(
+                f"exported checkpoint disagrees with the pruned source model (max logit diff {diff:.3g} > "
+                f"{VERIFY_TOLERANCE}); this is a bug: report it with the plan"
+            )
+        provenance = {
+            "source": plan.source,
+            "source_dir": str(source_dir),
+            "plan_sha256": plan.sha256(),
+            "config_changes": changes,
+            "verified_max_abs_logit_diff": diff,
+            "verified_on_tokens": int(verify_tokens.numel()),
+            "moe_sparsify": __version__,
+        }
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(output)
+        return provenance
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

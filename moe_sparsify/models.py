@@ -1,0 +1,104 @@
+"""Model aliases, local directories and hub ids -> a loaded model and tokenizer."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import FailedRun, UsageError
+
+BUNDLED_PREFIX = "bundled:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def configs_dir() -> Path:
+    """`configs/` ships inside the package as `moe_sparsify.configs`; from a bare checkout it sits beside it."""
+    try:
+        return Path(str(resources.files("moe_sparsify.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def model_aliases() -> dict[str, dict]:
+    data = yaml.safe_load((configs_dir() / "models.yaml").read_text())
+    return {name: (entry if isinstance(entry, dict) else {"path": entry}) for name, entry in data.items()}
+
+
+def bundled_model_dir(name: str) -> Path:
+    return Path(str(resources.files("moe_sparsify") / "assets" / name))
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A local directory holding config.json and safetensors weights."""
+    aliases = model_aliases()
+    target = str(aliases[spec]["path"]) if spec in aliases else spec
+    if target.startswith(BUNDLED_PREFIX):
+        return bundled_model_dir(target[len(BUNDLED_PREFIX) :])
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json; pass a directory written by save_pretrained")
+        return path
+    if path.exists() or target.startswith((".", "/", "~")) or target.count("/") != 1:
+        raise UsageError(
+            f"model {spec!r} is not an alias ({', '.join(sorted(aliases))}), a model directory, or a hub id (org/name)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(target, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:
+        raise FailedRun(
+            f"could not fetch {target!r} from the hub ({type(exc).__name__}); download it and pass the local directory"
+        ) from None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot read the model config in {model_dir}: {exc}") from None
+
+
+def load_model(model_dir: Path, dtype: torch.dtype):
+    """Weights on the CPU; callers move what they compute with."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress goes to stderr; a loading bar per call is noise
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except Exception as exc:  # safetensors, OSError and transformers' own errors all mean "unreadable"
+        raise FailedRun(
+            f"cannot load the weights in {model_dir}: {str(exc).splitlines()[0]}; re-save or re-download the checkpoint"
+        ) from None
+    model.eval()
+    return model, load_tokenizer(model_dir)
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:
+        raise FailedRun(f"cannot load the tokenizer in {model_dir}: {str(exc).splitlines()[0]}") from None

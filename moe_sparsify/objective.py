@@ -1,0 +1,127 @@
+"""The exact reconstruction loss of every expert subset, from per-token scalars.
+
+For one MoE layer and kept set C the paper minimises ||F'(x, C) - F(x)||^2
+summed over calibration tokens. Per token, both outputs are weighted sums of
+the same candidate expert outputs o_1..o_m (the token's original top-m with
+m = k + n - r), so with a the new weights and a0 the original ones
+
+    ||sum_j a_j o_j - sum_j a0_j o_j||^2 = (a - a0)^T G (a - a0),  G = o o^T.
+
+`LayerStats.collect` evaluates each candidate expert once per token and keeps
+only G (tokens x m x m); `SubsetLoss` then scores any number of subsets
+without touching a hidden vector again. The (a - a0) form avoids the
+cancellation of expanding ||y||^2 - 2 a.b + a^T G a.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .routing import RoutingSpec, scores, selection_counts, subset_weights
+
+ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
+RouterFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LayerStats:
+    """Per-token quantities of one MoE layer that every subset score needs."""
+
+    num_experts: int
+    spec: RoutingSpec
+    cand_idx: torch.Tensor  # tokens x m, original rank order
+    cand_logits: torch.Tensor  # tokens x m, float32
+    gram: torch.Tensor  # tokens x m x m, float32
+    logits: torch.Tensor | None  # tokens x n, kept only where weights need all kept logits
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cand_idx.shape[0]
+
+    @property
+    def num_candidates(self) -> int:
+        return self.cand_idx.shape[1]
+
+    @classmethod
+    def collect(
+        cls,
+        inputs: Iterable[torch.Tensor],
+        router_logits: RouterFn,
+        expert_forward: ExpertFn,
+        spec: RoutingSpec,
+        num_experts: int,
+        num_candidates: int,
+    ) -> LayerStats:
+        """inputs: chunks of MoE-block inputs (tokens x hidden) on the compute device."""
+        needs_all_logits = spec.scoring == "softmax" and not spec.renormalize
+        parts: dict[str, list[torch.Tensor]] = {"idx": [], "logits": [], "gram": [], "all": []}
+        for x in inputs:
+            logits = router_logits(x).float()
+            cand_idx = torch.topk(scores(logits, spec), num_candidates, dim=-1).indices
+            outputs = torch.zeros(x.shape[0], num_candidates, x.shape[1], dtype=torch.float32, device=x.device)
+            for expert in range(num_experts):
+                token, slot = torch.nonzero(cand_idx == expert, as_tuple=True)
+                if token.numel():
+                    outputs[token, slot] = expert_forward(x[token], expert).float()
+            parts["idx"].append(cand_idx.cpu())
+            parts["logits"].append(torch.gather(logits, 1, cand_idx).cpu())
+            parts["gram"].append(torch.bmm(outputs, outputs.transpose(1, 2)).cpu())
+            if needs_all_logits:
+                parts["all"].append(logits.cpu())
+        return cls(
+            num_experts=num_experts,
+            spec=spec,
+            cand_idx=torch.cat(parts["idx"]),
+            cand_logits=torch.cat(parts["logits"]),
+            gram=torch.cat(parts["gram"]),
+            logits=torch.cat(parts["all"]) if needs_all_logits else None,
+        )
+
+
+class SubsetLoss:
+    """Exact mean-per-token reconstruction loss of kept-expert subsets."""
+
+    def __init__(self, stats: LayerStats, token_chunk: int = 16384):
+        self.stats = stats
+        self.num_experts = stats.num_experts
+        self.token_chunk = token_chunk
+        everything = torch.ones(1, stats.num_experts, dtype=torch.bool)
+        self._base_weights = self._weights(everything, slice(None))[0]  # tokens x m
+
+    def min_keep(self) -> int:
+        """Fewest experts this layer's candidates can score exactly."""
+        s = self.stats
+        return s.num_experts - (s.num_candidates - s.spec.top_k)
+
+    def _weights(self, keep: torch.Tensor, tokens: slice) -> torch.Tensor:
+        s = self.stats
+        cand_kept = keep[:, s.cand_idx[tokens]]  # subsets x tokens x m
+        lse = None
+        if s.logits is not None:
+            masked = s.logits[tokens].unsqueeze(0).masked_fill(~keep.unsqueeze(1), float("-inf"))
+            lse = torch.logsumexp(masked, dim=-1)
+        return subset_weights(s.cand_logits[tokens], cand_kept, s.spec, lse)
+
+    def __call__(self, keep: torch.Tensor) -> torch.Tensor:
+        """keep: subsets x n bool. Returns float64 losses (subsets,)."""
+        keep = keep.reshape(-1, self.num_experts).bool()
+        short = keep.sum(1).min().item()
+        if short < self.min_keep():
+            raise ValueError(
+                f"a subset keeps {short} experts; these statistics are exact only down to {self.min_keep()}"
+            )
+        total = torch.zeros(keep.shape[0], dtype=torch.float64)
+        for start in range(0, self.stats.num_tokens, self.token_chunk):
+            tokens = slice(start, start + self.token_chunk)
+            delta = self._weights(keep, tokens) - self._base_weights[tokens].unsqueeze(0)
+            per_token = torch.einsum("stm,tmn,stn->st", delta, self.stats.gram[tokens], delta)
+            total += per_token.double().sum(dim=1)
+        return total / self.stats.num_tokens
+
+    def selection_counts(self) -> torch.Tensor:
+        """How often each expert is in a token's original top-k."""
+        top = self.stats.cand_idx[:, : self.stats.spec.top_k]
+        return selection_counts(top, self.num_experts)

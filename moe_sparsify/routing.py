@@ -1,0 +1,97 @@
+"""Routing math, free of any model: who gets which experts with what weight.
+
+Everything here works on router logits (tokens x n experts) and a keep mask
+(n booleans). Removing experts from a checkpoint is the same as masking their
+logits to -inf before scoring: a softmax over the kept logits equals the masked
+softmax, and the top-k among the kept experts depends only on the order of
+their scores. That identity is what lets the search score a subset exactly
+without building the pruned model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a model family turns router logits into (expert, weight) pairs.
+
+    scoring: "softmax" or "sigmoid" applied to the logits.
+    renormalize: divide the top-k weights by their sum (Mixtral: always).
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown scoring {self.scoring!r}")
+
+
+def scores(logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Routing scores in float32; removed experts score -inf (softmax) or 0 (sigmoid)."""
+    logits = logits.float()
+    if spec.scoring == "softmax":
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf"))
+        return logits.softmax(dim=-1)
+    probs = logits.sigmoid()
+    return probs if keep is None else probs.masked_fill(~keep, -1.0)
+
+
+def route(
+    logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, indices), both tokens x top_k, as the (pruned) model computes them."""
+    probs = scores(logits, spec, keep)
+    weights, indices = torch.topk(probs, spec.top_k, dim=-1)
+    if spec.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def candidate_count(num_experts: int, top_k: int, keep: int) -> int:
+    """Removing n - r experts only promotes lower-ranked ones, so a token's new
+    top-k lies in its original top-(k + n - r)."""
+    return min(num_experts, top_k + num_experts - keep)
+
+
+def subset_weights(
+    cand_logits: torch.Tensor,
+    cand_kept: torch.Tensor,
+    spec: RoutingSpec,
+    kept_logsumexp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weights on each token's candidates (in original rank order) for many subsets.
+
+    cand_logits: tokens x m logits of the token's candidates, best first.
+    cand_kept:   subsets x tokens x m, whether each candidate survives.
+    kept_logsumexp: subsets x tokens, logsumexp over *all* kept logits; needed
+        only for softmax without renormalisation, where the weight of an expert
+        depends on every kept expert, not only the selected ones.
+    Returns subsets x tokens x m float32, zero off the selection.
+    """
+    rank_among_kept = torch.cumsum(cand_kept.to(torch.int32), dim=-1)
+    selected = cand_kept & (rank_among_kept <= spec.top_k)
+    logits = cand_logits.float().unsqueeze(0)
+    if spec.scoring == "softmax":
+        if spec.renormalize:
+            # p_j / sum_selected p == softmax over the selected logits.
+            return torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
+        if kept_logsumexp is None:
+            raise ValueError("softmax without renormalisation needs the kept logsumexp")
+        weights = torch.exp(logits - kept_logsumexp.unsqueeze(-1))
+        return weights * selected
+    weights = logits.sigmoid() * selected
+    if spec.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights
+
+
+def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How often each expert is among a token's chosen experts (int64, n)."""
+    return torch.bincount(indices.reshape(-1), minlength=num_experts)

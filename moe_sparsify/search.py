@@ -1,0 +1,132 @@
+"""Search strategies: which experts of one layer to keep.
+
+Every strategy has the same signature and sees only a loss oracle (an
+`objective.SubsetLoss`: keep masks in, exact losses out, plus routing counts),
+never the model. Register new ones with `@strategy("name")`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+DEFAULT_MAX_SUBSETS = 100_000
+_SCORE_BATCH = 512
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    kept: tuple[int, ...]
+    loss: float
+    runner_up_loss: float | None  # best loss among other subsets the strategy scored
+    subsets_scored: int
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    layer: int
+    seed: int = 0
+    max_subsets: int = DEFAULT_MAX_SUBSETS
+    beam: int = 1
+
+
+Strategy = Callable[..., SearchResult]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def strategy(name: str) -> Callable[[Strategy], Strategy]:
+    def register(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        return fn
+
+    return register
+
+
+def _masks(subsets: list[tuple[int, ...]], n: int) -> torch.Tensor:
+    masks = torch.zeros(len(subsets), n, dtype=torch.bool)
+    for row, subset in enumerate(subsets):
+        masks[row, list(subset)] = True
+    return masks
+
+
+def _score(oracle, subsets: list[tuple[int, ...]]) -> list[float]:
+    losses: list[float] = []
+    for start in range(0, len(subsets), _SCORE_BATCH):
+        losses += oracle(_masks(subsets[start : start + _SCORE_BATCH], oracle.num_experts)).tolist()
+    return losses
+
+
+def _ranked(subsets: list[tuple[int, ...]], losses: list[float]) -> list[tuple[float, tuple[int, ...]]]:
+    # Ties go to the lexicographically first subset, so results never depend on batching.
+    return sorted(zip(losses, subsets))
+
+
+def _result(ranked: list[tuple[float, tuple[int, ...]]], scored: int) -> SearchResult:
+    loss, kept = ranked[0]
+    runner_up = ranked[1][0] if len(ranked) > 1 else None
+    return SearchResult(kept=kept, loss=loss, runner_up_loss=runner_up, subsets_scored=scored)
+
+
+def _scored_single(oracle, kept: tuple[int, ...]) -> SearchResult:
+    (loss,) = _score(oracle, [kept])
+    return SearchResult(kept=kept, loss=loss, runner_up_loss=None, subsets_scored=1)
+
+
+@strategy("exhaustive")
+def exhaustive(oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    """All C(n, keep) subsets (the paper), scored from Gram statistics."""
+    n = oracle.num_experts
+    count = math.comb(n, keep)
+    if count > ctx.max_subsets:
+        raise UsageError(
+            f"exhaustive search would score C({n}, {keep}) = {count} subsets per layer, over the limit of "
+            f"{ctx.max_subsets}; use --strategy greedy or raise max_subsets"
+        )
+    subsets = list(itertools.combinations(range(n), keep))
+    return _result(_ranked(subsets, _score(oracle, subsets)), len(subsets))
+
+
+@strategy("greedy")
+def greedy(oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    """Backward elimination on the exact loss: drop the expert whose removal hurts
+    least, repeat; with beam > 1 keep the best `beam` sets at every step."""
+    n = oracle.num_experts
+    beam: list[tuple[int, ...]] = [tuple(range(n))]
+    ranked: list[tuple[float, tuple[int, ...]]] = []
+    scored = 0
+    for _ in range(n - keep):
+        children = sorted({tuple(e for e in parent if e != drop) for parent in beam for drop in parent})
+        ranked = _ranked(children, _score(oracle, children))
+        scored += len(children)
+        beam = [subset for _, subset in ranked[: ctx.beam]]
+    if not ranked:  # keep == n
+        return _scored_single(oracle, beam[0])
+    return _result(ranked, scored)
+
+
+@strategy("frequency")
+def frequency(oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    """Baseline: keep the experts routed to most often (ties: lower id)."""
+    counts = oracle.selection_counts().tolist()
+    order = sorted(range(oracle.num_experts), key=lambda e: (-counts[e], e))
+    return _scored_single(oracle, tuple(sorted(order[:keep])))
+
+
+@strategy("random")
+def random(oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    """Baseline: a uniformly random subset, seeded per (seed, layer)."""
+    gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.layer)
+    kept = torch.randperm(oracle.num_experts, generator=gen)[:keep].sort().values.tolist()
+    return _scored_single(oracle, tuple(kept))
+
+
+def run_strategy(name: str, oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    if name not in STRATEGIES:
+        raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](oracle, keep, ctx)

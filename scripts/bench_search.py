@@ -1,0 +1,138 @@
+"""How much the Gram-statistics search saves over the paper's one-forward-per-subset search.
+
+    python scripts/bench_search.py                    # CPU, ~1 min on 2 cores
+    python scripts/bench_search.py --tokens 4096      # quicker
+    python scripts/bench_search.py --device cuda --hidden 4096 --intermediate 14336 --tokens 262144
+
+One Mixtral-shaped MoE block with random weights (8 experts, top-2) and random
+inputs. Times, in one run and on the same tokens:
+  - exhaustive search at keep 6 (28 subsets) and keep 4 (70 subsets), each
+    including the pass over candidate experts that builds the statistics;
+  - the naive search: one masked forward of the block per subset, timed on
+    every subset over a slice of the tokens and scaled to all of them (its cost
+    is linear in tokens).
+Last line: one JSON object with keep4_over_keep6 (goal <= 1.5) and
+speedup_vs_naive (goal >= 10; the smaller of the keep-6 and keep-4 speedups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moe_sparsify.adapters import adapter_for  # noqa: E402
+from moe_sparsify.objective import LayerStats, SubsetLoss  # noqa: E402
+from moe_sparsify.routing import candidate_count  # noqa: E402
+from moe_sparsify.search import SearchContext, exhaustive  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fast_search(adapter, block, x, keep, chunk, device):
+    sync(device)
+    start = time.perf_counter()
+    stats = LayerStats.collect(
+        x.split(chunk),
+        lambda h: adapter.router_logits(block, h),
+        lambda h, e: adapter.expert_forward(block, h, e),
+        adapter.routing,
+        adapter.num_experts,
+        candidate_count(adapter.num_experts, adapter.top_k, keep),
+    )
+    result = exhaustive(SubsetLoss(stats), keep, SearchContext(layer=0))
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def naive_search(adapter, block, x, keep, chunk, device):
+    """The paper's way: a masked forward per subset, loss against the full output."""
+    n = adapter.num_experts
+    sync(device)
+    start = time.perf_counter()
+    reference = [adapter.routed_forward(block, part, None) for part in x.split(chunk)]
+    losses = []
+    for subset in itertools.combinations(range(n), keep):
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        mask[list(subset)] = True
+        loss = sum(
+            ((adapter.routed_forward(block, part, mask) - ref).float() ** 2).sum()
+            for part, ref in zip(x.split(chunk), reference)
+        )
+        losses.append((loss.item() / len(x), subset))
+    sync(device)
+    return time.perf_counter() - start, min(losses)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=896)  # Mixtral's 3.5x ratio
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--naive-fraction", type=float, default=0.125, help="share of tokens the naive search runs on")
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    config = MixtralConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_local_experts=8, num_experts_per_tok=2
+    )
+    block = MixtralSparseMoeBlock(config).to(device=device, dtype=dtype).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=args.hidden**-0.5)
+    adapter = adapter_for(config)
+    x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
+    naive_tokens = max(1, int(args.tokens * args.naive_fraction))
+
+    with torch.no_grad():
+        fast_search(adapter, block, x[: args.chunk], 6, args.chunk, device)  # warm-up
+        rows = {}
+        for keep in (6, 4):
+            fast_s, fast = fast_search(adapter, block, x, keep, args.chunk, device)
+            naive_s, (naive_loss, naive_kept) = naive_search(adapter, block, x[:naive_tokens], keep, args.chunk, device)
+            _, on_slice = fast_search(adapter, block, x[:naive_tokens], keep, args.chunk, device)
+            rows[keep] = {
+                "fast_s": fast_s,
+                "naive_s_scaled": naive_s * args.tokens / naive_tokens,
+                "subsets": fast.subsets_scored,
+                "same_choice_on_slice": on_slice.kept == naive_kept,
+            }
+
+    print(
+        f"block: hidden {args.hidden}, intermediate {args.intermediate}, 8 experts, top-2, {args.tokens} tokens, "
+        f"{args.device} {args.dtype}; naive timed on {naive_tokens} tokens and scaled",
+        file=sys.stderr,
+    )
+    print(f"{'keep':>4} {'subsets':>7} {'fast s':>8} {'naive s':>9} {'speedup':>8} {'same choice':>11}")
+    for keep, r in rows.items():
+        print(
+            f"{keep:>4} {r['subsets']:>7} {r['fast_s']:>8.2f} {r['naive_s_scaled']:>9.1f} "
+            f"{r['naive_s_scaled'] / r['fast_s']:>8.1f} {str(r['same_choice_on_slice']):>11}"
+        )
+    summary = {
+        "keep4_over_keep6": rows[4]["fast_s"] / rows[6]["fast_s"],
+        "speedup_vs_naive": min(r["naive_s_scaled"] / r["fast_s"] for r in rows.values()),
+        "tokens": args.tokens,
+        "device": args.device,
+        "rows": rows,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

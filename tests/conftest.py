@@ -1,0 +1,56 @@
+"""Tiny models for the tests: random Mixtrals built from configs, and the bundled trained one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from moe_sparsify.models import bundled_model_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def random_mixtral(num_experts: int = 8, top_k: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=2048,  # the bundled tokenizer's, so the CLI can run on these models
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        initializer_range=0.2,  # spread router logits so routing differs between tokens
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+def save_with_tokenizer(model, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(bundled_model_dir("tiny") / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 8-expert, top-2 random Mixtral saved as the hub does (per-expert tensors)."""
+    return save_with_tokenizer(random_mixtral(), tmp_path_factory.mktemp("random") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return bundled_model_dir("tiny")
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, 2048, (4, 24), generator=torch.Generator().manual_seed(1))

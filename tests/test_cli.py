@@ -1,0 +1,174 @@
+"""The command line end to end on the bundled model, and every bad input it must refuse."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from moe_sparsify.cli import app
+
+from .conftest import save_with_tokenizer
+
+runner = CliRunner()
+FAST = ["--samples", "16", "--seq-len", "128"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_prune_tiny_json_and_reload(tmp_path):
+    out = tmp_path / "tiny-keep6"
+    result = run("prune", "--model", "tiny", "--keep", 6, "--output", out, "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["output"] == str(out)
+    assert [len(layer["kept"]) for layer in data["layers"]] == [6, 6, 6, 6]
+    assert data["verified_max_abs_logit_diff"] <= 1e-4
+    assert data["peak_memory"]["cpu_rss_bytes"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 6
+    assert all(layer.mlp.experts.gate_up_proj.shape[0] == 6 for layer in model.model.layers)
+
+
+def test_same_inputs_give_byte_identical_plans_and_tensors(tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert run("prune", "--model", "tiny", "--keep", 5, "--output", out, *FAST).exit_code == 0
+    plans = [(o / "moe_sparsify_plan.yaml").read_bytes() for o in outs]
+    assert plans[0] == plans[1]
+    a, b = (load_file(o / "model.safetensors") for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plan_only_then_export_then_eval(tmp_path):
+    plan = tmp_path / "plan.json"
+    assert run("prune", "--model", "tiny", "--keep", 4, "--plan-only", "--output", plan, *FAST).exit_code == 0
+    assert json.loads(plan.read_text())["kind"] == "moe-sparsify-plan"
+    result = run("export", "--plan", plan, "--output", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["config_changes"] == ["num_local_experts: 8 -> 4"]
+    in_memory = json.loads(run("eval", "--model", "tiny", "--plan", plan, "--json").stdout)
+    exported = json.loads(run("eval", "--model", tmp_path / "out", "--json").stdout)
+    original = json.loads(run("eval", "--model", "tiny", "--json").stdout)
+    assert in_memory["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-5)
+    assert exported["perplexity"] > original["perplexity"]
+
+
+def test_calibrate_once_prune_many(tmp_path):
+    calib = tmp_path / "calib"
+    assert run("calibrate", "--model", "tiny", "--output", calib, *FAST).exit_code == 0
+    from_store = json.loads(
+        run(
+            "prune",
+            "--model",
+            "tiny",
+            "--keep",
+            6,
+            "--plan-only",
+            "--from-calibration",
+            calib,
+            "--output",
+            tmp_path / "a.json",
+            "--json",
+        ).stdout
+    )
+    direct = json.loads(
+        run(
+            "prune", "--model", "tiny", "--keep", 6, "--plan-only", "--output", tmp_path / "b.json", "--json", *FAST
+        ).stdout
+    )
+    assert [lp["kept"] for lp in from_store["layers"]] == [lp["kept"] for lp in direct["layers"]]
+    for a, b in zip(from_store["layers"], direct["layers"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+# --- bad inputs: one line, non-zero exit, nothing written ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["--keep", 9], 2, "larger than the 8 experts"),
+        (["--keep", 1], 2, "smaller than top_k=2"),
+        ([], 2, "--keep is required"),
+        (["--keep", 6, "--strategy", "magic"], 2, "strategy: 'magic'"),
+        (["--keep", 6, "--calibration", "no/such/file.txt"], 2, "is not a file"),
+    ],
+)
+def test_bad_prune_arguments(tmp_path, args, code, fragment):
+    result = run("prune", "--model", "tiny", "--output", tmp_path / "out", *args)
+    assert result.exit_code == code
+    assert fragment in _error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path(tmp_path):
+    result = run("prune", "--model", tmp_path / "nowhere", "--keep", 6, "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "not an alias" in _error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_moe_model(tmp_path):
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    save_with_tokenizer(LlamaForCausalLM(config), tmp_path / "llama")
+    result = run("prune", "--model", tmp_path / "llama", "--keep", 6, "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "'llama' is not a supported MoE architecture (supported: mixtral)" in _error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_yaml_key(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("keep: 6\nkepp: 4\n")
+    result = run("prune", "--model", "tiny", "--config", cfg, "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "kepp: unknown setting" in _error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_safetensors(tmp_path, random_model_dir):
+    broken = shutil.copytree(random_model_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"{garbage")
+    result = run("prune", "--model", broken, "--keep", 6, "--output", tmp_path / "out", *FAST)
+    assert result.exit_code == 1
+    assert "cannot load the weights" in _error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_plan(tmp_path, random_model_dir):
+    plan = tmp_path / "random.yaml"
+    result = run("prune", "--model", random_model_dir, "--keep", 6, "--plan-only", "--output", plan, *FAST)
+    assert result.exit_code == 0, result.stderr
+    result = run("export", "--plan", plan, "--model", "tiny", "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "does not match this model" in _error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = run("prune", "--model", "tiny", "--keep", 6, "--output", tmp_path / "out", *FAST)
+    assert result.exit_code == 2
+    assert "--overwrite" in _error_line(result)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -1,0 +1,109 @@
+"""The fast subset scores equal a brute-force masked forward, subset by subset."""
+
+import itertools
+
+import pytest
+import torch
+
+from moe_sparsify.adapters import adapter_for
+from moe_sparsify.objective import LayerStats, SubsetLoss
+from moe_sparsify.routing import RoutingSpec, candidate_count, route
+from moe_sparsify.search import SearchContext, exhaustive
+
+from .conftest import random_mixtral
+
+
+def _mask(subset, n):
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[list(subset)] = True
+    return keep
+
+
+def _stats(x, router, expert, spec, n, keep):
+    m = candidate_count(n, spec.top_k, keep)
+    return LayerStats.collect(x.split(37), router, expert, spec, n, m)
+
+
+@pytest.mark.parametrize("keep", [8, 7, 6, 5, 4, 2])
+def test_mixtral_scores_equal_brute_force_for_every_subset(keep):
+    model = random_mixtral()
+    adapter = adapter_for(model.config)
+    block = adapter.moe_block(model.model.layers[0])
+    x = torch.randn(300, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = block(x.unsqueeze(0))[0]  # the stock HF block: F(x)
+        stats = _stats(
+            x,
+            lambda h: adapter.router_logits(block, h),
+            lambda h, e: adapter.expert_forward(block, h, e),
+            adapter.routing,
+            8,
+            keep,
+        )
+        oracle = SubsetLoss(stats, token_chunk=64)
+        subsets = list(itertools.combinations(range(8), keep))
+        fast = oracle(torch.stack([_mask(s, 8) for s in subsets]))
+        brute = torch.tensor(
+            [
+                ((adapter.routed_forward(block, x, _mask(s, 8)) - reference).double() ** 2).sum().item() / len(x)
+                for s in subsets
+            ],
+            dtype=torch.float64,
+        )
+    scale = brute.max().clamp_min(1e-12)
+    assert torch.allclose(fast, brute, rtol=1e-5, atol=1e-6 * scale.item())
+    result = exhaustive(oracle, keep, SearchContext(layer=0))
+    assert result.kept == subsets[int(brute.argmin())]
+    if keep == 8:
+        assert result.loss == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RoutingSpec(top_k=3, scoring="softmax", renormalize=False),
+        RoutingSpec(top_k=3, scoring="softmax", renormalize=True),
+        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=True),
+        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=False),
+    ],
+)
+def test_other_routing_rules_score_exactly(spec):
+    """Pure math: linear experts, every routing rule the adapters may declare."""
+    gen = torch.Generator().manual_seed(3)
+    n, d, keep = 7, 16, 4
+    router_w = torch.randn(n, d, generator=gen)
+    experts = torch.randn(n, d, d, generator=gen) / d**0.5
+    x = torch.randn(200, d, generator=gen)
+
+    def forward(keep_mask):
+        weights, idx = route(x @ router_w.T, spec, keep_mask)
+        outs = torch.einsum("td,tkod->tko", x, experts[idx])
+        return (weights.unsqueeze(-1) * outs).sum(1)
+
+    stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, spec, n, keep)
+    oracle = SubsetLoss(stats)
+    subsets = list(itertools.combinations(range(n), keep))
+    fast = oracle(torch.stack([_mask(s, n) for s in subsets]))
+    full = forward(None)
+    brute = torch.tensor(
+        [((forward(_mask(s, n)) - full).double() ** 2).sum().item() / len(x) for s in subsets], dtype=torch.float64
+    )
+    assert torch.allclose(fast, brute, rtol=1e-5, atol=1e-7)
+
+
+def test_scoring_below_the_candidate_bound_is_refused():
+    model = random_mixtral()
+    adapter = adapter_for(model.config)
+    block = adapter.moe_block(model.model.layers[0])
+    x = torch.randn(20, model.config.hidden_size)
+    with torch.no_grad():
+        stats = _stats(
+            x,
+            lambda h: adapter.router_logits(block, h),
+            lambda h, e: adapter.expert_forward(block, h, e),
+            adapter.routing,
+            8,
+            keep=6,
+        )
+    with pytest.raises(ValueError, match="exact only down to 6"):
+        SubsetLoss(stats)(_mask(range(4), 8).unsqueeze(0))
