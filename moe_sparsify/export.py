@@ -110,19 +110,25 @@ def _copy_side_files(source_dir: Path, tmp: Path) -> None:
 
 
 @torch.no_grad()
-def verify_export(original, adapter: MoEAdapter, plan: Plan, exported_dir: Path, token_ids: torch.Tensor) -> float:
-    """Max abs logit difference between the export and the masked original, in float32 on the CPU."""
+def verify_export(
+    source_dir: Path, original, adapter: MoEAdapter, plan: Plan, exported_dir: Path, token_ids: torch.Tensor
+) -> float:
+    """Max abs logit difference between the export and the masked source, both float32 on the CPU.
+
+    The in-memory model serves as the reference when it already is float32 on the CPU; otherwise
+    (bf16 search, GPU) the source is reloaded in float32 so rounding is not mistaken for a bug.
+    """
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype=torch.float32).eval()
-    dtype = next(original.parameters()).dtype
-    reference = original.float()
-    try:
-        with adapter.pruned_view(reference, plan.kept()):
-            expected = reference(input_ids=token_ids, use_cache=False).logits
-        got = exported(input_ids=token_ids, use_cache=False).logits
-    finally:
-        original.to(dtype)
+    first = next(original.parameters()) if original is not None else None
+    if first is not None and first.dtype == torch.float32 and first.device.type == "cpu":
+        reference = original
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    with adapter.pruned_view(reference, plan.kept()):
+        expected = reference(input_ids=token_ids, use_cache=False).logits
+    got = exported(input_ids=token_ids, use_cache=False).logits
     return (got - expected).abs().max().item()
 
 
@@ -153,7 +159,7 @@ def export_checkpoint(
         plan.save(tmp / PLAN_FILE)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        diff = verify_export(original_model, adapter, plan, tmp, verify_tokens)
+        diff = verify_export(source_dir, original_model, adapter, plan, tmp, verify_tokens)
         if not diff <= VERIFY_TOLERANCE:
             raise FailedRun(
                 f"exported checkpoint disagrees with the pruned source model (max logit diff {diff:.3g} > "

@@ -11,10 +11,18 @@ m = k + n - r), so with a the new weights and a0 the original ones
 only G (tokens x m x m); `SubsetLoss` then scores any number of subsets
 without touching a hidden vector again. The (a - a0) form avoids the
 cancellation of expanding ||y||^2 - 2 a.b + a^T G a.
+
+Where the weights depend only on which candidates are selected (renormalised
+top-k, sigmoid scores), a token's loss takes one of C(m, k) values, one per
+selection pattern. Those are computed once per token; scoring a subset is
+then a table look-up per token (which of its candidates survive -> pattern),
+so scoring 70 subsets costs little more than scoring 28.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -81,15 +89,52 @@ class LayerStats:
         )
 
 
+# Pattern tables are used while they stay small; beyond, subsets are scored directly.
+MAX_PATTERN_SLOTS = 16
+MAX_PATTERNS = 4096
+
+
 class SubsetLoss:
     """Exact mean-per-token reconstruction loss of kept-expert subsets."""
 
-    def __init__(self, stats: LayerStats, token_chunk: int = 16384):
+    def __init__(self, stats: LayerStats, token_chunk: int = 16384, use_patterns: bool = True):
         self.stats = stats
         self.num_experts = stats.num_experts
         self.token_chunk = token_chunk
         everything = torch.ones(1, stats.num_experts, dtype=torch.bool)
         self._base_weights = self._weights(everything, slice(None))[0]  # tokens x m
+        m, k = stats.num_candidates, stats.spec.top_k
+        self._patterns = None
+        if use_patterns and stats.logits is None and m <= MAX_PATTERN_SLOTS and math.comb(m, k) <= MAX_PATTERNS:
+            self._patterns = self._pattern_losses(m, k)
+
+    def _pattern_losses(self, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lookup from kept-candidate bitmask to pattern id, tokens x patterns losses, expert -> slot bits)."""
+        patterns = list(itertools.combinations(range(m), k))
+        pattern_id = {p: i for i, p in enumerate(patterns)}
+        lookup = torch.full((2**m,), -1, dtype=torch.long)
+        for mask in range(2**m):
+            first_k = tuple(j for j in range(m) if mask >> j & 1)[:k]
+            if len(first_k) == k:
+                lookup[mask] = pattern_id[first_k]
+        selected = torch.zeros(len(patterns), m, dtype=torch.bool)
+        for i, p in enumerate(patterns):
+            selected[i, list(p)] = True
+        losses = []
+        for start in range(0, self.stats.num_tokens, self.token_chunk):
+            tokens = slice(start, start + self.token_chunk)
+            cand_logits = self.stats.cand_logits[tokens]
+            weights = subset_weights(
+                cand_logits, selected.unsqueeze(1).expand(-1, len(cand_logits), -1), self.stats.spec
+            )
+            losses.append(self._quadratic(weights, tokens).T)
+        # slot_bits[e, t] = 2^j where expert e is token t's j-th candidate (exact in float32: m <= 16).
+        cand_idx = self.stats.cand_idx
+        slot_bits = torch.zeros(self.num_experts, len(cand_idx))
+        slot_bits.scatter_(
+            0, cand_idx.T, (2.0 ** torch.arange(m, dtype=torch.float32)).unsqueeze(1).expand(m, len(cand_idx))
+        )
+        return lookup, torch.cat(losses), slot_bits
 
     def min_keep(self) -> int:
         """Fewest experts this layer's candidates can score exactly."""
@@ -116,10 +161,20 @@ class SubsetLoss:
         total = torch.zeros(keep.shape[0], dtype=torch.float64)
         for start in range(0, self.stats.num_tokens, self.token_chunk):
             tokens = slice(start, start + self.token_chunk)
-            delta = self._weights(keep, tokens) - self._base_weights[tokens].unsqueeze(0)
-            per_token = torch.einsum("stm,tmn,stn->st", delta, self.stats.gram[tokens], delta)
+            if self._patterns is not None:
+                lookup, pattern_losses, slot_bits = self._patterns
+                # Bit j of a token's mask says whether its j-th candidate survives: one small matmul.
+                kept_bits = (keep.float() @ slot_bits[:, tokens]).long()  # subsets x tokens
+                per_token = pattern_losses[tokens].gather(1, lookup[kept_bits].T).T
+            else:
+                per_token = self._quadratic(self._weights(keep, tokens), tokens)
             total += per_token.double().sum(dim=1)
         return total / self.stats.num_tokens
+
+    def _quadratic(self, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
+        """(a - a0)^T G (a - a0) per subset and token."""
+        delta = weights - self._base_weights[tokens].unsqueeze(0)
+        return torch.einsum("stm,tmn,stn->st", delta, self.stats.gram[tokens], delta)
 
     def selection_counts(self) -> torch.Tensor:
         """How often each expert is in a token's original top-k."""

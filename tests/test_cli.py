@@ -172,3 +172,20 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert result.exit_code == 2
     assert "--overwrite" in _error_line(result)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_bfloat16_search_still_verifies_in_float32(tmp_path):
+    result = run(
+        "prune", "--model", "tiny", "--keep", 6, "--dtype", "bfloat16", "--output", tmp_path / "o", "--json", *FAST
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verified_max_abs_logit_diff"] <= 1e-4
+
+
+def test_shipped_configs_are_valid():
+    from moe_sparsify.config import resolve_settings
+    from moe_sparsify.models import configs_dir
+
+    for path in sorted(configs_dir().glob("*.yaml")):
+        if path.name != "models.yaml":
+            assert resolve_settings(path, {}).keep is not None

@@ -107,3 +107,16 @@ def test_scoring_below_the_candidate_bound_is_refused():
         )
     with pytest.raises(ValueError, match="exact only down to 6"):
         SubsetLoss(stats)(_mask(range(4), 8).unsqueeze(0))
+
+
+def test_pattern_table_equals_direct_scoring():
+    gen = torch.Generator().manual_seed(4)
+    n, d = 8, 12
+    router_w, experts = torch.randn(n, d, generator=gen), torch.randn(n, d, d, generator=gen)
+    x = torch.randn(500, d, generator=gen)
+    spec = RoutingSpec(top_k=2)
+    stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, spec, n, keep=4)
+    masks = torch.stack([_mask(s, n) for s in itertools.combinations(range(n), 4)])
+    table, direct = SubsetLoss(stats, token_chunk=128), SubsetLoss(stats, token_chunk=128, use_patterns=False)
+    assert table._patterns is not None and direct._patterns is None
+    assert torch.allclose(table(masks), direct(masks), rtol=1e-6)
