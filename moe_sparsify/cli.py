@@ -69,8 +69,13 @@ def reporting_errors(fn):
     return wrapper
 
 
-def _settings(config: Optional[Path], **flags) -> Settings:
-    return resolve_settings(config, flags)
+# Command parameters that are not run settings.
+_NOT_SETTINGS = {"config", "json_out", "plan"}
+
+
+def _settings(config: Optional[Path], params: dict) -> Settings:
+    """Settings from a command's parameters (pass `locals()` first thing: parameter names are setting names)."""
+    return resolve_settings(config, {k: v for k, v in params.items() if k not in _NOT_SETTINGS})
 
 
 def _emit(result: dict, as_json: bool, summary) -> None:
@@ -115,19 +120,7 @@ def calibrate(
     json_out: JsonOpt = False,
 ):
     """Sample calibration tokens and store every MoE block's inputs for later `prune` runs."""
-    settings = _settings(
-        config,
-        model=model,
-        output=output,
-        calibration=calibration,
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        overwrite=overwrite,
-    )
+    settings = _settings(config, locals())
     result = commands.calibrate(settings, _show_progress(json_out))
     _emit(
         result,
@@ -170,26 +163,7 @@ def prune(
     beam: Annotated[Optional[int], typer.Option("--beam", help="Greedy beam width.")] = None,
 ):
     """Choose the experts to keep per layer and write the slimmed checkpoint (or only the plan)."""
-    settings = _settings(
-        config,
-        model=model,
-        output=output,
-        calibration=calibration,
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        keep=keep,
-        strategy=strategy,
-        mode=mode,
-        plan_only=plan_only,
-        from_calibration=from_calibration,
-        max_subsets=max_subsets,
-        beam=beam,
-    )
+    settings = _settings(config, locals())
     _emit(commands.prune(settings, _show_progress(json_out)), json_out, _layers_table)
 
 
@@ -210,16 +184,7 @@ def export(
     """Write the slimmed checkpoint for a plan (the model defaults to the plan's source)."""
     if model is None:
         model = load_plan(plan).source
-    settings = _settings(
-        config,
-        model=model,
-        output=output,
-        calibration=calibration,
-        seq_len=seq_len,
-        seed=seed,
-        dtype=dtype,
-        overwrite=overwrite,
-    )
+    settings = _settings(config, locals())
     result = commands.export(settings, plan)
     _emit(
         result,
@@ -247,9 +212,8 @@ def eval_(
     stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts.")] = None,
 ):
     """Perplexity of a model (original, exported, or with a plan applied) on a text source."""
-    settings = _settings(
-        config, model=model, device=device, dtype=dtype, eval_text=text, eval_window=window, eval_stride=stride
-    )
+    flags = {"model": model, "device": device, "dtype": dtype, "eval_text": text, "eval_window": window}
+    settings = _settings(config, {**flags, "eval_stride": stride})
     result = commands.evaluate(settings, plan)
     _emit(
         result,

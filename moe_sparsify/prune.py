@@ -58,6 +58,18 @@ def library_versions() -> dict:
     }
 
 
+def layer_stats(adapter: MoEAdapter, block: nn.Module, inputs: list[torch.Tensor], keep: int) -> LayerStats:
+    """Gram statistics of one MoE block, exact for every subset of at least `keep` experts."""
+    return LayerStats.collect(
+        inputs,
+        lambda x: adapter.router_logits(block, x),
+        lambda x, e: adapter.expert_forward(block, x, e),
+        adapter.routing,
+        adapter.num_experts,
+        candidate_count(adapter.num_experts, adapter.top_k, keep),
+    )
+
+
 @dataclass
 class LayerTiming:
     layer: int
@@ -81,20 +93,12 @@ def plan_pruning(
     progress=None,
 ) -> tuple[Plan, list[LayerTiming]]:
     keep = check_keep(adapter, settings.keep)
-    m = candidate_count(adapter.num_experts, adapter.top_k, keep)
     layers_out: list[LayerPlan] = []
     timings: list[LayerTiming] = []
 
     def decide(index: int, block: nn.Module, inputs: list[torch.Tensor]) -> list[int]:
         start = time.perf_counter()
-        stats = LayerStats.collect(
-            inputs,
-            lambda x: adapter.router_logits(block, x),
-            lambda x, e: adapter.expert_forward(block, x, e),
-            adapter.routing,
-            adapter.num_experts,
-            m,
-        )
+        stats = layer_stats(adapter, block, inputs, keep)
         mid = time.perf_counter()
         ctx = SearchContext(layer=index, seed=settings.seed, max_subsets=settings.max_subsets, beam=settings.beam)
         result = run_strategy(settings.strategy, SubsetLoss(stats), keep, ctx)
@@ -142,6 +146,10 @@ def plan_pruning(
         calibration=manifest,
         versions=library_versions(),
         layers=layers_out,
-        options={"keep": keep, "candidates_per_token": m, "beam": settings.beam},
+        options={
+            "keep": keep,
+            "candidates_per_token": candidate_count(adapter.num_experts, adapter.top_k, keep),
+            "beam": settings.beam,
+        },
     )
     return plan, timings

@@ -32,8 +32,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_sparsify.adapters import adapter_for  # noqa: E402
-from moe_sparsify.objective import LayerStats, SubsetLoss  # noqa: E402
-from moe_sparsify.routing import candidate_count  # noqa: E402
+from moe_sparsify.objective import SubsetLoss  # noqa: E402
+from moe_sparsify.prune import layer_stats  # noqa: E402
 from moe_sparsify.search import SearchContext, exhaustive  # noqa: E402
 
 
@@ -45,14 +45,7 @@ def sync(device: torch.device) -> None:
 def fast_search(adapter, block, x, keep, chunk, device):
     sync(device)
     start = time.perf_counter()
-    stats = LayerStats.collect(
-        x.split(chunk),
-        lambda h: adapter.router_logits(block, h),
-        lambda h, e: adapter.expert_forward(block, h, e),
-        adapter.routing,
-        adapter.num_experts,
-        candidate_count(adapter.num_experts, adapter.top_k, keep),
-    )
+    stats = layer_stats(adapter, block, x.split(chunk), keep)
     result = exhaustive(SubsetLoss(stats), keep, SearchContext(layer=0))
     sync(device)
     return time.perf_counter() - start, result

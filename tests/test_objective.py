@@ -7,6 +7,7 @@ import torch
 
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.objective import LayerStats, SubsetLoss
+from moe_sparsify.prune import layer_stats
 from moe_sparsify.routing import RoutingSpec, candidate_count, route
 from moe_sparsify.search import SearchContext, exhaustive
 
@@ -32,14 +33,7 @@ def test_mixtral_scores_equal_brute_force_for_every_subset(keep):
     x = torch.randn(300, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = block(x.unsqueeze(0))[0]  # the stock HF block: F(x)
-        stats = _stats(
-            x,
-            lambda h: adapter.router_logits(block, h),
-            lambda h, e: adapter.expert_forward(block, h, e),
-            adapter.routing,
-            8,
-            keep,
-        )
+        stats = layer_stats(adapter, block, x.split(37), keep)
         oracle = SubsetLoss(stats, token_chunk=64)
         subsets = list(itertools.combinations(range(8), keep))
         fast = oracle(torch.stack([_mask(s, 8) for s in subsets]))
@@ -97,14 +91,7 @@ def test_scoring_below_the_candidate_bound_is_refused():
     block = adapter.moe_block(model.model.layers[0])
     x = torch.randn(20, model.config.hidden_size)
     with torch.no_grad():
-        stats = _stats(
-            x,
-            lambda h: adapter.router_logits(block, h),
-            lambda h, e: adapter.expert_forward(block, h, e),
-            adapter.routing,
-            8,
-            keep=6,
-        )
+        stats = layer_stats(adapter, block, x.split(37), 6)
     with pytest.raises(ValueError, match="exact only down to 6"):
         SubsetLoss(stats)(_mask(range(4), 8).unsqueeze(0))
 

@@ -5,9 +5,8 @@ import torch
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.calibration.propagate import propagate
 from moe_sparsify.config import Settings
-from moe_sparsify.objective import LayerStats, SubsetLoss
-from moe_sparsify.prune import plan_pruning
-from moe_sparsify.routing import candidate_count
+from moe_sparsify.objective import SubsetLoss
+from moe_sparsify.prune import layer_stats, plan_pruning
 from moe_sparsify.search import SearchContext, exhaustive
 
 from .conftest import random_mixtral
@@ -26,14 +25,7 @@ def _best_for_layer(model, adapter, tokens, layer, prefix_kept, keep):
 
     def on_layer(index, block, inputs):
         if index == layer:
-            stats = LayerStats.collect(
-                inputs,
-                lambda h: adapter.router_logits(block, h),
-                lambda h, e: adapter.expert_forward(block, h, e),
-                adapter.routing,
-                adapter.num_experts,
-                candidate_count(adapter.num_experts, adapter.top_k, keep),
-            )
+            stats = layer_stats(adapter, block, inputs, keep)
             captured["result"] = exhaustive(SubsetLoss(stats), keep, SearchContext(layer=layer))
         return prefix_kept.get(index)
 

@@ -5,8 +5,8 @@ import torch
 
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.errors import UsageError
-from moe_sparsify.objective import LayerStats, SubsetLoss
-from moe_sparsify.routing import candidate_count
+from moe_sparsify.objective import SubsetLoss
+from moe_sparsify.prune import layer_stats
 from moe_sparsify.search import SearchContext, run_strategy
 
 from .conftest import random_mixtral
@@ -18,14 +18,7 @@ def _oracle(keep: int, seed: int = 0) -> SubsetLoss:
     block = adapter.moe_block(model.model.layers[1])
     x = torch.randn(256, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        stats = LayerStats.collect(
-            [x],
-            lambda h: adapter.router_logits(block, h),
-            lambda h, e: adapter.expert_forward(block, h, e),
-            adapter.routing,
-            8,
-            candidate_count(8, 2, keep),
-        )
+        stats = layer_stats(adapter, block, [x], keep)
     return SubsetLoss(stats)
 
 
