@@ -125,14 +125,6 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     }
 
 
-def _write_atomically(path: Path, text: str, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists; pass --overwrite or choose another --output")
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def prune(settings: Settings, show_progress: bool) -> dict:
     start = time.perf_counter()
     job = open_job(settings)
@@ -171,7 +163,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": settings.strategy, "mode": settings.mode}
     if settings.plan_only:
-        _write_atomically(output, plan.dumps("json" if output.suffix == ".json" else "yaml"), settings.overwrite)
+        plan.save(output, settings.overwrite)
         result.update(plan=str(output), output=None)
     else:
         provenance = export_checkpoint(

@@ -10,13 +10,11 @@ transformers configs hold one expert count, so `export` refuses such plans.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .errors import UsageError
+from .files import dumps, format_of, load_mapping, write_atomically
 
 SCHEMA_VERSION = 1
 KIND = "moe-sparsify-plan"
@@ -84,17 +82,13 @@ class Plan:
             raise UsageError(f"malformed plan: {exc}") from None
 
     def dumps(self, fmt: str) -> str:
-        if fmt == "json":
-            return json.dumps(self.to_dict(), indent=2) + "\n"
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+        return dumps(self.to_dict(), fmt)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.dumps("json").encode()).hexdigest()
 
-    def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.write_text(self.dumps(_format_of(path)))
-        return path
+    def save(self, path: Path, overwrite: bool = True) -> Path:
+        return write_atomically(path, self.dumps(format_of(path)), overwrite)
 
     def check_matches(self, identity: ModelIdentity) -> None:
         """Refuse a plan made for another model, naming every difference."""
@@ -114,20 +108,5 @@ class Plan:
                 )
 
 
-def _format_of(path: Path) -> str:
-    return "json" if path.suffix == ".json" else "yaml"
-
-
 def load_plan(path: Path) -> Plan:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError:
-        raise UsageError(f"cannot read plan {path}; pass the file written by `moe-sparsify prune`") from None
-    try:
-        data = json.loads(text) if _format_of(path) == "json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise UsageError(f"plan {path} is not valid {_format_of(path).upper()}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"plan {path} is not a mapping")
-    return Plan.from_dict(data)
+    return Plan.from_dict(load_mapping(path, "plan", "pass the file written by `moe-sparsify prune`"))
