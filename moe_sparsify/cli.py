@@ -40,6 +40,9 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32,
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ThresholdsOpt = Annotated[
+    Optional[Path], typer.Option("--thresholds", help="Router-threshold file from skip-profile: skip experts.")
+]
 
 
 def _fail(message: str, code: int) -> None:
@@ -70,7 +73,7 @@ def reporting_errors(fn):
 
 
 # Command parameters that are not run settings.
-_NOT_SETTINGS = {"config", "json_out", "plan"}
+_NOT_SETTINGS = {"config", "json_out", "plan", "thresholds"}
 
 
 def _settings(config: Optional[Path], params: dict) -> Settings:
@@ -180,12 +183,14 @@ def export(
     dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = None,
     json_out: JsonOpt = False,
+    thresholds: ThresholdsOpt = None,
 ):
-    """Write the slimmed checkpoint for a plan (the model defaults to the plan's source)."""
+    """Write the slimmed checkpoint for a plan (the model defaults to the plan's source); with
+    --thresholds, check they were profiled for this pruned model and copy them beside it."""
     if model is None:
         model = load_plan(plan).source
     settings = _settings(config, locals())
-    result = commands.export(settings, plan)
+    result = commands.export(settings, plan, thresholds)
     _emit(
         result,
         json_out,
@@ -210,19 +215,68 @@ def eval_(
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Apply a plan in memory instead of exporting.")] = None,
     window: Annotated[Optional[int], typer.Option("--window", help="Tokens per scoring window.")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts.")] = None,
+    thresholds: ThresholdsOpt = None,
 ):
-    """Perplexity of a model (original, exported, or with a plan applied) on a text source."""
+    """Perplexity of a model (original, exported, or with a plan applied, with or without expert
+    skipping) on a text source."""
     flags = {"model": model, "device": device, "dtype": dtype, "eval_text": text, "eval_window": window}
     settings = _settings(config, {**flags, "eval_stride": stride})
-    result = commands.evaluate(settings, plan)
+    result = commands.evaluate(settings, plan, thresholds)
     _emit(
         result,
         json_out,
         lambda r: commands.stderr.print(
-            f"{r['model']}{' + ' + r['plan'] if r['plan'] else ''}: perplexity {r['perplexity']:.3f} on {r['tokens']} "
+            f"{r['model']}{' + ' + r['plan'] if r['plan'] else ''}{' + skipping' if r['thresholds'] else ''}: "
+            f"perplexity {r['perplexity']:.3f} on {r['tokens']} "
             f"tokens of {r['text']} (window {r['window']}, stride {r['stride']}, {r['device']}, {r['dtype']})"
         ),
     )
+
+
+@app.command("skip-profile")
+@reporting_errors
+def skip_profile(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    output: OutputOpt = None,
+    calibration: CalibOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    batch_size: BatchOpt = None,
+    overwrite: OverwriteOpt = None,
+    json_out: JsonOpt = False,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Profile the model as this plan prunes it.")] = None,
+    from_calibration: Annotated[
+        Optional[str], typer.Option("--from-calibration", help="Directory written by `calibrate`.")
+    ] = None,
+    skip_rule: Annotated[
+        Optional[str], typer.Option("--rule", help="ratio (top-2, the paper) or tail (top-k).")
+    ] = None,
+    quantile: Annotated[
+        Optional[float], typer.Option("--quantile", help="beta = this quantile of the rule's statistic (0.5).")
+    ] = None,
+    target_skip: Annotated[
+        Optional[float], typer.Option("--target-skip", help="Share of expert evaluations to skip instead.")
+    ] = None,
+):
+    """Calibrate per-layer router thresholds for dynamic expert skipping and write them to a file."""
+    settings = _settings(config, locals())
+    result = commands.skip_profile(settings, plan, _show_progress(json_out))
+    _emit(result, json_out, _thresholds_table)
+
+
+def _thresholds_table(result: dict) -> None:
+    stat = result["statistic"]
+    table = Table(title=f"{result['model']}: {result['rule']} rule, {stat['kind']} {stat['value']}")
+    for column in ("layer", "beta", "skipped pairs"):
+        table.add_column(column, justify="right")
+    for entry in result["layers"]:
+        table.add_row(str(entry["layer"]), f"{entry['beta']:.4f}", f"{100 * entry['skip_fraction']:.1f} %")
+    commands.stderr.print(table)
+    commands.stderr.print(f"wrote {result['output']}")
 
 
 def main() -> None:

@@ -24,10 +24,14 @@ from .calibration.tokens import sample_windows, token_stream
 from .config import Settings
 from .errors import UsageError
 from .evaluate import perplexity
-from .export import PLAN_FILE, check_target, export_checkpoint
+from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
+from .files import dumps
 from .models import load_config, load_model, pick_device, pick_dtype, resolve_model_dir
 from .plan import Plan, load_plan
 from .prune import check_keep, model_identity, plan_pruning
+from .routing import check_skip_rule, default_skip_rule
+from .skipping import disable_skipping, enable_skipping, skip_fractions
+from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
 
 stderr = Console(stderr=True)
 
@@ -125,21 +129,16 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     }
 
 
-def prune(settings: Settings, show_progress: bool) -> dict:
-    start = time.perf_counter()
-    job = open_job(settings)
-    keep = check_keep(job.adapter, settings.keep)
-    default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
-    output = Path(settings.output or default_output)
-    if settings.plan_only:
-        if output.exists() and not settings.overwrite:
-            raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
-    else:
-        check_target(job.model_dir, output, settings.overwrite)
-    store = CalibrationStore(Path(settings.from_calibration)) if settings.from_calibration else None
-    if store is None:
-        _check_sources(settings)
-    model, tokenizer = load_model(job.model_dir, job.dtype)
+def _open_store(settings: Settings) -> CalibrationStore | None:
+    """The stored calibration to reuse, or None (then the text sources are checked now, before loading)."""
+    if settings.from_calibration:
+        return CalibrationStore(Path(settings.from_calibration))
+    _check_sources(settings)
+    return None
+
+
+def _tokens_from(store: CalibrationStore | None, job: Job, model, tokenizer) -> tuple[torch.Tensor, dict]:
+    """Calibration tokens and their manifest (with its hash), from a stored calibration or sampled now."""
     if store is not None:
         identity = model_identity(model, job.adapter)
         store.check_model(
@@ -151,10 +150,27 @@ def prune(settings: Settings, show_progress: bool) -> dict:
         )
         token_ids = store.token_ids()
         manifest = {k: v for k, v in store.manifest.items() if k not in ("kind", "model")}
-        settings.seq_len = token_ids.shape[1]
+        job.settings.seq_len = token_ids.shape[1]
     else:
         token_ids, manifest = _calibration_tokens(job, tokenizer)
     manifest["sha256"] = manifest_sha256(manifest)
+    return token_ids, manifest
+
+
+def prune(settings: Settings, show_progress: bool) -> dict:
+    start = time.perf_counter()
+    job = open_job(settings)
+    keep = check_keep(job.adapter, settings.keep)
+    default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
+    output = Path(settings.output or default_output)
+    if settings.plan_only:
+        if output.exists() and not settings.overwrite:
+            raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+    else:
+        check_target(job.model_dir, output, settings.overwrite)
+    store = _open_store(settings)
+    model, tokenizer = load_model(job.model_dir, job.dtype)
+    token_ids, manifest = _tokens_from(store, job, model, tokenizer)
     loaded = time.perf_counter()
     with progress_bar(show_progress) as progress:
         plan, timings = plan_pruning(
@@ -205,7 +221,16 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     return result
 
 
-def export(settings: Settings, plan_path: Path) -> dict:
+def _thresholds_for(path: Path | None, model, adapter: MoEAdapter, kept: dict) -> SkipThresholds | None:
+    """A thresholds file checked against the model as `kept` leaves it."""
+    if path is None:
+        return None
+    thresholds = load_thresholds(path)
+    thresholds.check_matches(model_fingerprint(model, adapter, kept))
+    return thresholds
+
+
+def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = None) -> dict:
     start = time.perf_counter()
     plan = load_plan(plan_path)
     job = open_job(settings)
@@ -216,15 +241,17 @@ def export(settings: Settings, plan_path: Path) -> dict:
     _check_sources(settings)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     plan.check_matches(model_identity(model, job.adapter))
+    thresholds = _thresholds_for(thresholds_path, model, job.adapter, plan.kept())
+    extra = {THRESHOLDS_FILE: dumps(thresholds.to_dict(), "json")} if thresholds else None
     settings.samples = settings.verify_samples
     token_ids, _ = _calibration_tokens(job, tokenizer)
     provenance = export_checkpoint(
-        job.model_dir, output, plan, job.adapter, model, token_ids, overwrite=settings.overwrite
+        job.model_dir, output, plan, job.adapter, model, token_ids, overwrite=settings.overwrite, extra_files=extra
     )
     return {"output": str(output), "plan": str(plan_path), "seconds": time.perf_counter() - start, **provenance}
 
 
-def evaluate(settings: Settings, plan_path: Path | None) -> dict:
+def evaluate(settings: Settings, plan_path: Path | None, thresholds_path: Path | None = None) -> dict:
     start = time.perf_counter()
     job = open_job(settings)
     check_source(settings.eval_text)
@@ -237,14 +264,77 @@ def evaluate(settings: Settings, plan_path: Path | None) -> dict:
         "device": str(job.device),
         "dtype": str(job.dtype).removeprefix("torch."),
         "plan": str(plan_path) if plan_path else None,
+        "thresholds": str(thresholds_path) if thresholds_path else None,
     }
     kept = {}
     if plan_path:
         plan: Plan = load_plan(plan_path)
         plan.check_matches(model_identity(model, job.adapter))
         kept = plan.kept()
-    with job.adapter.pruned_view(model, kept):
-        result.update(perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device))
+    thresholds = _thresholds_for(thresholds_path, model, job.adapter, kept)
+
+    def score() -> dict:
+        return perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device)
+
+    if thresholds is None or kept:
+        # A plan applied in memory runs through the reference router, skipping included.
+        skip = {e.layer: (e.beta, thresholds.rule) for e in thresholds.layers} if thresholds else None
+        with job.adapter.pruned_view(model, kept, skip):
+            result.update(score())
+    else:
+        enable_skipping(model, thresholds, job.adapter)
+        try:
+            result.update(score())
+            result["skip_fraction"] = skip_fractions(model, job.adapter)
+        finally:
+            disable_skipping(model, job.adapter)
     result["seconds"] = time.perf_counter() - start
     result["peak_memory"] = peak_memory_bytes(job.device)
     return result
+
+
+def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool) -> dict:
+    start = time.perf_counter()
+    job = open_job(settings)
+    output = Path(settings.output or f"{_model_name(settings)}-thresholds.json")
+    if output.exists() and not settings.overwrite:
+        raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+    rule = check_skip_rule(settings.skip_rule or default_skip_rule(job.adapter.top_k), job.adapter.top_k)
+    store = _open_store(settings)
+    model, tokenizer = load_model(job.model_dir, job.dtype)
+    kept = {}
+    if plan_path:
+        plan = load_plan(plan_path)
+        plan.check_matches(model_identity(model, job.adapter))
+        kept = plan.kept()
+    token_ids, manifest = _tokens_from(store, job, model, tokenizer)
+    with progress_bar(show_progress) as progress:
+        weights = routing_weights(
+            model,
+            job.adapter,
+            token_ids,
+            batch_size=settings.batch_size,
+            device=job.device,
+            kept=kept,
+            progress=progress,
+        )
+    statistic = settings.skip_statistic()
+    rule, layers = profile(weights, rule, statistic, job.adapter.top_k)
+    thresholds = SkipThresholds(
+        model=model_fingerprint(model, job.adapter, kept),
+        rule=rule,
+        statistic=statistic,
+        layers=layers,
+        calibration=manifest,
+    )
+    thresholds.save(output, settings.overwrite)
+    return {
+        "output": str(output),
+        "model": settings.model,
+        "plan": str(plan_path) if plan_path else None,
+        "rule": rule,
+        "statistic": statistic,
+        "layers": [{"layer": e.layer, "beta": e.beta, "skip_fraction": e.skip_fraction} for e in layers],
+        "skip_fraction": sum(e.skip_fraction for e in layers) / len(layers),
+        "seconds": time.perf_counter() - start,
+    }

@@ -13,6 +13,7 @@ import yaml
 
 from .errors import UsageError
 from .models import DTYPES, model_aliases
+from .routing import SKIP_RULES
 from .search import DEFAULT_MAX_SUBSETS, STRATEGIES
 
 MODES = ("layerwise", "progressive")
@@ -39,12 +40,20 @@ class Settings:
     plan_only: bool = False
     from_calibration: str | None = None  # a directory written by `calibrate`
     verify_samples: int = 4  # calibration sequences the exported checkpoint is checked on
+    skip_rule: str | None = None  # ratio (top-2, the paper) or tail (top-k); default by top_k
+    quantile: float | None = None  # skip-profile statistic; 0.5 (the paper's median) unless target_skip
+    target_skip: float | None = None  # or: the share of (token, expert) pairs to skip on calibration tokens
     eval_text: str = "bundled:heldout"
     eval_window: int = 256
     eval_stride: int = 128
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def skip_statistic(self) -> dict:
+        if self.target_skip is not None:
+            return {"kind": "target_skip", "value": float(self.target_skip)}
+        return {"kind": "quantile", "value": float(0.5 if self.quantile is None else self.quantile)}
 
 
 KNOWN_KEYS = {f.name for f in fields(Settings)}
@@ -81,6 +90,14 @@ def _validate(s: Settings) -> list[str]:
         errors.append(f"device: {s.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
     if s.dtype != "auto" and s.dtype not in DTYPES:
         errors.append(f"dtype: {s.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if s.skip_rule is not None and s.skip_rule not in SKIP_RULES:
+        errors.append(f"skip_rule: {s.skip_rule!r} is not one of {', '.join(SKIP_RULES)}")
+    if s.quantile is not None and s.target_skip is not None:
+        errors.append("quantile and target_skip: give one statistic, not both")
+    for name in ("quantile", "target_skip"):
+        value = getattr(s, name)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            errors.append(f"{name}: must be a number in [0, 1), got {value!r}")
     if isinstance(s.eval_window, int) and isinstance(s.eval_stride, int) and s.eval_stride > s.eval_window:
         errors.append(f"eval_stride: {s.eval_stride} is larger than eval_window {s.eval_window}")
     return errors

@@ -32,10 +32,12 @@ from .plan import Plan
 INDEX = "model.safetensors.index.json"
 PLAN_FILE = "moe_sparsify_plan.yaml"
 PROVENANCE_FILE = "moe_sparsify_provenance.json"
+THRESHOLDS_FILE = "moe_sparsify_thresholds.json"
 VERIFY_TOLERANCE = 1e-4
 # Files of the source directory that describe weights this export rewrites.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-_NOT_COPIED_NAMES = {"config.json", INDEX, "pytorch_model.bin.index.json", PLAN_FILE, PROVENANCE_FILE}
+# A source's own plan or thresholds describe the source, not the export.
+_NOT_COPIED_NAMES = {"config.json", INDEX, "pytorch_model.bin.index.json", PLAN_FILE, PROVENANCE_FILE, THRESHOLDS_FILE}
 
 
 def check_target(source_dir: Path, output: Path, overwrite: bool) -> None:

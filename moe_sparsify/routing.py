@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class RoutingSpec:
@@ -95,3 +97,51 @@ def subset_weights(
 def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """How often each expert is among a token's chosen experts (int64, n)."""
     return torch.bincount(indices.reshape(-1), minlength=num_experts)
+
+
+# --- dynamic skipping rules (ALGORITHM.md section 2) -------------------------------------------------
+
+SKIP_RULES = ("ratio", "tail")
+
+
+def default_skip_rule(top_k: int) -> str:
+    """The paper's ratio rule for top-2 models, the appendix's tail rule otherwise."""
+    return "ratio" if top_k == 2 else "tail"
+
+
+def check_skip_rule(rule: str, top_k: int) -> str:
+    if rule not in SKIP_RULES:
+        raise UsageError(f"unknown skip rule {rule!r}; choose one of {', '.join(SKIP_RULES)}")
+    if rule == "ratio" and top_k != 2:
+        raise UsageError(f"the ratio rule is for top-2 models; this one routes to {top_k}: use --rule tail")
+    return rule
+
+
+def skip_keep_mask(weights: torch.Tensor, beta: float, rule: str) -> torch.Tensor:
+    """tokens x k bool: which of each token's routed pairs survive. The top expert always does."""
+    order = torch.argsort(weights, dim=-1, descending=True, stable=True)
+    ranked = torch.gather(weights.float(), -1, order)
+    if rule == "ratio":
+        if ranked.shape[-1] != 2:
+            raise UsageError(f"the ratio rule is for top-2 models; this one routes to {ranked.shape[-1]}: use tail")
+        keep_ranked = torch.ones_like(ranked, dtype=torch.bool)
+        keep_ranked[..., 1] = ranked[..., 1] >= beta * ranked[..., 0]
+    elif rule == "tail":
+        total = ranked.sum(-1, keepdim=True)
+        # tail[i] = mass after the top-(i+1); keep rank r while no shorter prefix already leaves tail <= beta.
+        tail = total - torch.cumsum(ranked, dim=-1)
+        prefix_ok = tail <= beta * total
+        first_ok = torch.argmax(prefix_ok.int(), dim=-1, keepdim=True)  # the last column is always ok
+        keep_ranked = torch.arange(ranked.shape[-1], device=weights.device) <= first_ok
+    else:
+        raise UsageError(f"unknown skip rule {rule!r}; choose one of {', '.join(SKIP_RULES)}")
+    return torch.zeros_like(keep_ranked).scatter(-1, order, keep_ranked)
+
+
+def skipped_weights(weights: torch.Tensor, keep: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """Zero the skipped pairs; renormalise the survivors (rows that lost a pair only, so rows that
+    lost none keep the router's weights bit for bit)."""
+    kept = weights * keep
+    if not renormalize:
+        return kept
+    return torch.where(keep.all(-1, keepdim=True), weights, kept / kept.sum(-1, keepdim=True))

@@ -189,3 +189,41 @@ def test_shipped_configs_are_valid():
     for path in sorted(configs_dir().glob("*.yaml")):
         if path.name != "models.yaml":
             assert resolve_settings(path, {}).keep is not None
+
+
+def test_skip_profile_eval_and_export_with_thresholds(tmp_path):
+    result = run("skip-profile", "--model", "tiny", "--output", tmp_path / "t.json", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["rule"] == "ratio" and len(data["layers"]) == 4
+    assert all(0.2 < layer["skip_fraction"] <= 0.25 for layer in data["layers"])
+    again = run("skip-profile", "--model", "tiny", "--output", tmp_path / "t2.json", *FAST)
+    assert again.exit_code == 0
+    assert (tmp_path / "t.json").read_bytes() == (tmp_path / "t2.json").read_bytes()
+
+    skipped = json.loads(run("eval", "--model", "tiny", "--thresholds", tmp_path / "t.json", "--json").stdout)
+    assert set(skipped["skip_fraction"]) == {"0", "1", "2", "3"}
+
+    plan = tmp_path / "plan.yaml"
+    assert run("prune", "--model", "tiny", "--keep", 6, "--plan-only", "-o", plan, *FAST).exit_code == 0
+    wrong = run("export", "--plan", plan, "--thresholds", tmp_path / "t.json", "--output", tmp_path / "out")
+    assert wrong.exit_code == 2
+    assert "belong to another model" in _error_line(wrong)
+    assert not (tmp_path / "out").exists()
+
+    pruned_t = tmp_path / "pruned.json"
+    assert run("skip-profile", "--model", "tiny", "--plan", plan, "-o", pruned_t, *FAST).exit_code == 0
+    ok = run("export", "--plan", plan, "--thresholds", pruned_t, "--output", tmp_path / "out")
+    assert ok.exit_code == 0, ok.stderr
+    assert (tmp_path / "out" / "moe_sparsify_thresholds.json").is_file()
+    in_memory = json.loads(run("eval", "--model", "tiny", "--plan", plan, "--thresholds", pruned_t, "--json").stdout)
+    exported = json.loads(run("eval", "--model", tmp_path / "out", "--thresholds", pruned_t, "--json").stdout)
+    assert in_memory["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-4)
+
+
+def test_skip_profile_bad_statistics(tmp_path):
+    both = run("skip-profile", "--model", "tiny", "--quantile", 0.3, "--target-skip", 0.1, "-o", tmp_path / "t.json")
+    assert both.exit_code == 2 and "give one statistic" in _error_line(both)
+    rule = run("skip-profile", "--model", "tiny", "--rule", "sideways", "-o", tmp_path / "t.json")
+    assert rule.exit_code == 2 and "skip_rule" in _error_line(rule)
+    assert not (tmp_path / "t.json").exists()

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..routing import RoutingSpec, route
+from ..routing import RoutingSpec, route, skip_keep_mask, skipped_weights
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,17 @@ class MoEAdapter:
     def expert_forward(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def routed_forward(self, block: nn.Module, hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """The block's output with only `keep` experts present: what the pruned checkpoint computes."""
+    def routed_forward(
+        self, block: nn.Module, hidden: torch.Tensor, keep: torch.Tensor | None, skip: tuple[float, str] | None = None
+    ) -> torch.Tensor:
+        """The block's output with only `keep` experts present (what the pruned checkpoint computes), and
+        with skip = (beta, rule) the skipped pairs' weights zeroed and the rest renormalised as the model does.
+        The reference for both pruning and skipping: every routed pair is computed."""
         x = hidden.reshape(-1, hidden.shape[-1])
         weights, indices = route(self.router_logits(block, x), self.routing, keep)
+        if skip is not None:
+            survivors = skip_keep_mask(weights, *skip)
+            weights = skipped_weights(weights, survivors, self.routing.renormalize)
         out = torch.zeros_like(x)
         for expert in indices.unique().tolist():
             token, slot = torch.nonzero(indices == expert, as_tuple=True)
@@ -93,25 +100,29 @@ class MoEAdapter:
         return out.reshape(hidden.shape)
 
     @contextmanager
-    def pruned_view(self, model: nn.Module, kept: dict[int, list[int]]):
-        """Temporarily route each listed layer as if only its kept experts existed."""
+    def pruned_view(
+        self, model: nn.Module, kept: dict[int, list[int]], skip: dict[int, tuple[float, str]] | None = None
+    ):
+        """Temporarily route each listed layer as if only its kept experts existed (and, for layers in
+        `skip`, with dynamic skipping applied), through the reference `routed_forward`."""
         layers = self.decoder_layers(model)
+        skip = skip or {}
         originals = []
         try:
-            for index, experts in kept.items():
+            for index in sorted(set(kept) | set(skip)):
                 block = self.moe_block(layers[index])
                 keep = torch.zeros(self.num_experts, dtype=torch.bool)
-                keep[experts] = True
+                keep[kept.get(index, list(range(self.num_experts)))] = True
                 originals.append((block, block.forward))
-                block.forward = self._masked_forward(block, keep)
+                block.forward = self._masked_forward(block, keep, skip.get(index))
             yield model
         finally:
             for block, forward in reversed(originals):
                 block.forward = forward
 
-    def _masked_forward(self, block, keep):
+    def _masked_forward(self, block, keep, skip):
         def forward(hidden_states, *args, **kwargs):
-            return self.routed_forward(block, hidden_states, keep.to(hidden_states.device))
+            return self.routed_forward(block, hidden_states, keep.to(hidden_states.device), skip)
 
         return forward
 
@@ -134,11 +145,14 @@ class MoEAdapter:
                 config[key] = keep
         return changes
 
-    def router_fingerprint(self, model: nn.Module) -> str:
+    def router_fingerprint(self, model: nn.Module, kept: dict[int, list[int]] | None = None) -> str:
+        """sha256 of the router weights in float32: of `model`, or of the model `kept` would export."""
         digest = hashlib.sha256()
         for index in self.moe_layers(model):
-            weight = self.router_weight(self.moe_block(self.decoder_layers(model)[index]))
-            digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+            weight = self.router_weight(self.moe_block(self.decoder_layers(model)[index])).detach().float().cpu()
+            if kept and index in kept:
+                weight = weight[kept[index]]
+            digest.update(weight.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
     def router_weight(self, block: nn.Module) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""Dynamic expert skipping that saves compute in stock transformers.
+
+Rules (ALGORITHM.md section 2), on a token's top-k weights sorted w_1 >= ... >= w_k:
+  ratio (top-2, the paper): drop expert 2 when w_2 < beta * w_1.
+  tail  (top-k, appendix):  keep the smallest top-i whose dropped tail
+        sum_{m>i} w_m <= beta * sum_{m<=k} w_m.
+Surviving weights are renormalised when the model renormalises its top-k
+(Mixtral: the lone survivor gets weight 1) and left as they are otherwise.
+
+Runtime: transformers 5.x dispatches every `@use_experts_implementation`
+experts module through a registry of experts functions. `enable_skipping`
+registers one more, "moe_sparsify_skip": it applies the rule to the router's
+(index, weight) pairs, drops the skipped pairs, and hands only the surviving
+(token, expert) pairs, one per row, to the implementation that was active
+before (grouped_mm, batched_mm or eager). Work therefore scales with the
+pairs kept, in prefill, decode and `generate`, on any device, without a
+patched modeling file and without sentinel expert ids (whose handling differs
+between transformers releases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import MoEAdapter, adapter_for
+from .routing import skip_keep_mask, skipped_weights
+
+IMPLEMENTATION = "moe_sparsify_skip"
+_STATE = "_moe_sparsify_skip"  # attribute on each experts module while skipping is on
+_PREVIOUS = "_moe_sparsify_previous_experts_implementation"  # attribute on the model
+
+
+@dataclass
+class LayerSkip:
+    """What one experts module needs while skipping is on, plus its counters."""
+
+    beta: float
+    rule: str
+    renormalize: bool
+    inner: str  # the experts implementation that computes the surviving pairs
+    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    kept: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+
+def _inner_forward(module: nn.Module, name: str):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if name == "eager":
+        return type(module).forward.__wrapped__  # the modeling file's own loop, under the dispatch wrapper
+    return ALL_EXPERTS_FUNCTIONS[name]
+
+
+def skipping_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights):
+    state: LayerSkip | None = getattr(self, _STATE, None)
+    if state is None:  # a module skipping was not enabled for (e.g. added later): behave as before
+        return _inner_forward(self, "grouped_mm")(self, hidden_states, top_k_index, top_k_weights)
+    keep = skip_keep_mask(top_k_weights, state.beta, state.rule)
+    weights = skipped_weights(top_k_weights, keep, state.renormalize).to(top_k_weights.dtype)
+    token, slot = torch.nonzero(keep, as_tuple=True)
+    state.pairs = state.pairs.to(keep.device) + keep.numel()
+    state.kept = state.kept.to(keep.device) + token.numel()
+    # One row per surviving (token, expert) pair, top-1 each: the inner implementation computes only these.
+    pair_out = _inner_forward(self, state.inner)(
+        self, hidden_states[token], top_k_index[token, slot].unsqueeze(1), weights[token, slot].unsqueeze(1)
+    )
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    out.index_add_(0, token, pair_out.float())
+    return out.to(hidden_states.dtype)
+
+
+def _register() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, skipping_experts_forward)
+
+
+def enable_skipping(model: nn.Module, thresholds, adapter: MoEAdapter | None = None) -> None:
+    """Switch every MoE block of `model` to skipping with per-layer thresholds.
+
+    thresholds: a `SkipThresholds` (or a path to its file); it must belong to this model.
+    """
+    from .thresholds import SkipThresholds, load_thresholds, model_fingerprint
+
+    if not isinstance(thresholds, SkipThresholds):
+        thresholds = load_thresholds(thresholds)
+    adapter = adapter or adapter_for(model.config)
+    thresholds.check_matches(model_fingerprint(model, adapter))
+    _register()
+    current = model.config._experts_implementation
+    previous = getattr(model, _PREVIOUS, current if current != IMPLEMENTATION else "grouped_mm")
+    layers = adapter.decoder_layers(model)
+    for entry in thresholds.layers:
+        experts = adapter.moe_block(layers[entry.layer]).experts
+        setattr(experts, _STATE, LayerSkip(entry.beta, thresholds.rule, adapter.routing.renormalize, previous))
+    setattr(model, _PREVIOUS, previous)
+    model.set_experts_implementation(IMPLEMENTATION)
+
+
+def disable_skipping(model: nn.Module, adapter: MoEAdapter | None = None) -> None:
+    adapter = adapter or adapter_for(model.config)
+    if not hasattr(model, _PREVIOUS):
+        return
+    model.set_experts_implementation(getattr(model, _PREVIOUS))
+    delattr(model, _PREVIOUS)
+    for index in adapter.moe_layers(model):
+        experts = adapter.moe_block(adapter.decoder_layers(model)[index]).experts
+        if hasattr(experts, _STATE):
+            delattr(experts, _STATE)
+
+
+def skip_fractions(model: nn.Module, adapter: MoEAdapter | None = None) -> dict[int, float]:
+    """Share of routed (token, expert) pairs skipped per layer since skipping was enabled."""
+    adapter = adapter or adapter_for(model.config)
+    fractions = {}
+    for index in adapter.moe_layers(model):
+        state = getattr(adapter.moe_block(adapter.decoder_layers(model)[index]).experts, _STATE, None)
+        if state is not None and state.pairs.item():
+            fractions[index] = 1.0 - state.kept.item() / state.pairs.item()
+    return fractions

@@ -1,0 +1,181 @@
+"""The router-threshold file and how its per-layer betas are calibrated.
+
+Its own versioned file (not config.json): rule, statistic, per-layer beta and
+the skip fraction measured on calibration tokens, the calibration manifest,
+and a fingerprint of the model it belongs to (architecture, expert count per
+MoE layer, top-k, sha256 of the router weights), so that applying it to
+another model, pruned differently or not at all, fails with a clear message.
+
+Calibrating beta per layer from the top-k weights of calibration tokens:
+  --quantile q   ratio rule: beta = q-quantile of w_2 / w_1 (q = 0.5 is the
+                 paper: about half the tokens drop their second expert);
+                 tail rule: beta = q-quantile of the tail left by dropping only
+                 the last expert, (w_k / sum w), so about a fraction q of tokens
+                 drop at least one expert.
+  --target-skip f  the beta whose share of skipped (token, expert) pairs on
+                 the calibration tokens is closest to f from below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import MoEAdapter
+from .errors import UsageError
+from .files import dumps, format_of, load_mapping, write_atomically
+from .routing import check_skip_rule, default_skip_rule, route, skip_keep_mask
+
+KIND = "moe-sparsify-thresholds"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Fingerprint:
+    model_type: str
+    num_experts: list[int]  # per MoE layer
+    top_k: int
+    router_sha256: str
+
+
+@dataclass
+class LayerThreshold:
+    layer: int
+    beta: float
+    skip_fraction: float  # share of routed (token, expert) pairs skipped on the calibration tokens
+
+
+@dataclass
+class SkipThresholds:
+    model: Fingerprint
+    rule: str
+    statistic: dict  # {"kind": "quantile" | "target_skip", "value": float}
+    layers: list[LayerThreshold]
+    calibration: dict = field(default_factory=dict)
+    kind: str = KIND
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        head = {k: data.pop(k) for k in ("kind", "schema_version")}
+        return {**head, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SkipThresholds:
+        if data.get("kind") != KIND:
+            raise UsageError(f"not a moe-sparsify thresholds file (missing kind: {KIND}); run skip-profile")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise UsageError(
+                f"thresholds schema {data.get('schema_version')} is not {SCHEMA_VERSION}; re-run skip-profile"
+            )
+        try:
+            fields = dict(data)
+            fields["model"] = Fingerprint(**fields["model"])
+            fields["layers"] = [LayerThreshold(**entry) for entry in fields["layers"]]
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise UsageError(f"malformed thresholds file: {exc}") from None
+
+    def save(self, path: Path, overwrite: bool = True) -> Path:
+        return write_atomically(path, dumps(self.to_dict(), format_of(path)), overwrite)
+
+    def betas(self) -> dict[int, float]:
+        return {entry.layer: entry.beta for entry in self.layers}
+
+    def check_matches(self, fingerprint: Fingerprint) -> None:
+        mine, theirs = asdict(self.model), asdict(fingerprint)
+        diffs = [k for k in mine if mine[k] != theirs[k]]
+        if diffs:
+            detail = "; ".join(f"{k} {mine[k]!r} in the file, {theirs[k]!r} in the model" for k in diffs)
+            raise UsageError(f"these thresholds belong to another model ({detail}); run skip-profile on this model")
+
+
+def load_thresholds(path: Path) -> SkipThresholds:
+    return SkipThresholds.from_dict(load_mapping(path, "thresholds file", "pass the file written by skip-profile"))
+
+
+def model_fingerprint(model: nn.Module, adapter: MoEAdapter, kept: dict[int, list[int]] | None = None) -> Fingerprint:
+    """Fingerprint of `model`, or of the model `kept` would export (its router rows sliced)."""
+    kept = kept or {}
+    counts = [len(kept[i]) if i in kept else adapter.num_experts for i in adapter.moe_layers(model)]
+    return Fingerprint(adapter.config.model_type, counts, adapter.top_k, adapter.router_fingerprint(model, kept))
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """Linear-interpolation quantile in float64 (torch.quantile caps its input size)."""
+    ordered = values.double().flatten().sort().values
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return (ordered[low] + (ordered[high] - ordered[low]) * (position - low)).item()
+
+
+def skip_fraction(weights: torch.Tensor, beta: float, rule: str) -> float:
+    return 1.0 - skip_keep_mask(weights, beta, rule).double().mean().item()
+
+
+def layer_beta(weights: torch.Tensor, rule: str, statistic: dict) -> float:
+    """weights: tokens x k routing weights of one layer's calibration tokens."""
+    ranked = weights.float().sort(dim=-1, descending=True).values
+    if statistic["kind"] == "quantile":
+        if rule == "ratio":
+            return _quantile(ranked[:, 1] / ranked[:, 0], statistic["value"])
+        return _quantile(ranked[:, -1] / ranked.sum(-1), statistic["value"])
+    target = statistic["value"]
+    # The skipped share grows with beta; bisect on [0, 1] for the largest beta not above the target.
+    low, high = 0.0, 1.0
+    if skip_fraction(weights, high, rule) <= target:
+        return high
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if skip_fraction(weights, mid, rule) <= target else (low, mid)
+    return low
+
+
+def profile(
+    routing_weights: dict[int, torch.Tensor], rule: str | None, statistic: dict, top_k: int
+) -> tuple[str, list[LayerThreshold]]:
+    rule = check_skip_rule(rule or default_skip_rule(top_k), top_k)
+    layers = []
+    for index, weights in sorted(routing_weights.items()):
+        beta = layer_beta(weights, rule, statistic)
+        layers.append(LayerThreshold(index, beta, skip_fraction(weights, beta, rule)))
+    return rule, layers
+
+
+@torch.no_grad()
+def routing_weights(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    token_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    kept: dict[int, list[int]] | None = None,
+    progress=None,
+) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the top-k routing weights of every calibration token (tokens x k, float32).
+
+    With `kept`, the weights of the pruned model: each layer routes among its kept experts and
+    feeds the next layer the pruned layer's outputs.
+    """
+    from .calibration.propagate import propagate
+
+    kept = kept or {}
+    weights: dict[int, torch.Tensor] = {}
+
+    def on_layer(index, block, inputs):
+        keep = None
+        if index in kept:
+            keep = torch.zeros(adapter.num_experts, dtype=torch.bool, device=device)
+            keep[kept[index]] = True
+        weights[index] = torch.cat(
+            [route(adapter.router_logits(block, x), adapter.routing, keep)[0].cpu() for x in inputs]
+        )
+        return kept.get(index)
+
+    propagate(model, adapter, token_ids, on_layer, batch_size=batch_size, device=device, progress=progress)
+    return weights
