@@ -119,14 +119,14 @@ def check_skip_rule(rule: str, top_k: int) -> str:
 
 def skip_keep_mask(weights: torch.Tensor, beta: float, rule: str) -> torch.Tensor:
     """tokens x k bool: which of each token's routed pairs survive. The top expert always does."""
+    if rule == "ratio":
+        if weights.shape[-1] != 2:
+            raise UsageError(f"the ratio rule is for top-2 models; this one routes to {weights.shape[-1]}: use tail")
+        # No sort needed for two: keep what reaches beta x the larger (the larger itself, as beta <= 1).
+        return weights >= min(beta, 1.0) * weights.max(dim=-1, keepdim=True).values
     order = torch.argsort(weights, dim=-1, descending=True, stable=True)
     ranked = torch.gather(weights.float(), -1, order)
-    if rule == "ratio":
-        if ranked.shape[-1] != 2:
-            raise UsageError(f"the ratio rule is for top-2 models; this one routes to {ranked.shape[-1]}: use tail")
-        keep_ranked = torch.ones_like(ranked, dtype=torch.bool)
-        keep_ranked[..., 1] = ranked[..., 1] >= beta * ranked[..., 0]
-    elif rule == "tail":
+    if rule == "tail":
         total = ranked.sum(-1, keepdim=True)
         # tail[i] = mass after the top-(i+1); keep rank r while no shorter prefix already leaves tail <= beta.
         tail = total - torch.cumsum(ranked, dim=-1)

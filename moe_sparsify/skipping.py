@@ -12,7 +12,8 @@ experts module through a registry of experts functions. `enable_skipping`
 registers one more, "moe_sparsify_skip": it applies the rule to the router's
 (index, weight) pairs, drops the skipped pairs, and hands only the surviving
 (token, expert) pairs, one per row, to the implementation that was active
-before (grouped_mm, batched_mm or eager). Work therefore scales with the
+before (grouped_mm, batched_mm or eager), or, for decode-sized batches of plain
+gated experts, computes them in a loop over the experts they use. Work therefore scales with the
 pairs kept, in prefill, decode and `generate`, on any device, without a
 patched modeling file and without sentinel expert ids (whose handling differs
 between transformers releases).
@@ -20,9 +21,10 @@ between transformers releases).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapters import MoEAdapter, adapter_for
@@ -33,6 +35,12 @@ _STATE = "_moe_sparsify_skip"  # attribute on each experts module while skipping
 _PREVIOUS = "_moe_sparsify_previous_experts_implementation"  # attribute on the model
 
 
+# Up to this many surviving pairs (decode-sized batches), pairs are computed by a loop over the
+# experts they use, reading each used expert's weights once with no sorting or grouped-matmul set-up;
+# more pairs go to the implementation that was active before (grouped_mm on GPUs).
+DIRECT_PAIRS = 64
+
+
 @dataclass
 class LayerSkip:
     """What one experts module needs while skipping is on, plus its counters."""
@@ -40,9 +48,9 @@ class LayerSkip:
     beta: float
     rule: str
     renormalize: bool
-    inner: str  # the experts implementation that computes the surviving pairs
-    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
-    kept: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    inner: str  # the experts implementation that computes the surviving pairs of large batches
+    pairs: int = 0
+    kept: int = 0
 
 
 def _inner_forward(module: nn.Module, name: str):
@@ -53,6 +61,32 @@ def _inner_forward(module: nn.Module, name: str):
     return ALL_EXPERTS_FUNCTIONS[name]
 
 
+def _plain_gated(module: nn.Module) -> bool:
+    """Fused gate/up and down tensors, no biases, no transposition: what the direct loop computes."""
+    flags = ("has_bias", "is_transposed", "has_post_expert_norm")
+    return getattr(module, "has_gate", False) and not any(getattr(module, f, False) for f in flags)
+
+
+def _direct_pairs(module: nn.Module, hidden: torch.Tensor, token, expert, weight) -> torch.Tensor:
+    """tokens x hidden float32 output from a few pairs: Python-level grouping (no sort, no set-up
+    kernels), each used expert's weights read once."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    tokens, weight = token.tolist(), weight.float()
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(expert.tolist()):
+        groups.setdefault(e, []).append(i)
+    for e, pairs in groups.items():
+        if len(pairs) == 1:
+            (i,) = pairs
+            h = module._apply_gate(F.linear(hidden[tokens[i]], module.gate_up_proj[e]))
+            out[tokens[i]] += F.linear(h, module.down_proj[e]).float() * weight[i]
+        else:
+            rows = torch.tensor(pairs, device=hidden.device)
+            h = module._apply_gate(F.linear(hidden[token[rows]], module.gate_up_proj[e]))
+            out.index_add_(0, token[rows], F.linear(h, module.down_proj[e]).float() * weight[rows, None])
+    return out
+
+
 def skipping_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights):
     state: LayerSkip | None = getattr(self, _STATE, None)
     if state is None:  # a module skipping was not enabled for (e.g. added later): behave as before
@@ -60,12 +94,13 @@ def skipping_experts_forward(self, hidden_states: torch.Tensor, top_k_index: tor
     keep = skip_keep_mask(top_k_weights, state.beta, state.rule)
     weights = skipped_weights(top_k_weights, keep, state.renormalize).to(top_k_weights.dtype)
     token, slot = torch.nonzero(keep, as_tuple=True)
-    state.pairs = state.pairs.to(keep.device) + keep.numel()
-    state.kept = state.kept.to(keep.device) + token.numel()
-    # One row per surviving (token, expert) pair, top-1 each: the inner implementation computes only these.
-    pair_out = _inner_forward(self, state.inner)(
-        self, hidden_states[token], top_k_index[token, slot].unsqueeze(1), weights[token, slot].unsqueeze(1)
-    )
+    state.pairs += keep.numel()
+    state.kept += token.numel()
+    expert, weight = top_k_index[token, slot], weights[token, slot]
+    if token.numel() <= DIRECT_PAIRS and _plain_gated(self):
+        return _direct_pairs(self, hidden_states, token, expert, weight).to(hidden_states.dtype)
+    # One row per surviving pair, top-1 each: the inner implementation computes only these.
+    pair_out = _inner_forward(self, state.inner)(self, hidden_states[token], expert[:, None], weight[:, None])
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, token, pair_out.float())
     return out.to(hidden_states.dtype)
@@ -117,6 +152,6 @@ def skip_fractions(model: nn.Module, adapter: MoEAdapter | None = None) -> dict[
     fractions = {}
     for index in adapter.moe_layers(model):
         state = getattr(adapter.moe_block(adapter.decoder_layers(model)[index]).experts, _STATE, None)
-        if state is not None and state.pairs.item():
-            fractions[index] = 1.0 - state.kept.item() / state.pairs.item()
+        if state is not None and state.pairs:
+            fractions[index] = 1.0 - state.kept / state.pairs
     return fractions

@@ -186,3 +186,25 @@ def test_target_skip_and_reproducibility(tiny, token_ids):
         assert 0.08 <= entry.skip_fraction <= 0.1
     _, tail = profile(weights, "tail", {"kind": "quantile", "value": 0.5}, 2)
     assert all(0.2 < e.skip_fraction < 0.3 for e in tail)
+
+
+def test_decode_sized_batches_take_the_direct_loop_and_stay_exact(tiny):
+    model, adapter = tiny
+    block = adapter.moe_block(model.model.layers[2])
+    x = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        stock = block(x)
+        enable_skipping(model, _thresholds(model, adapter, dict.fromkeys(range(4), 0.0)))
+        try:
+            assert (block(x) - stock).abs().max() <= 1e-6
+        finally:
+            disable_skipping(model)
+        thresholds = _thresholds(model, adapter, dict.fromkeys(range(4), 0.6))
+        enable_skipping(model, thresholds)
+        try:
+            got = block(x)
+            assert 0 < skip_fractions(model)[2] < 0.5
+        finally:
+            disable_skipping(model)
+        reference = adapter.routed_forward(block, x, None, (0.6, "ratio"))
+    assert (got - reference).abs().max() <= 1e-6
