@@ -180,3 +180,14 @@ class SubsetLoss:
         """How often each expert is in a token's original top-k."""
         top = self.stats.cand_idx[:, : self.stats.spec.top_k]
         return selection_counts(top, self.num_experts)
+
+    def reap_saliency(self) -> torch.Tensor:
+        """REAP (Cerebras, 2025): per expert, the mean over the tokens routed to it of its top-k-renormalised
+        gate weight times the norm of its output. Norms come from the Gram diagonal. float64, n."""
+        k = self.stats.spec.top_k
+        weights = self._base_weights[:, :k].double()
+        weights = weights / weights.sum(-1, keepdim=True)
+        norms = torch.diagonal(self.stats.gram, dim1=1, dim2=2)[:, :k].double().clamp_min(0).sqrt()
+        routed = self.stats.cand_idx[:, :k].reshape(-1)
+        total = torch.zeros(self.num_experts, dtype=torch.float64).index_add_(0, routed, (weights * norms).reshape(-1))
+        return total / self.selection_counts().clamp_min(1)

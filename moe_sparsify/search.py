@@ -118,6 +118,14 @@ def frequency(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     return _scored_single(oracle, tuple(sorted(order[:keep])))
 
 
+@strategy("reap")
+def reap(oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    """Baseline: keep the experts with the highest REAP saliency (ties: lower id)."""
+    saliency = oracle.reap_saliency().tolist()
+    order = sorted(range(oracle.num_experts), key=lambda e: (-saliency[e], e))
+    return _scored_single(oracle, tuple(sorted(order[:keep])))
+
+
 @strategy("random")
 def random(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Baseline: a uniformly random subset, seeded per (seed, layer)."""

@@ -7,6 +7,7 @@ from moe_sparsify.adapters import adapter_for
 from moe_sparsify.errors import UsageError
 from moe_sparsify.objective import SubsetLoss
 from moe_sparsify.prune import layer_stats
+from moe_sparsify.routing import route
 from moe_sparsify.search import SearchContext, run_strategy
 
 from .conftest import random_mixtral
@@ -35,7 +36,7 @@ def test_greedy_never_beats_exhaustive(keep, seed):
     assert best.runner_up_loss >= best.loss
 
 
-@pytest.mark.parametrize("name", ["exhaustive", "greedy", "frequency", "random"])
+@pytest.mark.parametrize("name", ["exhaustive", "greedy", "reap", "frequency", "random"])
 def test_keeping_every_expert_is_the_identity(name):
     result = run_strategy(name, _oracle(8), 8, SearchContext(layer=0))
     assert result.kept == tuple(range(8))
@@ -71,3 +72,23 @@ def test_exhaustive_refuses_above_the_subset_limit():
 def test_unknown_strategy_is_refused():
     with pytest.raises(UsageError, match="choose one of"):
         run_strategy("magic", _oracle(6), 6, SearchContext(layer=0))
+
+
+def test_reap_saliency_equals_a_direct_computation():
+    model = random_mixtral(seed=4)
+    adapter = adapter_for(model.config)
+    block = adapter.moe_block(model.model.layers[0])
+    x = torch.randn(200, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        oracle = SubsetLoss(layer_stats(adapter, block, [x], 6))
+        weights, experts = route(adapter.router_logits(block, x), adapter.routing)
+        total, count = torch.zeros(8, dtype=torch.float64), torch.zeros(8)
+        for t in range(len(x)):
+            for slot in range(2):
+                e = experts[t, slot].item()
+                total[e] += weights[t, slot].item() * adapter.expert_forward(block, x[t : t + 1], e).norm().item()
+                count[e] += 1
+    assert torch.allclose(oracle.reap_saliency(), total / count.clamp_min(1), rtol=1e-5)
+    kept = run_strategy("reap", oracle, 6, SearchContext(layer=0)).kept
+    saliency = oracle.reap_saliency()
+    assert min(saliency[list(kept)]) >= max(saliency[sorted(set(range(8)) - set(kept))])
