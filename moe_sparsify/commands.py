@@ -96,8 +96,8 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
         token_ids, manifest = _calibration_tokens(job, tokenizer)
         writer.add_tokens(token_ids)
 
-        def store(index, block, inputs):
-            writer.add_layer(index, inputs)
+        def store(step):
+            writer.add_layer(step.index, step.inputs)
             return None
 
         with progress_bar(show_progress) as progress:

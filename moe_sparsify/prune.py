@@ -129,8 +129,8 @@ def plan_pruning(
         else:
             progressive = settings.mode == "progressive"
 
-            def on_layer(index, block, inputs):
-                kept = decide(index, block, inputs)
+            def on_layer(step):
+                kept = decide(step.index, step.block, step.inputs)
                 return kept if progressive else None
 
             propagate(

@@ -167,13 +167,14 @@ def routing_weights(
     kept = kept or {}
     weights: dict[int, torch.Tensor] = {}
 
-    def on_layer(index, block, inputs):
+    def on_layer(step):
+        index, block = step.index, step.block
         keep = None
         if index in kept:
             keep = torch.zeros(adapter.num_experts, dtype=torch.bool, device=device)
             keep[kept[index]] = True
         weights[index] = torch.cat(
-            [route(adapter.router_logits(block, x), adapter.routing, keep)[0].cpu() for x in inputs]
+            [route(adapter.router_logits(block, x), adapter.routing, keep)[0].cpu() for x in step.inputs]
         )
         return kept.get(index)
 

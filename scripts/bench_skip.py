@@ -103,9 +103,10 @@ def block_benchmark(args, device, dtype) -> list[dict]:
     thresholds = SkipThresholds(model_fingerprint(model, adapter), rule, MEDIAN, layers)
 
     rows = []
-    # Decode: --decode-steps different batches in a row, so each case sees the usual mix of tokens
-    # that skip and tokens that do not (one token alone either skips or not).
-    cases = [("prefill", 1, args.prefill)] + [(f"decode b{b}", args.decode_steps, b) for b in args.decode]
+    # Decode: batches in a row totalling --decode-tokens tokens, so each case sees the usual mix of
+    # tokens that skip and tokens that do not (one token alone either skips or not).
+    cases = [("prefill", 1, args.prefill)]
+    cases += [(f"decode b{b}", max(1, args.decode_tokens // b), b) for b in args.decode]
     for name, steps, tokens in cases:
         xs = torch.randn(steps, 1, tokens, args.hidden, device=device, dtype=dtype, generator=gen)
 
@@ -178,7 +179,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--prefill", type=int, default=None, help="tokens in the prefill batch (cpu 512, cuda 8192)")
     ap.add_argument("--decode", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--decode-steps", type=int, default=16, help="decode batches timed per case")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens per decode case, over several batches")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-generation", action="store_true")

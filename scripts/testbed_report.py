@@ -36,9 +36,10 @@ def main() -> None:
     tokens, _ = sample_windows(tokenizer, parse_sources("bundled"), 128, 256, seed=0)
     shares: dict[int, list[float]] = {}
 
-    def count(index, block, inputs):
-        counts = sum(selection_counts(route(adapter.router_logits(block, x), adapter.routing)[1], n) for x in inputs)
-        shares[index] = (counts / counts.sum()).tolist()
+    def count(step):
+        logits = [adapter.router_logits(step.block, x) for x in step.inputs]
+        counts = sum(selection_counts(route(lg, adapter.routing)[1], n) for lg in logits)
+        shares[step.index] = (counts / counts.sum()).tolist()
 
     propagate(model, adapter, tokens, count, batch_size=16, device=CPU)
     order = {layer: sorted(range(n), key=lambda e: -s[e]) for layer, s in shares.items()}

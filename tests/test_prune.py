@@ -23,11 +23,11 @@ def _best_for_layer(model, adapter, tokens, layer, prefix_kept, keep):
     """Exhaustive search on `layer`'s inputs with the earlier layers pruned as given."""
     captured = {}
 
-    def on_layer(index, block, inputs):
-        if index == layer:
-            stats = layer_stats(adapter, block, inputs, keep)
+    def on_layer(step):
+        if step.index == layer:
+            stats = layer_stats(adapter, step.block, step.inputs, keep)
             captured["result"] = exhaustive(SubsetLoss(stats), keep, SearchContext(layer=layer))
-        return prefix_kept.get(index)
+        return prefix_kept.get(step.index)
 
     propagate(model, adapter, tokens, on_layer, batch_size=2, device=CPU)
     return captured["result"]

@@ -12,6 +12,7 @@ needs to be on the compute device.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from rich.progress import Progress
@@ -19,9 +20,19 @@ from torch import nn
 
 from ..adapters import MoEAdapter
 
-# on_layer(layer index, MoE block, block inputs per batch as (tokens x hidden)) ->
-# experts to keep while producing the next layer's inputs, or None for all.
-LayerCallback = Callable[[int, nn.Module, list[torch.Tensor]], list[int] | None]
+
+@dataclass
+class LayerStep:
+    """What the caller sees of one MoE layer during propagation."""
+
+    index: int
+    block: nn.Module
+    inputs: list[torch.Tensor]  # the MoE block's inputs, per batch, tokens x hidden
+    batches: list[tuple[torch.Tensor, dict]]  # the decoder layer's own inputs (hidden states, kwargs)
+
+
+# on_layer(step) -> experts to keep while producing the next layer's inputs, or None for all.
+LayerCallback = Callable[[LayerStep], list[int] | None]
 
 
 class _Caught(Exception):
@@ -104,7 +115,7 @@ def propagate(
             if handle is not None:
                 handle.remove()
         if block is not None:
-            kept = on_layer(index, block, captured)
+            kept = on_layer(LayerStep(index, block, captured, batches))
             if kept is not None and len(kept) < adapter.num_experts:
                 with adapter.pruned_view(model, {index: kept}):
                     outputs = [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
