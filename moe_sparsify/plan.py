@@ -27,6 +27,7 @@ class LayerPlan:
     loss: float  # mean per-token squared reconstruction error of the kept set
     runner_up_loss: float | None  # best other subset the strategy scored
     subsets_scored: int
+    divergence: float | None = None  # e2e: KL(original || pruned) of next-token distributions
 
 
 @dataclass

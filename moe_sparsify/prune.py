@@ -18,14 +18,14 @@ from torch import nn
 
 from . import __version__
 from .adapters import MoEAdapter
-from .calibration.propagate import propagate
+from .calibration.propagate import layer_output, propagate
 from .calibration.store import CalibrationStore
 from .config import Settings
 from .errors import UsageError
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
 from .routing import candidate_count
-from .search import SearchContext, run_strategy
+from .search import Rescorer, SearchContext, run_strategy
 
 
 def check_keep(adapter: MoEAdapter, keep: int | None) -> int:
@@ -81,6 +81,48 @@ def _chunks(x: torch.Tensor, rows: int) -> list[torch.Tensor]:
     return list(x.split(rows))
 
 
+class EndToEndRescorer:
+    """KL(original || pruned) of next-token distributions, for the e2e strategy.
+
+    Runs on cached activations: at MoE layer l it takes the decoder-layer inputs of the first
+    `samples` calibration sequences (whole batches), already produced by the pruned layers before l,
+    and runs layers l..end, the final norm and the head, with layer l pruned to each candidate
+    subset and the later layers as they are. The reference distribution is taken once, at the first
+    MoE layer, before anything is pruned.
+    """
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, samples: int, batch_size: int, device: torch.device):
+        self.model, self.adapter, self.device = model, adapter, device
+        self.batches = -(-samples // batch_size)
+        self.reference: list[torch.Tensor] | None = None
+
+    def _log_probs(self, step, start: int) -> list[torch.Tensor]:
+        layers = self.adapter.decoder_layers(self.model)
+        out = []
+        for hidden, kwargs in step.batches[: self.batches]:
+            for layer in layers[start:]:
+                home = next(layer.parameters()).device
+                hidden = layer_output(layer.to(self.device)(hidden, **kwargs))
+                layer.to(home)
+            out.append(torch.log_softmax(self.adapter.final_logits(self.model, hidden).float(), dim=-1))
+        return out
+
+    def for_layer(self, step) -> Rescorer:
+        if self.reference is None:
+            self.reference = self._log_probs(step, step.index)
+
+        def rescore(subsets: list[tuple[int, ...]]) -> list[float]:
+            divergences = []
+            for subset in subsets:
+                with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
+                    pruned = self._log_probs(step, step.index)
+                kl = sum((ref.exp() * (ref - got)).sum().item() for ref, got in zip(self.reference, pruned))
+                divergences.append(kl / sum(ref[..., 0].numel() for ref in self.reference))
+            return divergences
+
+        return rescore
+
+
 def plan_pruning(
     model: nn.Module,
     adapter: MoEAdapter,
@@ -96,11 +138,24 @@ def plan_pruning(
     layers_out: list[LayerPlan] = []
     timings: list[LayerTiming] = []
 
-    def decide(index: int, block: nn.Module, inputs: list[torch.Tensor]) -> list[int]:
+    end_to_end = settings.strategy == "e2e"
+    rescorer = (
+        EndToEndRescorer(model, adapter, settings.e2e_samples, settings.batch_size, device) if end_to_end else None
+    )
+    mode = "progressive" if end_to_end else settings.mode  # e2e scores each layer with the earlier ones pruned
+
+    def decide(index: int, block: nn.Module, inputs: list[torch.Tensor], step=None) -> list[int]:
         start = time.perf_counter()
         stats = layer_stats(adapter, block, inputs, keep)
         mid = time.perf_counter()
-        ctx = SearchContext(layer=index, seed=settings.seed, max_subsets=settings.max_subsets, beam=settings.beam)
+        ctx = SearchContext(
+            layer=index,
+            seed=settings.seed,
+            max_subsets=settings.max_subsets,
+            beam=settings.beam,
+            shortlist=settings.e2e_shortlist,
+            rescore=rescorer.for_layer(step) if rescorer else None,
+        )
         result = run_strategy(settings.strategy, SubsetLoss(stats), keep, ctx)
         timings.append(LayerTiming(index, mid - start, time.perf_counter() - mid))
         layers_out.append(
@@ -110,12 +165,13 @@ def plan_pruning(
                 loss=result.loss,
                 runner_up_loss=result.runner_up_loss,
                 subsets_scored=result.subsets_scored,
+                divergence=result.divergence,
             )
         )
         return list(result.kept)
 
     with torch.no_grad():
-        if store is not None and settings.mode == "layerwise":
+        if store is not None and mode == "layerwise":
             layers = adapter.decoder_layers(model)
             task = progress.add_task("layers", total=len(layers)) if progress else None
             for index in adapter.moe_layers(model):
@@ -127,10 +183,10 @@ def plan_pruning(
                 if progress:
                     progress.advance(task)
         else:
-            progressive = settings.mode == "progressive"
+            progressive = mode == "progressive"
 
             def on_layer(step):
-                kept = decide(step.index, step.block, step.inputs)
+                kept = decide(step.index, step.block, step.inputs, step)
                 return kept if progressive else None
 
             propagate(
@@ -141,7 +197,7 @@ def plan_pruning(
         source=settings.model,
         model=model_identity(model, adapter),
         strategy=settings.strategy,
-        mode=settings.mode,
+        mode=mode,
         seed=settings.seed,
         calibration=manifest,
         versions=library_versions(),
@@ -150,6 +206,7 @@ def plan_pruning(
             "keep": keep,
             "candidates_per_token": candidate_count(adapter.num_experts, adapter.top_k, keep),
             "beam": settings.beam,
+            **({"e2e_shortlist": settings.e2e_shortlist, "e2e_samples": settings.e2e_samples} if end_to_end else {}),
         },
     )
     return plan, timings

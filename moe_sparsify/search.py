@@ -26,6 +26,11 @@ class SearchResult:
     loss: float
     runner_up_loss: float | None  # best loss among other subsets the strategy scored
     subsets_scored: int
+    divergence: float | None = None  # end-to-end strategies: the divergence of the kept set
+
+
+# rescore(subsets) -> one end-to-end divergence per subset (lower is better).
+Rescorer = Callable[[list[tuple[int, ...]]], list[float]]
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class SearchContext:
     seed: int = 0
     max_subsets: int = DEFAULT_MAX_SUBSETS
     beam: int = 1
+    shortlist: int = 8  # e2e: subsets re-scored end to end
+    rescore: Rescorer | None = None  # e2e: supplied by the caller that has the model
 
 
 Strategy = Callable[..., SearchResult]
@@ -108,6 +115,38 @@ def greedy(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     if not ranked:  # keep == n
         return _scored_single(oracle, beam[0])
     return _result(ranked, scored)
+
+
+def shortlist(oracle, keep: int, ctx: SearchContext, size: int) -> tuple[list[tuple[float, tuple[int, ...]]], int]:
+    """The `size` subsets with the lowest reconstruction loss, and how many subsets were scored:
+    exactly (all subsets ranked) where exhaustive search is allowed, else the final beam of a
+    greedy search as wide as `size`."""
+    n = oracle.num_experts
+    if math.comb(n, keep) <= ctx.max_subsets:
+        subsets = list(itertools.combinations(range(n), keep))
+        return _ranked(subsets, _score(oracle, subsets))[:size], len(subsets)
+    beam: list[tuple[int, ...]] = [tuple(range(n))]
+    ranked, scored = [(0.0, beam[0])], 0
+    for _ in range(n - keep):
+        children = sorted({tuple(e for e in parent if e != drop) for parent in beam for drop in parent})
+        ranked = _ranked(children, _score(oracle, children))[: max(size, ctx.beam)]
+        scored += len(children)
+        beam = [subset for _, subset in ranked]
+    return ranked[:size], scored
+
+
+@strategy("e2e")
+def end_to_end(oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    """Shortlist by exact reconstruction loss, then keep the subset whose pruned model's next-token
+    distribution diverges least from the original's (ties: lower reconstruction loss)."""
+    if ctx.rescore is None:
+        raise UsageError("the e2e strategy re-scores subsets with the model; run it through `prune`")
+    ranked, scored = shortlist(oracle, keep, ctx, ctx.shortlist)
+    divergences = ctx.rescore([subset for _, subset in ranked])
+    order = sorted(range(len(ranked)), key=lambda i: (divergences[i], i))
+    best = order[0]
+    runner_up = ranked[order[1]][0] if len(order) > 1 else None
+    return SearchResult(ranked[best][1], ranked[best][0], runner_up, scored, divergences[best])
 
 
 @strategy("frequency")

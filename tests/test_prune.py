@@ -1,5 +1,8 @@
 """Layer-wise and progressive modes against an independent recomputation."""
 
+import itertools
+
+import pytest
 import torch
 
 from moe_sparsify.adapters import adapter_for
@@ -63,3 +66,39 @@ def test_keeping_all_experts_changes_nothing():
     tokens = torch.randint(0, 2048, (2, 16))
     plan = _plan(model, "progressive", 8, tokens)
     assert all(lp.kept == list(range(8)) and lp.loss == 0 for lp in plan.layers)
+
+
+def test_e2e_with_every_subset_shortlisted_equals_brute_force_end_to_end_search():
+    model = random_mixtral(layers=3)
+    adapter = adapter_for(model.config)
+    tokens = torch.randint(0, 2048, (4, 16), generator=torch.Generator().manual_seed(9))
+    settings = Settings(model="test", keep=6, strategy="e2e", e2e_shortlist=28, e2e_samples=4, batch_size=2)
+    plan = plan_pruning(model, adapter, settings, tokens, {}, device=CPU)[0]
+    assert plan.mode == "progressive"
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
+        decided = {}
+        for layer in range(3):
+            best = None
+            for subset in itertools.combinations(range(8), 6):
+                with adapter.pruned_view(model, {**decided, layer: list(subset)}):
+                    got = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
+                kl = (reference.exp() * (reference - got)).sum(-1).mean().item()
+                if best is None or kl < best[0] - 1e-12:
+                    best = (kl, list(subset))
+            decided[layer] = best[1]
+            assert plan.layers[layer].kept == best[1]
+            assert plan.layers[layer].divergence == pytest.approx(best[0], rel=1e-4, abs=1e-9)
+
+
+def test_e2e_needs_the_model():
+    from moe_sparsify.errors import UsageError
+    from moe_sparsify.search import run_strategy
+
+    model = random_mixtral()
+    adapter = adapter_for(model.config)
+    x = torch.randn(32, model.config.hidden_size)
+    with torch.no_grad():
+        oracle = SubsetLoss(layer_stats(adapter, adapter.moe_block(model.model.layers[0]), [x], 6))
+    with pytest.raises(UsageError, match="through `prune`"):
+        run_strategy("e2e", oracle, 6, SearchContext(layer=0))

@@ -71,6 +71,10 @@ class MoEAdapter:
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         raise NotImplementedError
 
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model does after its last decoder layer."""
+        return model.lm_head(model.model.norm(hidden))
+
     def moe_layers(self, model: nn.Module) -> list[int]:
         return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
 

@@ -39,7 +39,7 @@ class _Caught(Exception):
     pass
 
 
-def _layer_output(out):
+def layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -110,7 +110,7 @@ def propagate(
         if block is not None:
             handle = block.register_forward_pre_hook(_recorder(captured))
         try:
-            outputs = [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+            outputs = [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
         finally:
             if handle is not None:
                 handle.remove()
@@ -118,7 +118,7 @@ def propagate(
             kept = on_layer(LayerStep(index, block, captured, batches))
             if kept is not None and len(kept) < adapter.num_experts:
                 with adapter.pruned_view(model, {index: kept}):
-                    outputs = [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+                    outputs = [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
         layer.to(home)
         if progress:
