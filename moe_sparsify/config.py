@@ -35,8 +35,8 @@ class Settings:
     batch_size: int = 8  # sequences per forward during calibration
     max_subsets: int = DEFAULT_MAX_SUBSETS  # exhaustive refuses above this many subsets per layer
     beam: int = 1  # greedy beam width
-    e2e_shortlist: int = 8  # e2e: subsets per layer re-scored end to end
-    e2e_samples: int = 16  # e2e: calibration sequences the divergence is measured on (whole batches)
+    e2e_shortlist: int = 16  # e2e: subsets per layer re-scored end to end
+    e2e_samples: int = 64  # e2e: calibration sequences the divergence is measured on (whole batches)
     output: str | None = None
     overwrite: bool = False
     plan_only: bool = False

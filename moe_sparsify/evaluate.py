@@ -39,3 +39,24 @@ def perplexity(model, token_ids: torch.Tensor, window: int, stride: int, device:
         "window": window,
         "stride": stride,
     }
+
+
+@torch.no_grad()
+def next_token_log_probs(model, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> list[torch.Tensor]:
+    """float32 log-probabilities per batch of token windows (N x L)."""
+    return [
+        torch.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), dim=-1).cpu()
+        for batch in windows.split(batch_size)
+    ]
+
+
+def mean_kl_of(reference: list[torch.Tensor], log_probs: list[torch.Tensor]) -> float:
+    """Mean per token of KL(reference || other), both given as batches of log-probabilities."""
+    total = sum((ref.exp() * (ref - got)).sum().item() for ref, got in zip(reference, log_probs))
+    return total / sum(ref[..., 0].numel() for ref in reference)
+
+
+@torch.no_grad()
+def mean_kl(model, windows: torch.Tensor, reference: list[torch.Tensor], device: torch.device, batch_size: int = 8):
+    """Mean per token of KL(reference || model) over next-token distributions of token windows."""
+    return mean_kl_of(reference, next_token_log_probs(model, windows, device, batch_size))

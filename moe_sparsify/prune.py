@@ -22,6 +22,7 @@ from .calibration.propagate import layer_output, propagate
 from .calibration.store import CalibrationStore
 from .config import Settings
 from .errors import UsageError
+from .evaluate import mean_kl_of
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
 from .routing import candidate_count
@@ -115,9 +116,7 @@ class EndToEndRescorer:
             divergences = []
             for subset in subsets:
                 with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
-                    pruned = self._log_probs(step, step.index)
-                kl = sum((ref.exp() * (ref - got)).sum().item() for ref, got in zip(self.reference, pruned))
-                divergences.append(kl / sum(ref[..., 0].numel() for ref in self.reference))
+                    divergences.append(mean_kl_of(self.reference, self._log_probs(step, step.index)))
             return divergences
 
         return rescore
