@@ -92,8 +92,16 @@ class EndToEndRescorer:
     MoE layer, before anything is pruned.
     """
 
-    def __init__(self, model: nn.Module, adapter: MoEAdapter, samples: int, batch_size: int, device: torch.device):
-        self.model, self.adapter, self.device = model, adapter, device
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: MoEAdapter,
+        samples: int,
+        batch_size: int,
+        device: torch.device,
+        divergence: str = "kl",
+    ):
+        self.model, self.adapter, self.device, self.divergence = model, adapter, device, divergence
         self.batches = -(-samples // batch_size)
         self.reference: list[torch.Tensor] | None = None
 
@@ -116,7 +124,8 @@ class EndToEndRescorer:
             divergences = []
             for subset in subsets:
                 with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
-                    divergences.append(mean_kl_of(self.reference, self._log_probs(step, step.index)))
+                    pruned = self._log_probs(step, step.index)
+                divergences.append(mean_kl_of(self.reference, pruned, self.divergence))
             return divergences
 
         return rescore
