@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
+from .evaluate import DIVERGENCES
 from .models import DTYPES, model_aliases
 from .routing import SKIP_RULES
 from .search import DEFAULT_MAX_SUBSETS, STRATEGIES
@@ -37,6 +38,7 @@ class Settings:
     beam: int = 1  # greedy beam width
     e2e_shortlist: int = 16  # e2e: subsets per layer re-scored end to end
     e2e_samples: int = 64  # e2e: calibration sequences the divergence is measured on (whole batches)
+    e2e_divergence: str = "kl"  # e2e: kl = KL(original || pruned), reverse_kl, or js
     output: str | None = None
     overwrite: bool = False
     plan_only: bool = False
@@ -94,6 +96,8 @@ def _validate(s: Settings) -> list[str]:
         errors.append(f"device: {s.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
     if s.dtype != "auto" and s.dtype not in DTYPES:
         errors.append(f"dtype: {s.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if s.e2e_divergence not in DIVERGENCES:
+        errors.append(f"e2e_divergence: {s.e2e_divergence!r} is not one of {', '.join(DIVERGENCES)}")
     if s.skip_rule is not None and s.skip_rule not in SKIP_RULES:
         errors.append(f"skip_rule: {s.skip_rule!r} is not one of {', '.join(SKIP_RULES)}")
     if s.quantile is not None and s.target_skip is not None:

@@ -147,9 +147,11 @@ def plan_pruning(
     timings: list[LayerTiming] = []
 
     end_to_end = settings.strategy == "e2e"
-    rescorer = (
-        EndToEndRescorer(model, adapter, settings.e2e_samples, settings.batch_size, device) if end_to_end else None
-    )
+    rescorer = None
+    if end_to_end:
+        rescorer = EndToEndRescorer(
+            model, adapter, settings.e2e_samples, settings.batch_size, device, settings.e2e_divergence
+        )
     mode = "progressive" if end_to_end else settings.mode  # e2e scores each layer with the earlier ones pruned
 
     def decide(index: int, block: nn.Module, inputs: list[torch.Tensor], step=None) -> list[int]:
@@ -214,7 +216,15 @@ def plan_pruning(
             "keep": keep,
             "candidates_per_token": candidate_count(adapter.num_experts, adapter.top_k, keep),
             "beam": settings.beam,
-            **({"e2e_shortlist": settings.e2e_shortlist, "e2e_samples": settings.e2e_samples} if end_to_end else {}),
+            **(
+                {
+                    "e2e_shortlist": settings.e2e_shortlist,
+                    "e2e_samples": settings.e2e_samples,
+                    "e2e_divergence": settings.e2e_divergence,
+                }
+                if end_to_end
+                else {}
+            ),
         },
     )
     return plan, timings
