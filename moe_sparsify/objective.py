@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import RoutingSpec, scores, selection_counts, subset_weights
+from .routing import RoutingSpec, choice_scores, scores, selection_counts, subset_weights
 
 ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
 RouterFn = Callable[[torch.Tensor], torch.Tensor]
@@ -62,13 +62,15 @@ class LayerStats:
         spec: RoutingSpec,
         num_experts: int,
         num_candidates: int,
+        selection_bias: torch.Tensor | None = None,
     ) -> LayerStats:
-        """inputs: chunks of MoE-block inputs (tokens x hidden) on the compute device."""
+        """inputs: chunks of MoE-block inputs (tokens x hidden) on the compute device.
+        Candidates are ranked as the router ranks them (scores plus any selection bias)."""
         needs_all_logits = spec.scoring == "softmax" and not spec.renormalize
         parts: dict[str, list[torch.Tensor]] = {"idx": [], "logits": [], "gram": [], "all": []}
         for x in inputs:
             logits = router_logits(x).float()
-            cand_idx = torch.topk(scores(logits, spec), num_candidates, dim=-1).indices
+            cand_idx = torch.topk(choice_scores(scores(logits, spec), None, selection_bias), num_candidates).indices
             outputs = torch.zeros(x.shape[0], num_candidates, x.shape[1], dtype=torch.float32, device=x.device)
             for expert in range(num_experts):
                 token, slot = torch.nonzero(cand_idx == expert, as_tuple=True)

@@ -68,6 +68,7 @@ def layer_stats(adapter: MoEAdapter, block: nn.Module, inputs: list[torch.Tensor
         adapter.routing,
         adapter.num_experts,
         candidate_count(adapter.num_experts, adapter.top_k, keep),
+        adapter.selection_bias(block),
     )
 
 

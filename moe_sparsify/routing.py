@@ -23,11 +23,16 @@ class RoutingSpec:
 
     scoring: "softmax" or "sigmoid" applied to the logits.
     renormalize: divide the top-k weights by their sum (Mixtral: always).
+    scale: multiply the final weights (DeepSeek's routed_scaling_factor).
+    A per-expert selection bias (DeepSeek-V3's e_score_correction_bias) is
+    added to the scores to choose experts, never to weight them; it is passed
+    separately because it belongs to a layer, not to the family.
     """
 
     top_k: int
     scoring: str = "softmax"
     renormalize: bool = True
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "sigmoid"):
@@ -35,25 +40,34 @@ class RoutingSpec:
 
 
 def scores(logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Routing scores in float32; removed experts score -inf (softmax) or 0 (sigmoid)."""
+    """Routing scores in float32 (removed experts: 0), the softmax taken over the kept experts only."""
     logits = logits.float()
     if spec.scoring == "softmax":
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         return logits.softmax(dim=-1)
     probs = logits.sigmoid()
-    return probs if keep is None else probs.masked_fill(~keep, -1.0)
+    return probs if keep is None else probs.masked_fill(~keep, 0.0)
+
+
+def choice_scores(
+    probs: torch.Tensor, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What experts are ranked by: the scores plus any selection bias; removed experts rank last."""
+    choice = probs if bias is None else probs + bias.float()
+    return choice if keep is None else choice.masked_fill(~keep, float("-inf"))
 
 
 def route(
-    logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None
+    logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices), both tokens x top_k, as the (pruned) model computes them."""
     probs = scores(logits, spec, keep)
-    weights, indices = torch.topk(probs, spec.top_k, dim=-1)
+    indices = torch.topk(choice_scores(probs, keep, bias), spec.top_k, dim=-1).indices
+    weights = probs.gather(-1, indices)
     if spec.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, indices
+    return weights * spec.scale, indices
 
 
 def candidate_count(num_experts: int, top_k: int, keep: int) -> int:
@@ -83,15 +97,16 @@ def subset_weights(
     if spec.scoring == "softmax":
         if spec.renormalize:
             # p_j / sum_selected p == softmax over the selected logits.
-            return torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
-        if kept_logsumexp is None:
+            weights = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
+        elif kept_logsumexp is None:
             raise ValueError("softmax without renormalisation needs the kept logsumexp")
-        weights = torch.exp(logits - kept_logsumexp.unsqueeze(-1))
-        return weights * selected
-    weights = logits.sigmoid() * selected
-    if spec.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights
+        else:
+            weights = torch.exp(logits - kept_logsumexp.unsqueeze(-1)) * selected
+    else:
+        weights = logits.sigmoid() * selected
+        if spec.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * spec.scale
 
 
 def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -139,9 +154,11 @@ def skip_keep_mask(weights: torch.Tensor, beta: float, rule: str) -> torch.Tenso
 
 
 def skipped_weights(weights: torch.Tensor, keep: torch.Tensor, renormalize: bool) -> torch.Tensor:
-    """Zero the skipped pairs; renormalise the survivors (rows that lost a pair only, so rows that
-    lost none keep the router's weights bit for bit)."""
+    """Zero the skipped pairs; for models that renormalise their top-k, rescale the survivors to the
+    row's original total (1, or DeepSeek's routed_scaling_factor). Rows that lost no pair keep the
+    router's weights bit for bit."""
     kept = weights * keep
     if not renormalize:
         return kept
-    return torch.where(keep.all(-1, keepdim=True), weights, kept / kept.sum(-1, keepdim=True))
+    rescaled = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+    return torch.where(keep.all(-1, keepdim=True), weights, rescaled)

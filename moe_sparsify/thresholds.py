@@ -27,7 +27,7 @@ from torch import nn
 from .adapters import MoEAdapter
 from .errors import UsageError
 from .files import dumps, format_of, load_mapping, write_atomically
-from .routing import check_skip_rule, default_skip_rule, route, skip_keep_mask
+from .routing import check_skip_rule, default_skip_rule, skip_keep_mask
 
 KIND = "moe-sparsify-thresholds"
 SCHEMA_VERSION = 1
@@ -173,9 +173,7 @@ def routing_weights(
         if index in kept:
             keep = torch.zeros(adapter.num_experts, dtype=torch.bool, device=device)
             keep[kept[index]] = True
-        weights[index] = torch.cat(
-            [route(adapter.router_logits(block, x), adapter.routing, keep)[0].cpu() for x in step.inputs]
-        )
+        weights[index] = torch.cat([adapter.route(block, x, keep)[0].cpu() for x in step.inputs])
         return kept.get(index)
 
     propagate(model, adapter, token_ids, on_layer, batch_size=batch_size, device=device, progress=progress)

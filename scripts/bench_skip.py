@@ -38,7 +38,6 @@ from moe_sparsify.calibration.sources import load_documents, parse_sources  # no
 from moe_sparsify.calibration.tokens import sample_windows, token_stream  # noqa: E402
 from moe_sparsify.evaluate import perplexity  # noqa: E402
 from moe_sparsify.models import bundled_model_dir, load_model  # noqa: E402
-from moe_sparsify.routing import route  # noqa: E402
 from moe_sparsify.skipping import disable_skipping, enable_skipping, skip_fractions  # noqa: E402
 from moe_sparsify.thresholds import (  # noqa: E402
     LayerThreshold,
@@ -98,7 +97,7 @@ def block_benchmark(args, device, dtype) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     calib = torch.randn(4096, args.hidden, device=device, dtype=dtype, generator=gen)
     with torch.no_grad():
-        weights = {0: route(adapter.router_logits(block, calib), adapter.routing)[0].cpu()}
+        weights = {0: adapter.route(block, calib)[0].cpu()}
     rule, layers = profile(weights, None, MEDIAN, adapter.top_k)
     thresholds = SkipThresholds(model_fingerprint(model, adapter), rule, MEDIAN, layers)
 

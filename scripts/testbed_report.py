@@ -23,7 +23,7 @@ from moe_sparsify.calibration.sources import load_documents, parse_sources  # no
 from moe_sparsify.calibration.tokens import sample_windows, token_stream  # noqa: E402
 from moe_sparsify.evaluate import perplexity  # noqa: E402
 from moe_sparsify.models import bundled_model_dir, load_model  # noqa: E402
-from moe_sparsify.routing import route, selection_counts  # noqa: E402
+from moe_sparsify.routing import selection_counts  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -37,8 +37,7 @@ def main() -> None:
     shares: dict[int, list[float]] = {}
 
     def count(step):
-        logits = [adapter.router_logits(step.block, x) for x in step.inputs]
-        counts = sum(selection_counts(route(lg, adapter.routing)[1], n) for lg in logits)
+        counts = sum(selection_counts(adapter.route(step.block, x)[1], n) for x in step.inputs)
         shares[step.index] = (counts / counts.sum()).tolist()
 
     propagate(model, adapter, tokens, count, batch_size=16, device=CPU)

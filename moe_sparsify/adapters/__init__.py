@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .base import MoEAdapter, TensorRule
+from .deepseek import DeepseekAdapter
+from .gpt_oss import GptOssAdapter
 from .mixtral import MixtralAdapter
+from .qwen import Qwen2MoeAdapter, QwenMoeAdapter
 
-ADAPTERS: dict[str, type[MoEAdapter]] = {t: cls for cls in (MixtralAdapter,) for t in cls.model_types}
+FAMILIES: tuple[type[MoEAdapter], ...] = (
+    MixtralAdapter,
+    Qwen2MoeAdapter,
+    QwenMoeAdapter,
+    DeepseekAdapter,
+    GptOssAdapter,
+)
+ADAPTERS: dict[str, type[MoEAdapter]] = {t: cls for cls in FAMILIES for t in cls.model_types}
 
 
 def supported_model_types() -> list[str]:

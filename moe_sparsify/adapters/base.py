@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..routing import RoutingSpec, route, skip_keep_mask, skipped_weights
@@ -40,14 +41,27 @@ class TensorRule:
 
 
 class MoEAdapter:
+    """Defaults fit the transformers 5.x MoE blocks: `layer.mlp` holding a router (`gate`) and an
+    `@use_experts_implementation` experts module with fused, stacked tensors; families override."""
+
     model_types: ClassVar[tuple[str, ...]] = ()
-    # Config keys that hold the routed-expert count, all rewritten on export.
+    # Config keys that may hold the routed-expert count: the first present is read, every present
+    # one is rewritten on export, and those in `always_written_keys` are written even if absent.
     expert_count_keys: ClassVar[tuple[str, ...]] = ()
+    always_written_keys: ClassVar[tuple[str, ...]] = ()
+    router_attr: ClassVar[str] = "gate"
+    block_returns_tuple: ClassVar[bool] = False  # GPT-OSS's block returns (output, router scores)
     per_expert_pattern: ClassVar[re.Pattern] = re.compile(
         r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)(?P<tail>\..+)$"
     )
-    stacked_pattern: ClassVar[re.Pattern]
-    router_pattern: ClassVar[re.Pattern]
+    stacked_pattern: ClassVar[re.Pattern] = re.compile(
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?:gate_up_proj|up_proj|down_proj)"
+        r"(?:_bias)?$"
+    )
+    router_pattern: ClassVar[re.Pattern] = re.compile(
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.(?:gate|router)\."
+        r"(?:weight|bias|e_score_correction_bias)$"
+    )
 
     def __init__(self, config):
         self.config = config
@@ -55,7 +69,10 @@ class MoEAdapter:
     # --- structure -----------------------------------------------------------------------------
     @property
     def num_experts(self) -> int:
-        return getattr(self.config, self.expert_count_keys[0])
+        for key in self.expert_count_keys:
+            if getattr(self.config, key, None) is not None:
+                return getattr(self.config, key)
+        raise AttributeError(f"none of {self.expert_count_keys} in the config")
 
     @property
     def top_k(self) -> int:
@@ -69,7 +86,9 @@ class MoEAdapter:
         return model.model.layers
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
-        raise NotImplementedError
+        """The layer's MoE block, or None for a dense layer (no `experts`)."""
+        block = getattr(layer, "mlp", None)
+        return block if hasattr(block, "experts") else None
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """What the model does after its last decoder layer."""
@@ -78,13 +97,47 @@ class MoEAdapter:
     def moe_layers(self, model: nn.Module) -> list[int]:
         return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
 
-    # --- exact routed forward --------------------------------------------------------------------
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_attr)
+
+    def router_weight(self, block: nn.Module) -> torch.Tensor:
+        return self.router(block).weight
+
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        router = self.router(block)
+        return F.linear(x, router.weight, getattr(router, "bias", None))
+
+    def route(
+        self, block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert indices) per row of x, as the block (pruned to `keep`) routes them."""
+        return route(self.router_logits(block, x), self.routing, keep, self.selection_bias(block))
+
+    def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
+        """Added to the scores to choose experts, not to weight them (DeepSeek-V3)."""
+        return None
 
     def expert_forward(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
-        raise NotImplementedError
+        """One expert on rows x, honouring the experts module's layout flags (transposed weights,
+        biases, custom gating such as GPT-OSS's clamped, interleaved SwiGLU)."""
+        experts = block.experts
+        gated = getattr(experts, "has_gate", True)
+        up = (experts.gate_up_proj if gated else experts.up_proj)[expert]
+        h = x @ up if experts.is_transposed else F.linear(x, up)
+        if experts.has_bias:
+            h = h + (experts.gate_up_proj_bias if gated else experts.up_proj_bias)[expert]
+        h = experts._apply_gate(h) if gated else experts.act_fn(h)
+        down = experts.down_proj[expert]
+        out = h @ down if experts.is_transposed else F.linear(h, down)
+        if experts.has_bias:
+            out = out + experts.down_proj_bias[expert]
+        return out
 
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Experts every token uses (never pruned); None where the family has none."""
+        return None
+
+    # --- exact routed forward --------------------------------------------------------------------
     def routed_forward(
         self, block: nn.Module, hidden: torch.Tensor, keep: torch.Tensor | None, skip: tuple[float, str] | None = None
     ) -> torch.Tensor:
@@ -92,7 +145,7 @@ class MoEAdapter:
         with skip = (beta, rule) the skipped pairs' weights zeroed and the rest renormalised as the model does.
         The reference for both pruning and skipping: every routed pair is computed."""
         x = hidden.reshape(-1, hidden.shape[-1])
-        weights, indices = route(self.router_logits(block, x), self.routing, keep)
+        weights, indices = self.route(block, x, keep)
         if skip is not None:
             survivors = skip_keep_mask(weights, *skip)
             weights = skipped_weights(weights, survivors, self.routing.renormalize)
@@ -101,7 +154,11 @@ class MoEAdapter:
             token, slot = torch.nonzero(indices == expert, as_tuple=True)
             contribution = self.expert_forward(block, x[token], expert) * weights[token, slot, None]
             out.index_add_(0, token, contribution.to(out.dtype))
-        return out.reshape(hidden.shape)
+        shared = self.shared_output(block, x)
+        if shared is not None:
+            out = out + shared
+        out = out.reshape(hidden.shape)
+        return (out, None) if self.block_returns_tuple else out
 
     @contextmanager
     def pruned_view(
@@ -144,8 +201,8 @@ class MoEAdapter:
         """Rewrite the expert count in a config.json dict; returns 'key: old -> new' lines."""
         changes = []
         for key in self.expert_count_keys:
-            if key in config:
-                changes.append(f"{key}: {config[key]} -> {keep}")
+            if key in config or key in self.always_written_keys:
+                changes.append(f"{key}: {config.get(key, self.num_experts)} -> {keep}")
                 config[key] = keep
         return changes
 
@@ -158,6 +215,3 @@ class MoEAdapter:
                 weight = weight[kept[index]]
             digest.update(weight.contiguous().numpy().tobytes())
         return digest.hexdigest()
-
-    def router_weight(self, block: nn.Module) -> torch.Tensor:
-        raise NotImplementedError

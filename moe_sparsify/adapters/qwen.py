@@ -1,0 +1,42 @@
+"""Qwen2-MoE, Qwen3-MoE and OLMoE (transformers 5.x): one router, three configs.
+
+From models/{qwen2_moe,qwen3_moe,olmoe}/modeling_*.py: the router (`mlp.gate`,
+no bias) takes `F.linear(x, weight)`, a float32 softmax over all experts,
+top-k, divides by the top-k sum only if `norm_topk_prob` (default False), and
+casts the weights to the model dtype. Without renormalisation a token's
+weights depend on every kept expert's logit, which the objective handles with
+the kept logsumexp. Dense layers (`mlp_only_layers`, `decoder_sparse_step`)
+have no `experts` and are skipped. Qwen2-MoE adds a shared expert scaled by
+`sigmoid(shared_expert_gate(x))`; it is never pruned.
+
+Config keys: Qwen2-MoE stores `num_experts`; Qwen3-MoE stores `num_local_experts`
+(an attribute map) while transformers 4.x read `num_experts`, so both are
+written; OLMoE stores `num_experts` (alias `num_local_experts`), both written.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..routing import RoutingSpec
+from .base import MoEAdapter
+
+
+class QwenMoeAdapter(MoEAdapter):
+    model_types = ("qwen3_moe", "olmoe", "flex_olmo")
+    expert_count_keys = ("num_experts", "num_local_experts")
+    always_written_keys = ("num_experts", "num_local_experts")
+
+    @property
+    def routing(self) -> RoutingSpec:
+        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=bool(self.config.norm_topk_prob))
+
+
+class Qwen2MoeAdapter(QwenMoeAdapter):
+    model_types = ("qwen2_moe",)
+    expert_count_keys = ("num_experts",)
+    always_written_keys = ()
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)

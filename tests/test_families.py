@@ -1,0 +1,188 @@
+"""Every supported MoE family, built tiny from its config class: exact routing, exact subset scores,
+prune -> export -> reload in stock transformers, and skipping."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_sparsify.adapters import adapter_for
+from moe_sparsify.errors import UsageError
+from moe_sparsify.objective import SubsetLoss
+from moe_sparsify.prune import layer_stats
+from moe_sparsify.skipping import disable_skipping, enable_skipping
+from moe_sparsify.thresholds import LayerThreshold, SkipThresholds, model_fingerprint, profile
+
+from .conftest import save_with_tokenizer
+
+COMMON = dict(
+    num_hidden_layers=3,
+    hidden_size=32,
+    vocab_size=2048,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+)
+DEEPSEEK = dict(
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    num_key_value_heads=4,
+)
+FAMILIES = {
+    "mixtral": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": dict(
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=8,
+        mlp_only_layers=[0],
+        norm_topk_prob=True,
+    ),
+    "olmoe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "deepseek_v2": dict(DEEPSEEK, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.5),
+    "deepseek_v3": dict(DEEPSEEK, q_lora_rank=16, n_group=2, topk_group=2, routed_scaling_factor=2.5),
+    "gpt_oss": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16),
+}
+
+
+def build(family: str, **overrides):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    adapter = adapter_for(model.config)
+    for index in adapter.moe_layers(model):  # a selection bias that matters, where the family has one
+        bias = adapter.selection_bias(adapter.moe_block(model.model.layers[index]))
+        if bias is not None:
+            bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(index)) * 0.2)
+    return model, adapter
+
+
+def _mask(subset, n=8):
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[list(subset)] = True
+    return keep
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_routed_forward_is_the_stock_block_and_scores_are_exact(family):
+    model, adapter = build(family)
+    layers = adapter.moe_layers(model)
+    assert layers and len(layers) <= 3
+    x = torch.randn(2, 40, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for index in layers:
+            block = adapter.moe_block(model.model.layers[index])
+            stock = _block_output(block(x))
+            assert (_block_output(adapter.routed_forward(block, x, None)) - stock).abs().max() <= 1e-5
+        block = adapter.moe_block(model.model.layers[layers[-1]])
+        flat = x.reshape(-1, x.shape[-1])
+        oracle = SubsetLoss(layer_stats(adapter, block, [flat], 6))
+        subsets = list(itertools.combinations(range(8), 6))
+        fast = oracle(torch.stack([_mask(s) for s in subsets]))
+        full = _block_output(adapter.routed_forward(block, flat, None))
+        brute = torch.tensor(
+            [
+                ((_block_output(adapter.routed_forward(block, flat, _mask(s))) - full).double() ** 2).sum().item()
+                / len(flat)
+                for s in subsets
+            ],
+            dtype=torch.float64,
+        )
+    assert torch.allclose(fast, brute, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prune_export_reload_and_skip(family, tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_sparsify.cli import app
+
+    model, adapter = build(family)
+    source = save_with_tokenizer(model, tmp_path / "source")
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(source),
+            "--keep",
+            "6",
+            "--output",
+            str(out),
+            "--samples",
+            "8",
+            "--seq-len",
+            "32",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [lp["layer"] for lp in plan["layers"]] == adapter.moe_layers(model)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    reloaded_adapter = adapter_for(reloaded.config)
+    assert reloaded_adapter.num_experts == 6
+    ids = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(3))
+    kept = {lp["layer"]: lp["kept"] for lp in plan["layers"]}
+    with torch.no_grad(), adapter.pruned_view(model, kept):
+        expected = model(input_ids=ids).logits
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-4
+
+    # Skipping on the pruned model: thresholds 0 are the stock model; tail thresholds run.
+    weights = {i: torch.rand(64, 2).sort(descending=True).values for i in reloaded_adapter.moe_layers(reloaded)}
+    rule, layers = profile(weights, "tail", {"kind": "quantile", "value": 0.5}, reloaded_adapter.top_k)
+    fingerprint = model_fingerprint(reloaded, reloaded_adapter)
+    zero = SkipThresholds(fingerprint, rule, {}, [LayerThreshold(e.layer, 0.0, 0.0) for e in layers])
+    with torch.no_grad():
+        enable_skipping(reloaded, zero)
+        try:
+            assert (reloaded(input_ids=ids).logits - got).abs().max() <= 1e-5
+        finally:
+            disable_skipping(reloaded)
+        enable_skipping(reloaded, SkipThresholds(fingerprint, rule, {}, layers))
+        try:
+            assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+        finally:
+            disable_skipping(reloaded)
+
+
+def test_group_limited_deepseek_is_refused_before_any_work():
+    config = AutoConfig.for_model("deepseek_v3", **{**COMMON, **FAMILIES["deepseek_v3"], "n_group": 4, "topk_group": 2})
+    with pytest.raises(UsageError, match="group-limited routing"):
+        adapter_for(config)
+
+
+def test_config_keys_written_for_old_and_new_loaders():
+    model, adapter = build("qwen3_moe")
+    config = model.config.to_dict()
+    changes = adapter.pruned_config(config, 6)
+    assert config["num_experts"] == config["num_local_experts"] == 6
+    assert "num_experts: 8 -> 6" in changes
