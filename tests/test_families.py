@@ -170,8 +170,14 @@ def test_prune_export_reload_and_skip(family, tmp_path):
         enable_skipping(reloaded, SkipThresholds(fingerprint, rule, {}, layers))
         try:
             assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+            first = layers[0]
+            block = reloaded_adapter.moe_block(reloaded.model.layers[first.layer])
+            x = torch.randn(1, 30, reloaded.config.hidden_size, generator=torch.Generator().manual_seed(4))
+            skipped = _block_output(block(x))
         finally:
             disable_skipping(reloaded)
+        reference = _block_output(reloaded_adapter.routed_forward(block, x, None, (first.beta, rule)))
+    assert (skipped - reference).abs().max() <= 1e-5
 
 
 def test_group_limited_deepseek_is_refused_before_any_work():
