@@ -151,7 +151,11 @@ def prune(
     json_out: JsonOpt = False,
     keep: Annotated[Optional[int], typer.Option("--keep", help="Experts each MoE layer keeps.")] = None,
     strategy: Annotated[
-        Optional[str], typer.Option("--strategy", help="exhaustive, greedy, e2e, reap, frequency or random.")
+        Optional[str],
+        typer.Option(
+            "--strategy",
+            help="auto (exhaustive, or greedy past --max-subsets), exhaustive, greedy, e2e, reap, frequency or random.",
+        ),
     ] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="layerwise (the paper) or progressive.")] = None,
     plan_only: Annotated[

@@ -177,7 +177,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
             model, job.adapter, settings, token_ids, manifest, device=job.device, store=store, progress=progress
         )
     searched = time.perf_counter()
-    result = {"model": settings.model, "keep": keep, "strategy": settings.strategy, "mode": settings.mode}
+    result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
     if settings.plan_only:
         plan.save(output, settings.overwrite)
         result.update(plan=str(output), output=None)

@@ -25,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 class Settings:
     model: str = "tiny"
     keep: int | None = None
-    strategy: str = "exhaustive"
+    strategy: str = "auto"  # auto: exhaustive up to max_subsets subsets per layer, greedy beyond
     mode: str = "layerwise"  # layerwise: original inputs per layer (the paper); progressive: pruned inputs
     calibration: str | list = "bundled"
     samples: int = 128  # the paper: 128 sequences of 2048 tokens
@@ -88,8 +88,8 @@ def _validate(s: Settings) -> list[str]:
         positive("keep")
     if not isinstance(s.seed, int) or isinstance(s.seed, bool):
         errors.append(f"seed: must be an integer, got {s.seed!r}")
-    if s.strategy not in STRATEGIES:
-        errors.append(f"strategy: {s.strategy!r} is not one of {', '.join(sorted(STRATEGIES))}")
+    if s.strategy != "auto" and s.strategy not in STRATEGIES:
+        errors.append(f"strategy: {s.strategy!r} is not one of auto, {', '.join(sorted(STRATEGIES))}")
     if s.mode not in MODES:
         errors.append(f"mode: {s.mode!r} is not one of {', '.join(MODES)}")
     if s.device not in DEVICES and not str(s.device).startswith("cuda:"):

@@ -63,12 +63,15 @@ class LayerStats:
         num_experts: int,
         num_candidates: int,
         selection_bias: torch.Tensor | None = None,
+        rows_per_pass: int | None = None,
     ) -> LayerStats:
         """inputs: chunks of MoE-block inputs (tokens x hidden) on the compute device.
-        Candidates are ranked as the router ranks them (scores plus any selection bias)."""
+        Candidates are ranked as the router ranks them (scores plus any selection bias).
+        rows_per_pass bounds the candidate-output buffer (rows x m x hidden floats): small on CPUs,
+        where it keeps the expert matmuls in cache, large on GPUs; default by device."""
         needs_all_logits = spec.scoring == "softmax" and not spec.renormalize
         parts: dict[str, list[torch.Tensor]] = {"idx": [], "logits": [], "gram": [], "all": []}
-        for x in inputs:
+        for x in (part for chunk in inputs for part in chunk.split(rows_per_pass or _rows_per_pass(chunk))):
             logits = router_logits(x).float()
             cand_idx = torch.topk(choice_scores(scores(logits, spec), None, selection_bias), num_candidates).indices
             outputs = torch.zeros(x.shape[0], num_candidates, x.shape[1], dtype=torch.float32, device=x.device)
@@ -89,6 +92,10 @@ class LayerStats:
             gram=torch.cat(parts["gram"]),
             logits=torch.cat(parts["all"]) if needs_all_logits else None,
         )
+
+
+def _rows_per_pass(x: torch.Tensor) -> int:
+    return 1024 if x.device.type == "cpu" else 16384
 
 
 # Pattern tables are used while they stay small; beyond, subsets are scored directly.
@@ -155,11 +162,7 @@ class SubsetLoss:
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
         """keep: subsets x n bool. Returns float64 losses (subsets,)."""
         keep = keep.reshape(-1, self.num_experts).bool()
-        short = keep.sum(1).min().item()
-        if short < self.min_keep():
-            raise ValueError(
-                f"a subset keeps {short} experts; these statistics are exact only down to {self.min_keep()}"
-            )
+        self._check_keep(int(keep.sum(1).min()))
         total = torch.zeros(keep.shape[0], dtype=torch.float64)
         for start in range(0, self.stats.num_tokens, self.token_chunk):
             tokens = slice(start, start + self.token_chunk)
@@ -172,6 +175,65 @@ class SubsetLoss:
                 per_token = self._quadratic(self._weights(keep, tokens), tokens)
             total += per_token.double().sum(dim=1)
         return total / self.stats.num_tokens
+
+    def _check_keep(self, count: int) -> None:
+        if count < self.min_keep():
+            raise ValueError(
+                f"a subset keeps {count} experts; these statistics are exact only down to {self.min_keep()}"
+            )
+
+    def removal_losses(self, keep: torch.Tensor) -> torch.Tensor:
+        """loss(keep minus e) for every expert e (inf where e is not kept), exact, in one pass.
+
+        What greedy elimination needs at each step, for the cost of scoring about k subsets instead
+        of |keep|: removing e leaves a token's selection alone unless e is selected, and then only
+        rescales its weights by c = 1 / (1 - p_e) (softmax without renormalisation, where p_e is
+        e's probability among the kept experts) or not at all (every other rule). With the
+        token's current loss L and q1 = a.G.a, q2 = a.G.a0, the rescaled loss is
+        L + (c - 1)((c + 1) q1 - 2 q2). Tokens that select e get their new selection scored.
+        """
+        s, n, k = self.stats, self.num_experts, self.stats.spec.top_k
+        keep = keep.reshape(n).bool()
+        self._check_keep(int(keep.sum()) - 1)
+        total = torch.zeros(n, dtype=torch.float64)
+        for start in range(0, s.num_tokens, self.token_chunk):
+            tokens = slice(start, start + self.token_chunk)
+            cand, gram = s.cand_idx[tokens], s.gram[tokens].double()
+            base = self._base_weights[tokens].double()
+            kept = keep[cand]  # tokens x m
+            selected = kept & (torch.cumsum(kept.int(), -1) <= k)
+            lse = None
+            if s.logits is not None:
+                lse = torch.logsumexp(s.logits[tokens].masked_fill(~keep, float("-inf")), dim=-1)
+            weights = subset_weights(s.cand_logits[tokens], kept[None], s.spec, None if lse is None else lse[None])
+            a = weights[0].double()
+            delta = a - base
+            loss = torch.einsum("tm,tmn,tn->t", delta, gram, delta)
+            # Tokens that do not select e: unchanged, or rescaled by c.
+            if s.logits is None:
+                unselected = loss[:, None].expand(-1, n)
+            else:
+                p = torch.exp(s.logits[tokens].double() - lse[:, None].double()).masked_fill(~keep, 0.0)
+                c = 1.0 / (1.0 - p).clamp_min(1e-300)
+                q1 = torch.einsum("tm,tmn,tn->t", a, gram, a)[:, None]
+                q2 = torch.einsum("tm,tmn,tn->t", a, gram, base)[:, None]
+                unselected = loss[:, None] + (c - 1.0) * ((c + 1.0) * q1 - 2.0 * q2)
+            total += unselected.sum(0)
+            # Tokens that select e: swap in their next kept candidate and score the new selection.
+            slots = torch.nonzero(selected, as_tuple=True)[1].view(-1, k)  # tokens x k, ascending
+            chosen = cand.gather(1, slots)
+            total.index_add_(0, chosen.reshape(-1), -unselected.gather(1, chosen).reshape(-1))
+            for j in range(k):
+                without = kept.clone()
+                without.scatter_(1, slots[:, j : j + 1], False)
+                new_lse = None
+                if lse is not None:  # recomputed, not lse + log(1 - p): p can be ~1 for a selected expert
+                    gone = torch.zeros_like(s.logits[tokens], dtype=torch.bool).scatter_(1, chosen[:, j : j + 1], True)
+                    new_lse = torch.logsumexp(s.logits[tokens].masked_fill(gone | ~keep, float("-inf")), dim=-1)[None]
+                new = subset_weights(s.cand_logits[tokens], without[None], s.spec, new_lse)[0].double() - base
+                total.index_add_(0, chosen[:, j], torch.einsum("tm,tmn,tn->t", new, gram, new))
+        total = total / s.num_tokens
+        return total.masked_fill(~keep, float("inf"))
 
     def _quadratic(self, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
         """(a - a0)^T G (a - a0) per subset and token."""

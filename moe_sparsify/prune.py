@@ -26,7 +26,7 @@ from .evaluate import mean_kl_of
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
 from .routing import candidate_count
-from .search import Rescorer, SearchContext, run_strategy
+from .search import Rescorer, SearchContext, resolve_strategy, run_strategy
 
 
 def check_keep(adapter: MoEAdapter, keep: int | None) -> int:
@@ -144,10 +144,11 @@ def plan_pruning(
     progress=None,
 ) -> tuple[Plan, list[LayerTiming]]:
     keep = check_keep(adapter, settings.keep)
+    strategy = resolve_strategy(settings.strategy, adapter.num_experts, keep, settings.max_subsets)
     layers_out: list[LayerPlan] = []
     timings: list[LayerTiming] = []
 
-    end_to_end = settings.strategy == "e2e"
+    end_to_end = strategy == "e2e"
     rescorer = None
     if end_to_end:
         rescorer = EndToEndRescorer(
@@ -167,7 +168,7 @@ def plan_pruning(
             shortlist=settings.e2e_shortlist,
             rescore=rescorer.for_layer(step) if rescorer else None,
         )
-        result = run_strategy(settings.strategy, SubsetLoss(stats), keep, ctx)
+        result = run_strategy(strategy, SubsetLoss(stats), keep, ctx)
         timings.append(LayerTiming(index, mid - start, time.perf_counter() - mid))
         layers_out.append(
             LayerPlan(
@@ -207,7 +208,7 @@ def plan_pruning(
     plan = Plan(
         source=settings.model,
         model=model_identity(model, adapter),
-        strategy=settings.strategy,
+        strategy=strategy,
         mode=mode,
         seed=settings.seed,
         calibration=manifest,

@@ -99,22 +99,37 @@ def exhaustive(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     return _result(_ranked(subsets, _score(oracle, subsets)), len(subsets))
 
 
-@strategy("greedy")
-def greedy(oracle, keep: int, ctx: SearchContext) -> SearchResult:
-    """Backward elimination on the exact loss: drop the expert whose removal hurts
-    least, repeat; with beam > 1 keep the best `beam` sets at every step."""
+def _eliminate(oracle, keep: int, width: int) -> tuple[list[tuple[float, tuple[int, ...]]], int]:
+    """Backward elimination keeping the `width` best sets per step; returns the last step's ranked
+    children and how many subsets were scored. Each parent's children are scored in one pass
+    (`removal_losses`), not one subset at a time."""
     n = oracle.num_experts
     beam: list[tuple[int, ...]] = [tuple(range(n))]
     ranked: list[tuple[float, tuple[int, ...]]] = []
     scored = 0
     for _ in range(n - keep):
-        children = sorted({tuple(e for e in parent if e != drop) for parent in beam for drop in parent})
-        ranked = _ranked(children, _score(oracle, children))
+        children: dict[tuple[int, ...], float] = {}
+        for parent in beam:
+            losses = oracle.removal_losses(_masks([parent], n)[0]).tolist()
+            for drop in parent:
+                children[tuple(e for e in parent if e != drop)] = losses[drop]
+        ranked = sorted((loss, child) for child, loss in children.items())
         scored += len(children)
-        beam = [subset for _, subset in ranked[: ctx.beam]]
+        beam = [subset for _, subset in ranked[:width]]
+    return ranked, scored
+
+
+@strategy("greedy")
+def greedy(oracle, keep: int, ctx: SearchContext) -> SearchResult:
+    """Backward elimination on the exact loss: drop the expert whose removal hurts
+    least, repeat; with beam > 1 keep the best `beam` sets at every step."""
+    ranked, scored = _eliminate(oracle, keep, ctx.beam)
     if not ranked:  # keep == n
-        return _scored_single(oracle, beam[0])
-    return _result(ranked, scored)
+        return _scored_single(oracle, tuple(range(oracle.num_experts)))
+    # Report the two best through the same scoring path as every other strategy, so a subset's
+    # loss in the plan does not depend on which strategy found it.
+    finalists = [subset for _, subset in ranked[:2]]
+    return _result(_ranked(finalists, _score(oracle, finalists)), scored)
 
 
 def shortlist(oracle, keep: int, ctx: SearchContext, size: int) -> tuple[list[tuple[float, tuple[int, ...]]], int]:
@@ -125,14 +140,8 @@ def shortlist(oracle, keep: int, ctx: SearchContext, size: int) -> tuple[list[tu
     if math.comb(n, keep) <= ctx.max_subsets:
         subsets = list(itertools.combinations(range(n), keep))
         return _ranked(subsets, _score(oracle, subsets))[:size], len(subsets)
-    beam: list[tuple[int, ...]] = [tuple(range(n))]
-    ranked, scored = [(0.0, beam[0])], 0
-    for _ in range(n - keep):
-        children = sorted({tuple(e for e in parent if e != drop) for parent in beam for drop in parent})
-        ranked = _ranked(children, _score(oracle, children))[: max(size, ctx.beam)]
-        scored += len(children)
-        beam = [subset for _, subset in ranked]
-    return ranked[:size], scored
+    ranked, scored = _eliminate(oracle, keep, max(size, ctx.beam))
+    return (ranked or [(0.0, tuple(range(n)))])[:size], scored
 
 
 @strategy("e2e")
@@ -171,6 +180,13 @@ def random(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.layer)
     kept = torch.randperm(oracle.num_experts, generator=gen)[:keep].sort().values.tolist()
     return _scored_single(oracle, tuple(kept))
+
+
+def resolve_strategy(name: str, num_experts: int, keep: int, max_subsets: int) -> str:
+    """'auto': exhaustive while C(n, keep) subsets are within the limit, greedy beyond (64-256 experts)."""
+    if name != "auto":
+        return name
+    return "exhaustive" if math.comb(num_experts, keep) <= max_subsets else "greedy"
 
 
 def run_strategy(name: str, oracle, keep: int, ctx: SearchContext) -> SearchResult:

@@ -107,3 +107,30 @@ def test_pattern_table_equals_direct_scoring():
     table, direct = SubsetLoss(stats, token_chunk=128), SubsetLoss(stats, token_chunk=128, use_patterns=False)
     assert table._patterns is not None and direct._patterns is None
     assert torch.allclose(table(masks), direct(masks), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RoutingSpec(top_k=2),
+        RoutingSpec(top_k=3, scoring="softmax", renormalize=False, scale=1.5),
+        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=True, scale=2.5),
+        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=False),
+    ],
+)
+def test_removal_losses_equal_scoring_each_smaller_subset(spec):
+    gen = torch.Generator().manual_seed(5)
+    n, d = 9, 12
+    router_w, experts = torch.randn(n, d, generator=gen), torch.randn(n, d, d, generator=gen) / d**0.5
+    x = torch.randn(300, d, generator=gen)
+    stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, spec, n, keep=5)
+    oracle = SubsetLoss(stats, token_chunk=64)
+    for kept in [range(n), (0, 1, 2, 4, 5, 7, 8), (1, 2, 3, 5, 6, 8)]:
+        keep = _mask(kept, n)
+        fast = oracle.removal_losses(keep)
+        for e in range(n):
+            if e in kept:
+                expected = oracle((keep & ~_mask([e], n)).unsqueeze(0))[0]
+                assert fast[e].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-9)
+            else:
+                assert fast[e] == float("inf")

@@ -92,3 +92,12 @@ def test_reap_saliency_equals_a_direct_computation():
     kept = run_strategy("reap", oracle, 6, SearchContext(layer=0)).kept
     saliency = oracle.reap_saliency()
     assert min(saliency[list(kept)]) >= max(saliency[sorted(set(range(8)) - set(kept))])
+
+
+def test_auto_is_exhaustive_while_feasible_and_greedy_beyond():
+    from moe_sparsify.search import resolve_strategy
+
+    assert resolve_strategy("auto", 8, 4, 100_000) == "exhaustive"
+    assert resolve_strategy("auto", 64, 32, 100_000) == "greedy"
+    assert resolve_strategy("auto", 8, 4, 69) == "greedy"
+    assert resolve_strategy("reap", 64, 32, 10) == "reap"
