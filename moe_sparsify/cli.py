@@ -102,6 +102,8 @@ def _layers_table(result: dict) -> None:
             str(lp["layer"]), " ".join(map(str, lp["kept"])), f"{lp['loss']:.4g}", runner_up, str(lp["subsets_scored"])
         )
     commands.stderr.print(table)
+    for change in result.get("config_changes", []):
+        commands.stderr.print(f"config: {change}")
     where = result["output"] or result["plan"]
     commands.stderr.print(f"wrote {where} in {result['timings']['total_s']:.1f} s")
 

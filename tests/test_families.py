@@ -186,6 +186,22 @@ def test_group_limited_deepseek_is_refused_before_any_work():
         adapter_for(config)
 
 
+def test_many_experts_take_greedy_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_sparsify.cli import app
+
+    model, adapter = build("olmoe", num_experts=16, num_experts_per_tok=4)
+    source = save_with_tokenizer(model, tmp_path / "source")
+    args = ["prune", "--model", str(source), "--keep", "8", "--max-subsets", "1000", "--output", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--samples", "8", "--seq-len", "32", "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "greedy"  # C(16, 8) = 12870 subsets > 1000
+    assert all(len(lp["kept"]) == 8 for lp in data["layers"])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_experts == 8
+
+
 def test_config_keys_written_for_old_and_new_loaders():
     model, adapter = build("qwen3_moe")
     config = model.config.to_dict()
