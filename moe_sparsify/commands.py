@@ -25,7 +25,6 @@ from .config import Settings
 from .errors import UsageError
 from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
-from .files import dumps
 from .models import load_config, load_model, pick_device, pick_dtype, resolve_model_dir
 from .plan import Plan, load_plan
 from .prune import check_keep, model_identity, plan_pruning
@@ -242,7 +241,7 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     model, tokenizer = load_model(job.model_dir, job.dtype)
     plan.check_matches(model_identity(model, job.adapter))
     thresholds = _thresholds_for(thresholds_path, model, job.adapter, plan.kept())
-    extra = {THRESHOLDS_FILE: dumps(thresholds.to_dict(), "json")} if thresholds else None
+    extra = {THRESHOLDS_FILE: thresholds.dumps("json")} if thresholds else None
     settings.samples = settings.verify_samples
     token_ids, _ = _calibration_tokens(job, tokenizer)
     provenance = export_checkpoint(

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .errors import UsageError
-from .files import dumps, format_of, load_mapping, write_atomically
+from .files import Document
 
 SCHEMA_VERSION = 1
 KIND = "moe-sparsify-plan"
@@ -41,7 +42,10 @@ class ModelIdentity:
 
 
 @dataclass
-class Plan:
+class Plan(Document):
+    WHAT: ClassVar[str] = "plan"
+    REMEDY: ClassVar[str] = "pass the file written by `moe-sparsify prune`"
+
     source: str
     model: ModelIdentity
     strategy: str
@@ -61,35 +65,14 @@ class Plan:
         counts = {len(lp.kept) for lp in self.layers}
         return counts.pop() if len(counts) == 1 else None
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        head = {k: data.pop(k) for k in ("kind", "schema_version")}
-        return {**head, **data}
-
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
-        if data.get("kind") != KIND:
-            raise UsageError("not a moe-sparsify plan (missing kind: moe-sparsify-plan)")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise UsageError(
-                f"plan schema {data.get('schema_version')} is not {SCHEMA_VERSION}; re-run prune --plan-only"
-            )
-        try:
-            fields = dict(data)
-            fields["model"] = ModelIdentity(**fields["model"])
-            fields["layers"] = [LayerPlan(**lp) for lp in fields["layers"]]
-            return cls(**fields)
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"malformed plan: {exc}") from None
-
-    def dumps(self, fmt: str) -> str:
-        return dumps(self.to_dict(), fmt)
+    def _build(cls, fields: dict) -> Plan:
+        fields["model"] = ModelIdentity(**fields["model"])
+        fields["layers"] = [LayerPlan(**lp) for lp in fields["layers"]]
+        return cls(**fields)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.dumps("json").encode()).hexdigest()
-
-    def save(self, path: Path, overwrite: bool = True) -> Path:
-        return write_atomically(path, self.dumps(format_of(path)), overwrite)
 
     def check_matches(self, identity: ModelIdentity) -> None:
         """Refuse a plan made for another model, naming every difference."""
@@ -110,4 +93,4 @@ class Plan:
 
 
 def load_plan(path: Path) -> Plan:
-    return Plan.from_dict(load_mapping(path, "plan", "pass the file written by `moe-sparsify prune`"))
+    return Plan.load(path)

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .adapters import MoEAdapter
 from .errors import UsageError
-from .files import dumps, format_of, load_mapping, write_atomically
+from .files import Document
 from .routing import check_skip_rule, default_skip_rule, skip_keep_mask
 
 KIND = "moe-sparsify-thresholds"
@@ -49,7 +50,10 @@ class LayerThreshold:
 
 
 @dataclass
-class SkipThresholds:
+class SkipThresholds(Document):
+    WHAT: ClassVar[str] = "thresholds file"
+    REMEDY: ClassVar[str] = "pass the file written by skip-profile"
+
     model: Fingerprint
     rule: str
     statistic: dict  # {"kind": "quantile" | "target_skip", "value": float}
@@ -58,32 +62,11 @@ class SkipThresholds:
     kind: str = KIND
     schema_version: int = SCHEMA_VERSION
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        head = {k: data.pop(k) for k in ("kind", "schema_version")}
-        return {**head, **data}
-
     @classmethod
-    def from_dict(cls, data: dict) -> SkipThresholds:
-        if data.get("kind") != KIND:
-            raise UsageError(f"not a moe-sparsify thresholds file (missing kind: {KIND}); run skip-profile")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise UsageError(
-                f"thresholds schema {data.get('schema_version')} is not {SCHEMA_VERSION}; re-run skip-profile"
-            )
-        try:
-            fields = dict(data)
-            fields["model"] = Fingerprint(**fields["model"])
-            fields["layers"] = [LayerThreshold(**entry) for entry in fields["layers"]]
-            return cls(**fields)
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"malformed thresholds file: {exc}") from None
-
-    def save(self, path: Path, overwrite: bool = True) -> Path:
-        return write_atomically(path, dumps(self.to_dict(), format_of(path)), overwrite)
-
-    def betas(self) -> dict[int, float]:
-        return {entry.layer: entry.beta for entry in self.layers}
+    def _build(cls, fields: dict) -> SkipThresholds:
+        fields["model"] = Fingerprint(**fields["model"])
+        fields["layers"] = [LayerThreshold(**entry) for entry in fields["layers"]]
+        return cls(**fields)
 
     def check_matches(self, fingerprint: Fingerprint) -> None:
         mine, theirs = asdict(self.model), asdict(fingerprint)
@@ -94,7 +77,7 @@ class SkipThresholds:
 
 
 def load_thresholds(path: Path) -> SkipThresholds:
-    return SkipThresholds.from_dict(load_mapping(path, "thresholds file", "pass the file written by skip-profile"))
+    return SkipThresholds.load(path)
 
 
 def model_fingerprint(model: nn.Module, adapter: MoEAdapter, kept: dict[int, list[int]] | None = None) -> Fingerprint:
