@@ -222,11 +222,30 @@ def eval_(
     window: Annotated[Optional[int], typer.Option("--window", help="Tokens per scoring window.")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts.")] = None,
     thresholds: ThresholdsOpt = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Compare the VARIANTS given as arguments (MODEL, MODEL+skip, MODEL+FILE).")
+    ] = False,
+    variants: Annotated[
+        Optional[list[str]], typer.Argument(help="With --compare: the variants, first = baseline.")
+    ] = None,
+    report: Annotated[
+        Optional[Path], typer.Option("--report", help="With --compare: write JSON and charts here.")
+    ] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", help="With --compare: sequences per timed call.")] = None,
+    prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", help="With --compare: prompt tokens.")] = None,
+    new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="With --compare: tokens generated.")] = None,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", help="With --compare: timed rounds.")] = None,
 ):
     """Perplexity of a model (original, exported, or with a plan applied, with or without expert
-    skipping) on a text source."""
+    skipping) on a text source; with --compare, quality, speed and memory of several variants."""
     flags = {"model": model, "device": device, "dtype": dtype, "eval_text": text, "eval_window": window}
-    settings = _settings(config, {**flags, "eval_stride": stride})
+    speed = {"speed_batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats}
+    settings = _settings(config, {**flags, "eval_stride": stride, **speed})
+    if compare or variants:
+        if not compare or plan or thresholds or model:
+            raise typer.BadParameter("use --compare with variants as arguments (MODEL, MODEL+skip, MODEL+FILE) only")
+        _emit(commands.compare(settings, variants or [], report, _show_progress(json_out)), json_out, _compare_table)
+        return
     result = commands.evaluate(settings, plan, thresholds)
     _emit(
         result,
@@ -237,6 +256,33 @@ def eval_(
             f"tokens of {r['text']} (window {r['window']}, stride {r['stride']}, {r['device']}, {r['dtype']})"
         ),
     )
+
+
+def _compare_table(result: dict) -> None:
+    setup = result["setup"]
+    table = Table(
+        title=f"{setup['device']}, {setup['dtype']}, {setup['threads']} threads; perplexity on {setup['text']}; "
+        f"speed: batch {setup['batch']}, prompt {setup['prompt_len']}, {setup['new_tokens']} new tokens, "
+        f"median of {setup['repeats']}"
+    )
+    for column in ("variant", "experts", "params M", "perplexity", "prefill tok/s", "decode tok/s", "speedup", "skip"):
+        table.add_column(column, justify="right")
+    for r in result["variants"]:
+        skipped = r.get("skip_fraction")
+        share = f"{100 * sum(skipped.values()) / len(skipped):.0f}%" if skipped else "-"
+        table.add_row(
+            r["variant"],
+            str(r["experts"]),
+            f"{r['parameters'] / 1e6:.2f}",
+            f"{r['perplexity']:.2f}",
+            f"{r['prefill_tokens_per_s']:.0f}",
+            f"{r['decode_tokens_per_s']:.1f}",
+            f"{r['decode_speedup']:.2f}x",
+            share,
+        )
+    commands.stderr.print(table)
+    if result.get("report"):
+        commands.stderr.print(f"report: {', '.join(result['report'].values())}")
 
 
 @app.command("skip-profile")

@@ -337,3 +337,53 @@ def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool
         "skip_fraction": sum(e.skip_fraction for e in layers) / len(layers),
         "seconds": time.perf_counter() - start,
     }
+
+
+def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_progress: bool) -> dict:
+    from . import compare as cmp
+
+    if len(specs) < 2:
+        raise UsageError("eval --compare needs at least two variants, e.g. tiny tiny-keep6 tiny-keep6+skip")
+    check_source(settings.eval_text)
+    variants = [cmp.parse_variant(spec) for spec in specs]
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    tokenizers = [cmp.load_variant(v, dtype, device) for v in variants]
+    if len({len(t) for t in tokenizers}) != 1:
+        raise UsageError("the variants use different tokenizers; compare variants of one model")
+    stream = token_stream(tokenizers[0], load_documents(settings.eval_text))
+    needed = settings.speed_batch * settings.prompt_len
+    if len(stream) < needed:
+        raise UsageError(f"{settings.eval_text} holds {len(stream)} tokens, fewer than the {needed} the prompts need")
+    prompt = stream[:needed].reshape(settings.speed_batch, settings.prompt_len)
+    with progress_bar(show_progress) as progress:
+        cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress)
+        cmp.measure_speed(variants, prompt, settings.new_tokens, settings.repeats, device, progress)
+    first = variants[0].results
+    rows = []
+    for v in variants:
+        row = {**cmp.describe(v), **v.results}
+        row["prefill_speedup"] = v.results["prefill_tokens_per_s"] / first["prefill_tokens_per_s"]
+        row["decode_speedup"] = v.results["decode_tokens_per_s"] / first["decode_tokens_per_s"]
+        rows.append(row)
+    result = {
+        "setup": {
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "text": settings.eval_text,
+            "window": settings.eval_window,
+            "stride": settings.eval_stride,
+            "batch": settings.speed_batch,
+            "prompt_len": settings.prompt_len,
+            "new_tokens": settings.new_tokens,
+            "repeats": settings.repeats,
+            "threads": torch.get_num_threads(),
+        },
+        "variants": rows,
+        "peak_memory": peak_memory_bytes(device),
+    }
+    if report_dir is not None:
+        from .report import write_report
+
+        result["report"] = write_report(result, Path(report_dir))
+    return result

@@ -6,6 +6,7 @@ model is loaded.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -50,6 +51,10 @@ class Settings:
     eval_text: str = "bundled:heldout"
     eval_window: int = 256
     eval_stride: int = 128
+    speed_batch: int = 1  # eval --compare: sequences per timed forward / generate
+    prompt_len: int = 64  # eval --compare: prompt tokens per sequence
+    new_tokens: int = 32  # eval --compare: greedy tokens generated per sequence
+    repeats: int = 3  # eval --compare: timed rounds after one warm-up round
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +87,9 @@ def _validate(s: Settings) -> list[str]:
         "eval_stride",
         "e2e_shortlist",
         "e2e_samples",
+        "speed_batch",
+        "prompt_len",
+        "repeats",
     ):
         positive(name)
     if s.keep is not None:
@@ -96,6 +104,8 @@ def _validate(s: Settings) -> list[str]:
         errors.append(f"device: {s.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
     if s.dtype != "auto" and s.dtype not in DTYPES:
         errors.append(f"dtype: {s.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if not isinstance(s.new_tokens, int) or s.new_tokens < 2:
+        errors.append(f"new_tokens: must be an integer of at least 2, got {s.new_tokens!r}")
     if s.e2e_divergence not in DIVERGENCES:
         errors.append(f"e2e_divergence: {s.e2e_divergence!r} is not one of {', '.join(DIVERGENCES)}")
     if s.skip_rule is not None and s.skip_rule not in SKIP_RULES:
@@ -125,6 +135,20 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _alias_defaults_for(model: str) -> dict:
+    """The alias entry of `model`, or of the model an exported checkpoint was pruned from, so that
+    `--model tiny-keep6` calibrates like `--model tiny`."""
+    aliases = model_aliases()
+    if model in aliases:
+        return aliases[model]
+    provenance = Path(model) / "moe_sparsify_provenance.json"
+    try:
+        source = json.loads(provenance.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return aliases.get(source, {}) if isinstance(source, str) else {}
+
+
 def resolve_settings(config_file: Path | None, flags: dict) -> Settings:
     """flags: values the user passed on the command line (None = not given)."""
     given = {k: v for k, v in flags.items() if v is not None}
@@ -135,7 +159,7 @@ def resolve_settings(config_file: Path | None, flags: dict) -> Settings:
         if k not in KNOWN_KEYS
     ]
     model = given.get("model", from_file.get("model", Settings.model))
-    alias = model_aliases().get(model, {})
+    alias = _alias_defaults_for(model)
     alias_defaults = {k: v for k, v in alias.items() if k != "path"}
     errors += [
         f"{k}: unknown setting in the alias {model!r} of configs/models.yaml"

@@ -227,3 +227,33 @@ def test_skip_profile_bad_statistics(tmp_path):
     rule = run("skip-profile", "--model", "tiny", "--rule", "sideways", "-o", tmp_path / "t.json")
     assert rule.exit_code == 2 and "skip_rule" in _error_line(rule)
     assert not (tmp_path / "t.json").exists()
+
+
+def test_eval_compare_table_json_and_report(tmp_path):
+    out = tmp_path / "keep6"
+    assert run("prune", "--model", "tiny", "--keep", 6, "--output", out, *FAST).exit_code == 0
+    assert run("skip-profile", "--model", out, "-o", out / "moe_sparsify_thresholds.json", *FAST).exit_code == 0
+    args = ["eval", "--compare", "tiny", out, f"{out}+skip", "--repeats", 1, "--new-tokens", 4, "--prompt-len", 16]
+    result = run(*args, "--report", tmp_path / "report", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [v["experts"] for v in data["variants"]] == [8, 6, 6]
+    assert data["variants"][0]["decode_speedup"] == 1.0
+    assert data["variants"][1]["perplexity"] > data["variants"][0]["perplexity"]
+    assert set(data["variants"][2]["skip_fraction"]) == {"0", "1", "2", "3"}
+    assert data["setup"]["device"] == "cpu" and data["setup"]["repeats"] == 1
+    for name in (
+        "comparison.json",
+        "quality_vs_parameters.png",
+        "speedup.png",
+        "kept_experts.png",
+        "skip_fractions.png",
+    ):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_eval_compare_bad_variants(tmp_path):
+    one = run("eval", "--compare", "tiny")
+    assert one.exit_code == 2 and "at least two variants" in _error_line(one)
+    missing = run("eval", "--compare", "tiny", "tiny+skip")
+    assert missing.exit_code == 2 and "no threshold file" in _error_line(missing)

@@ -1,0 +1,164 @@
+"""Several variants of a model, measured the same way in one run: quality, speed, memory.
+
+A variant is a model (alias or directory), optionally with skipping:
+    tiny                      the original
+    tiny-keep6                an exported checkpoint
+    tiny-keep6+skip           ... with the threshold file exported beside it
+    tiny-keep6+t.json         ... with a given threshold file
+Speed is measured interleaved (every repeat times each variant in turn, so
+drifts in machine load hit all of them alike), warm-up excluded, medians
+reported with their spread (min-max over repeats).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import MoEAdapter, adapter_for
+from .errors import UsageError
+from .evaluate import perplexity
+from .export import PLAN_FILE, THRESHOLDS_FILE
+from .models import load_model, resolve_model_dir
+from .plan import Plan, load_plan
+from .skipping import disable_skipping, enable_skipping, skip_fractions
+from .thresholds import SkipThresholds, load_thresholds
+
+
+@dataclass
+class Variant:
+    spec: str
+    model_dir: Path
+    thresholds_path: Path | None
+    model: object = None
+    adapter: MoEAdapter | None = None
+    thresholds: SkipThresholds | None = None
+    plan: Plan | None = None
+    results: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+
+def parse_variant(spec: str) -> Variant:
+    model, _, skip = spec.partition("+")
+    model_dir = resolve_model_dir(model)
+    thresholds = None
+    if skip:
+        thresholds = model_dir / THRESHOLDS_FILE if skip == "skip" else Path(skip)
+        if not thresholds.is_file():
+            raise UsageError(
+                f"variant {spec!r}: no threshold file {thresholds}; run skip-profile or export --thresholds"
+            )
+    return Variant(spec, model_dir, thresholds)
+
+
+def load_variant(variant: Variant, dtype: torch.dtype, device: torch.device) -> None:
+    variant.model, tokenizer = load_model(variant.model_dir, dtype)
+    variant.model.to(device)
+    variant.adapter = adapter_for(variant.model.config)
+    if (variant.model_dir / PLAN_FILE).is_file():
+        variant.plan = load_plan(variant.model_dir / PLAN_FILE)
+    if variant.thresholds_path:
+        variant.thresholds = load_thresholds(variant.thresholds_path)
+    return tokenizer
+
+
+def weights_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class skipping_if:
+    """Context: skipping on for variants that have thresholds."""
+
+    def __init__(self, variant: Variant):
+        self.variant = variant
+
+    def __enter__(self):
+        if self.variant.thresholds is not None:
+            enable_skipping(self.variant.model, self.variant.thresholds, self.variant.adapter)
+
+    def __exit__(self, *exc):
+        if self.variant.thresholds is not None:
+            disable_skipping(self.variant.model, self.variant.adapter)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_speed(
+    variants: list[Variant], prompt: torch.Tensor, new_tokens: int, repeats: int, device: torch.device, progress=None
+) -> None:
+    """prefill tokens/s (one forward over the prompt batch) and decode tokens/s (greedy generation of
+    `new_tokens` minus generation of 1, per generated token of the batch)."""
+    prompt = prompt.to(device)
+    batch = prompt.shape[0]
+    times = {v.name: {"prefill": [], "one": [], "full": []} for v in variants}
+    task = progress.add_task("speed", total=(repeats + 1) * len(variants)) if progress else None
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for v in variants:
+            with skipping_if(v):
+                prefill = _timed(lambda v=v: v.model(input_ids=prompt, use_cache=False), device)
+                one = _timed(lambda v=v: v.model.generate(prompt, max_new_tokens=1, do_sample=False), device)
+                full = _timed(
+                    lambda v=v: v.model.generate(
+                        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+                    ),
+                    device,
+                )
+            if round_:
+                for key, value in (("prefill", prefill), ("one", one), ("full", full)):
+                    times[v.name][key].append(value)
+            if progress:
+                progress.advance(task)
+    for v in variants:
+        t = times[v.name]
+        prefill_rates = [batch * prompt.shape[1] / s for s in t["prefill"]]
+        decode_rates = [batch * (new_tokens - 1) / max(f - o, 1e-9) for f, o in zip(t["full"], t["one"])]
+        v.results["prefill_tokens_per_s"] = statistics.median(prefill_rates)
+        v.results["prefill_spread"] = [min(prefill_rates), max(prefill_rates)]
+        v.results["decode_tokens_per_s"] = statistics.median(decode_rates)
+        v.results["decode_spread"] = [min(decode_rates), max(decode_rates)]
+
+
+def measure_quality(variants: list[Variant], stream: torch.Tensor, window: int, stride: int, device, progress=None):
+    task = progress.add_task("perplexity", total=len(variants)) if progress else None
+    for v in variants:
+        with skipping_if(v):
+            v.results.update(perplexity(v.model, stream, window, stride, device))
+            if v.thresholds is not None:
+                v.results["skip_fraction"] = skip_fractions(v.model, v.adapter)
+        if progress:
+            progress.advance(task)
+
+
+def describe(v: Variant) -> dict:
+    adapter = v.adapter
+    layers = adapter.moe_layers(v.model)
+    return {
+        "variant": v.name,
+        "model_dir": str(v.model_dir),
+        "experts": adapter.num_experts,
+        "moe_layers": len(layers),
+        "parameters": sum(p.numel() for p in v.model.parameters()),
+        "weights_bytes": weights_bytes(v.model),
+        "kept_experts": v.plan.kept() if v.plan else None,
+        "original_experts": v.plan.model.num_experts if v.plan else adapter.num_experts,
+        "thresholds": str(v.thresholds_path) if v.thresholds_path else None,
+    }
