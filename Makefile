@@ -4,7 +4,7 @@ PYTHON ?= python3
 
 install:  ## CPU torch from the local wheel cache or PyPI, then the package with test tools
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,eval]"
 
 test:
 	$(PYTHON) -m pytest

@@ -222,6 +222,14 @@ def eval_(
     window: Annotated[Optional[int], typer.Option("--window", help="Tokens per scoring window.")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts.")] = None,
     thresholds: ThresholdsOpt = None,
+    tasks: Annotated[
+        Optional[str], typer.Option("--tasks", help="lm-eval tasks, comma-separated (bundled: pydoc_cloze).")
+    ] = None,
+    task_dir: Annotated[
+        Optional[list[str]], typer.Option("--task-dir", help="Directory of lm-eval task YAML (repeatable).")
+    ] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per task.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Documents per task (quick runs).")] = None,
     compare: Annotated[
         bool, typer.Option("--compare", help="Compare the VARIANTS given as arguments (MODEL, MODEL+skip, MODEL+FILE).")
     ] = False,
@@ -240,7 +248,8 @@ def eval_(
     skipping) on a text source; with --compare, quality, speed and memory of several variants."""
     flags = {"model": model, "device": device, "dtype": dtype, "eval_text": text, "eval_window": window}
     speed = {"speed_batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats}
-    settings = _settings(config, {**flags, "eval_stride": stride, **speed})
+    harness = {"tasks": tasks, "task_dirs": task_dir, "num_fewshot": num_fewshot, "task_limit": limit}
+    settings = _settings(config, {**flags, "eval_stride": stride, **speed, **harness})
     if compare or variants:
         if not compare or plan or thresholds or model:
             raise typer.BadParameter("use --compare with variants as arguments (MODEL, MODEL+skip, MODEL+FILE) only")
@@ -254,8 +263,13 @@ def eval_(
             f"{r['model']}{' + ' + r['plan'] if r['plan'] else ''}{' + skipping' if r['thresholds'] else ''}: "
             f"perplexity {r['perplexity']:.3f} on {r['tokens']} "
             f"tokens of {r['text']} (window {r['window']}, stride {r['stride']}, {r['device']}, {r['dtype']})"
+            + "".join(f"\n{task}: {_metrics(m)}" for task, m in r.get("harness", {}).get("tasks", {}).items())
         ),
     )
+
+
+def _metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def _compare_table(result: dict) -> None:
@@ -281,6 +295,9 @@ def _compare_table(result: dict) -> None:
             share,
         )
     commands.stderr.print(table)
+    for r in result["variants"]:
+        for task, metrics in r.get("harness", {}).get("tasks", {}).items():
+            commands.stderr.print(f"{r['variant']} {task}: {_metrics(metrics)}")
     if result.get("report"):
         commands.stderr.print(f"report: {', '.join(result['report'].values())}")
 

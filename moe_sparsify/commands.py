@@ -273,7 +273,10 @@ def evaluate(settings: Settings, plan_path: Path | None, thresholds_path: Path |
     thresholds = _thresholds_for(thresholds_path, model, job.adapter, kept)
 
     def score() -> dict:
-        return perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device)
+        scores = perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device)
+        if settings.tasks:
+            scores["harness"] = _harness(settings, model, tokenizer, job.device)
+        return scores
 
     if thresholds is None or kept:
         # A plan applied in memory runs through the reference router, skipping included.
@@ -290,6 +293,21 @@ def evaluate(settings: Settings, plan_path: Path | None, thresholds_path: Path |
     result["seconds"] = time.perf_counter() - start
     result["peak_memory"] = peak_memory_bytes(job.device)
     return result
+
+
+def _harness(settings: Settings, model, tokenizer, device: torch.device) -> dict:
+    from .harness import run_tasks
+
+    return run_tasks(
+        model,
+        tokenizer,
+        list(settings.tasks),
+        [Path(d) for d in settings.task_dirs],
+        num_fewshot=settings.num_fewshot,
+        limit=settings.task_limit,
+        batch_size=settings.batch_size,
+        device=str(device),
+    )
 
 
 def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool) -> dict:
@@ -357,7 +375,13 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
         raise UsageError(f"{settings.eval_text} holds {len(stream)} tokens, fewer than the {needed} the prompts need")
     prompt = stream[:needed].reshape(settings.speed_batch, settings.prompt_len)
     with progress_bar(show_progress) as progress:
-        cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress)
+        harness = None
+        if settings.tasks:
+
+            def harness(model):
+                return _harness(settings, model, tokenizers[0], device)
+
+        cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress, harness)
         cmp.measure_speed(variants, prompt, settings.new_tokens, settings.repeats, device, progress)
     first = variants[0].results
     rows = []

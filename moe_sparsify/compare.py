@@ -137,11 +137,16 @@ def measure_speed(
         v.results["decode_spread"] = [min(decode_rates), max(decode_rates)]
 
 
-def measure_quality(variants: list[Variant], stream: torch.Tensor, window: int, stride: int, device, progress=None):
-    task = progress.add_task("perplexity", total=len(variants)) if progress else None
+def measure_quality(
+    variants: list[Variant], stream: torch.Tensor, window: int, stride: int, device, progress=None, harness=None
+):
+    """Perplexity of each variant and, with `harness(model)`, its lm-eval task scores."""
+    task = progress.add_task("quality", total=len(variants)) if progress else None
     for v in variants:
         with skipping_if(v):
             v.results.update(perplexity(v.model, stream, window, stride, device))
+            if harness is not None:
+                v.results["harness"] = harness(v.model)
             if v.thresholds is not None:
                 v.results["skip_fraction"] = skip_fractions(v.model, v.adapter)
         if progress:

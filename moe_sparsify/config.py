@@ -7,7 +7,7 @@ model is loaded.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -51,6 +51,10 @@ class Settings:
     eval_text: str = "bundled:heldout"
     eval_window: int = 256
     eval_stride: int = 128
+    tasks: list[str] = field(default_factory=list)  # eval: lm-eval tasks (pydoc_cloze is bundled)
+    task_dirs: list[str] = field(default_factory=list)  # eval: directories of lm-eval task YAML
+    num_fewshot: int | None = None  # eval: the harness default per task when unset
+    task_limit: int | None = None  # eval: documents per task (for quick runs)
     speed_batch: int = 1  # eval --compare: sequences per timed forward / generate
     prompt_len: int = 64  # eval --compare: prompt tokens per sequence
     new_tokens: int = 32  # eval --compare: greedy tokens generated per sequence
@@ -104,6 +108,16 @@ def _validate(s: Settings) -> list[str]:
         errors.append(f"device: {s.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
     if s.dtype != "auto" and s.dtype not in DTYPES:
         errors.append(f"dtype: {s.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    for name in ("tasks", "task_dirs"):
+        value = getattr(s, name)
+        if isinstance(value, str):
+            setattr(s, name, [part for part in value.split(",") if part])
+        elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            errors.append(f"{name}: must be a list of names, got {value!r}")
+    for name in ("num_fewshot", "task_limit"):
+        value = getattr(s, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            errors.append(f"{name}: must be a non-negative integer, got {value!r}")
     if not isinstance(s.new_tokens, int) or s.new_tokens < 2:
         errors.append(f"new_tokens: must be an integer of at least 2, got {s.new_tokens!r}")
     if s.e2e_divergence not in DIVERGENCES:

@@ -257,3 +257,24 @@ def test_eval_compare_bad_variants(tmp_path):
     assert one.exit_code == 2 and "at least two variants" in _error_line(one)
     missing = run("eval", "--compare", "tiny", "tiny+skip")
     assert missing.exit_code == 2 and "no threshold file" in _error_line(missing)
+
+
+def test_lm_eval_task_runs_offline_through_the_harness(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
+    plan = tmp_path / "plan.yaml"
+    assert run("prune", "--model", "tiny", "--keep", 4, "--plan-only", "-o", plan, *FAST).exit_code == 0
+    scores = {}
+    for extra in ([], ["--plan", plan]):
+        result = run("eval", "--model", "tiny", "--tasks", "pydoc_cloze", "--limit", 100, "--json", *extra)
+        assert result.exit_code == 0, result.stderr
+        harness = json.loads(result.stdout)["harness"]
+        assert harness["limit"] == 100 and harness["lm_eval"]
+        scores[bool(extra)] = harness["tasks"]["pydoc_cloze"]["acc"]
+    assert scores[False] > 0.35  # four choices: chance is 0.25
+    assert scores[False] != scores[True]  # the harness scored the pruned in-memory model
+
+
+def test_unknown_task_is_refused(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
+    result = run("eval", "--model", "tiny", "--tasks", "no_such_task")
+    assert result.exit_code == 2 and "unknown lm-eval task" in _error_line(result)

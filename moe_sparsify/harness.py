@@ -1,0 +1,99 @@
+"""Zero- and few-shot tasks through lm-evaluation-harness, on the in-memory model.
+
+The harness gets the model object itself (`HFLM(pretrained=model)`), so what
+it scores is the model as it is in memory: pruned, with a plan applied, or
+with skipping on. Tasks come from the harness's registry (they need the hub
+unless cached), from user task directories (`--task-dir`, YAML task files
+with local data), or from the bundled offline task:
+
+  pydoc_cloze  400 sentences of the bundled held-out split, last word removed,
+               4 choices (scripts/make_pydoc_cloze.py); zero-shot accuracy.
+
+Needs the `eval` extra: pip install 'moe-sparsify[eval]' (lm_eval, accelerate).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from .errors import UsageError
+
+BUNDLED_TASKS = ("pydoc_cloze",)
+_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise UsageError(
+            f"--tasks needs lm-evaluation-harness ({exc.name} is missing): pip install 'moe-sparsify[eval]'"
+        ) from None
+    return lm_eval, HFLM, TaskManager
+
+
+def bundled_task_dir(directory: Path) -> Path:
+    """Write the bundled tasks' YAML (with absolute paths to their packaged data) into `directory`."""
+    for name in BUNDLED_TASKS:
+        data = Path(str(resources.files("moe_sparsify") / "assets" / "tasks" / f"{name}.jsonl"))
+        (directory / f"{name}.yaml").write_text(_TASK_YAML.format(name=name, data=data))
+    return directory
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    task_dirs: list[Path],
+    *,
+    num_fewshot: int | None,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+) -> dict:
+    """{task: {metric: value}} from lm_eval.simple_evaluate, plus the harness version."""
+    lm_eval, HFLM, TaskManager = _lm_eval()
+    for task_dir in task_dirs:
+        if not Path(task_dir).is_dir():
+            raise UsageError(f"--task-dir {task_dir} is not a directory of lm-eval task YAML files")
+    # Local tasks must not reach for the hub; users online can unset this themselves.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as bundled:
+        include = [str(bundled_task_dir(Path(bundled)))] + [str(Path(d).resolve()) for d in task_dirs]
+        manager = TaskManager(include_path=include)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise UsageError(
+                f"unknown lm-eval task(s) {', '.join(unknown)}; bundled: {', '.join(BUNDLED_TASKS)}, "
+                "or add a --task-dir with their YAML"
+            )
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit, log_samples=False
+        )
+    scores = {
+        task: {k.replace(",none", ""): v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for task, metrics in output["results"].items()
+    }
+    return {"tasks": scores, "num_fewshot": num_fewshot, "limit": limit, "lm_eval": lm_eval.__version__}
