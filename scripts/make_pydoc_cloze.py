@@ -43,8 +43,9 @@ def main(items: int = 400, seed: int = 0) -> None:
             continue
         choices = rng.sample(near, 3) + [last]
         rng.shuffle(choices)
-        rows.append({"context": " ".join(words[:-1]), "choices": [" " + c for c in choices],
-                     "label": choices.index(last)})
+        rows.append(
+            {"context": " ".join(words[:-1]), "choices": [" " + c for c in choices], "label": choices.index(last)}
+        )
     rng.shuffle(rows)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("".join(json.dumps(r) + "\n" for r in rows[:items]))
