@@ -383,13 +383,9 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
 
         cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress, harness)
         cmp.measure_speed(variants, prompt, settings.new_tokens, settings.repeats, device, progress)
-    first = variants[0].results
     rows = []
     for v in variants:
-        row = {**cmp.describe(v), **v.results}
-        row["prefill_speedup"] = v.results["prefill_tokens_per_s"] / first["prefill_tokens_per_s"]
-        row["decode_speedup"] = v.results["decode_tokens_per_s"] / first["decode_tokens_per_s"]
-        rows.append(row)
+        rows.append({**cmp.describe(v), **v.results})
     result = {
         "setup": {
             "device": str(device),

@@ -111,8 +111,11 @@ def measure_speed(
     batch = prompt.shape[0]
     times = {v.name: {"prefill": [], "one": [], "full": []} for v in variants}
     task = progress.add_task("speed", total=(repeats + 1) * len(variants)) if progress else None
+    peak = dict.fromkeys((v.name for v in variants), 0)
     for round_ in range(repeats + 1):  # round 0 warms up
         for v in variants:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             with skipping_if(v):
                 prefill = _timed(lambda v=v: v.model(input_ids=prompt, use_cache=False), device)
                 one = _timed(lambda v=v: v.model.generate(prompt, max_new_tokens=1, do_sample=False), device)
@@ -122,19 +125,32 @@ def measure_speed(
                     ),
                     device,
                 )
+            if device.type == "cuda":
+                peak[v.name] = max(peak[v.name], torch.cuda.max_memory_allocated(device))
             if round_:
                 for key, value in (("prefill", prefill), ("one", one), ("full", full)):
                     times[v.name][key].append(value)
             if progress:
                 progress.advance(task)
+    rates = {}
     for v in variants:
         t = times[v.name]
-        prefill_rates = [batch * prompt.shape[1] / s for s in t["prefill"]]
-        decode_rates = [batch * (new_tokens - 1) / max(f - o, 1e-9) for f, o in zip(t["full"], t["one"])]
-        v.results["prefill_tokens_per_s"] = statistics.median(prefill_rates)
-        v.results["prefill_spread"] = [min(prefill_rates), max(prefill_rates)]
-        v.results["decode_tokens_per_s"] = statistics.median(decode_rates)
-        v.results["decode_spread"] = [min(decode_rates), max(decode_rates)]
+        rates[v.name] = {
+            "prefill": [batch * prompt.shape[1] / s for s in t["prefill"]],
+            "decode": [batch * (new_tokens - 1) / max(f - o, 1e-9) for f, o in zip(t["full"], t["one"])],
+        }
+    baseline = rates[variants[0].name]
+    for v in variants:
+        if device.type == "cuda":  # on CPUs the process RSS mixes all variants: see weights_bytes instead
+            v.results["cuda_peak_allocated_bytes"] = peak[v.name]
+        for kind, values in rates[v.name].items():
+            # Speed-ups are taken round by round against the baseline timed in the same round: machine
+            # speed drifts between runs (tens of percent on shared machines), their ratio much less.
+            ratios = [a / b for a, b in zip(values, baseline[kind])]
+            v.results[f"{kind}_tokens_per_s"] = statistics.median(values)
+            v.results[f"{kind}_spread"] = [min(values), max(values)]
+            v.results[f"{kind}_speedup"] = statistics.median(ratios)
+            v.results[f"{kind}_speedup_spread"] = [min(ratios), max(ratios)]
 
 
 def measure_quality(
