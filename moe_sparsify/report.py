@@ -41,13 +41,16 @@ def write_report(result: dict, directory: Path) -> dict:
     files["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    same_size: dict[int, int] = {}
     for r in rows:
         ax.scatter(r["parameters"] / 1e6, r["perplexity"], s=40)
+        stacked = same_size.get(r["parameters"], 0)  # variants of one size (skipping) get stacked labels
+        same_size[r["parameters"]] = stacked + 1
         ax.annotate(
-            r["variant"],
+            _label(r["variant"]),
             (r["parameters"] / 1e6, r["perplexity"]),
             textcoords="offset points",
-            xytext=(5, 5),
+            xytext=(6, 6 - 12 * stacked),
             fontsize=8,
         )
     ax.set_xlabel("parameters (millions)")
