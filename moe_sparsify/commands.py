@@ -27,7 +27,7 @@ from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
 from .models import load_config, load_model, pick_device, pick_dtype, resolve_model_dir
 from .plan import Plan, load_plan
-from .prune import check_keep, model_identity, plan_pruning
+from .prune import ProgressJournal, check_keep, model_identity, plan_pruning, search_fingerprint
 from .routing import check_skip_rule, default_skip_rule
 from .skipping import disable_skipping, enable_skipping, skip_fractions
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
@@ -171,9 +171,20 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     model, tokenizer = load_model(job.model_dir, job.dtype)
     token_ids, manifest = _tokens_from(store, job, model, tokenizer)
     loaded = time.perf_counter()
+    fingerprint = search_fingerprint(settings, manifest, model_identity(model, job.adapter))
+    journal = ProgressJournal(output.with_name(output.name + ".progress.json"), fingerprint)
+    resumed = sorted(journal.layers)
     with progress_bar(show_progress) as progress:
         plan, timings = plan_pruning(
-            model, job.adapter, settings, token_ids, manifest, device=job.device, store=store, progress=progress
+            model,
+            job.adapter,
+            settings,
+            token_ids,
+            manifest,
+            device=job.device,
+            store=store,
+            progress=progress,
+            journal=journal,
         )
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
@@ -196,6 +207,8 @@ def prune(settings: Settings, show_progress: bool) -> dict:
             verified_max_abs_logit_diff=provenance["verified_max_abs_logit_diff"],
             config_changes=provenance["config_changes"],
         )
+    journal.finish()
+    result["resumed_layers"] = resumed
     done = time.perf_counter()
     result["layers"] = [
         {

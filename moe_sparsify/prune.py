@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -21,8 +23,9 @@ from .adapters import MoEAdapter
 from .calibration.propagate import layer_output, propagate
 from .calibration.store import CalibrationStore
 from .config import Settings
-from .errors import UsageError
+from .errors import FailedRun, UsageError
 from .evaluate import mean_kl_of
+from .files import dumps, load_mapping, write_atomically
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
 from .routing import candidate_count
@@ -51,6 +54,27 @@ def model_identity(model: nn.Module, adapter: MoEAdapter) -> ModelIdentity:
     )
 
 
+def search_fingerprint(settings: Settings, manifest: dict, identity: ModelIdentity) -> dict:
+    """Everything a plan's decisions depend on, for resuming safely."""
+    keys = (
+        "keep",
+        "strategy",
+        "mode",
+        "seed",
+        "max_subsets",
+        "beam",
+        "e2e_shortlist",
+        "e2e_samples",
+        "e2e_divergence",
+        "batch_size",
+    )
+    return {
+        "settings": {k: getattr(settings, k) for k in keys},
+        "calibration": manifest.get("sha256"),
+        "model": asdict(identity),
+    }
+
+
 def library_versions() -> dict:
     return {
         "moe_sparsify": __version__,
@@ -70,6 +94,39 @@ def layer_stats(adapter: MoEAdapter, block: nn.Module, inputs: list[torch.Tensor
         candidate_count(adapter.num_experts, adapter.top_k, keep),
         adapter.selection_bias(block),
     )
+
+
+class ProgressJournal:
+    """Per-layer decisions written atomically as prune goes, so an interrupted run resumes.
+
+    The journal carries a fingerprint of everything the decisions depend on (search settings,
+    calibration manifest, model identity); a rerun with other arguments or another model refuses to
+    resume rather than mixing decisions. Test hook: MOE_SPARSIFY_STOP_AFTER_LAYER=k stops the run
+    right after layer k is recorded.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.layers: dict[int, LayerPlan] = {}
+        if self.path.exists():
+            data = load_mapping(self.path, "progress file", "delete it to start over")
+            if data.get("fingerprint") != fingerprint:
+                raise UsageError(
+                    f"{self.path} was left by an interrupted run with other settings or another model; rerun "
+                    "with the same arguments to resume, or delete it to start over"
+                )
+            self.layers = {lp["layer"]: LayerPlan(**lp) for lp in data["layers"]}
+
+    def record(self, layer: LayerPlan) -> None:
+        self.layers[layer.layer] = layer
+        data = {"fingerprint": self.fingerprint, "layers": [asdict(lp) for lp in self.layers.values()]}
+        write_atomically(self.path, dumps(data, "json"))
+        stop = os.environ.get("MOE_SPARSIFY_STOP_AFTER_LAYER")
+        if stop is not None and int(stop) == layer.layer:
+            raise FailedRun(f"stopped after layer {layer.layer} (MOE_SPARSIFY_STOP_AFTER_LAYER); rerun to resume")
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -142,6 +199,7 @@ def plan_pruning(
     device: torch.device,
     store: CalibrationStore | None = None,
     progress=None,
+    journal: ProgressJournal | None = None,
 ) -> tuple[Plan, list[LayerTiming]]:
     keep = check_keep(adapter, settings.keep)
     strategy = resolve_strategy(settings.strategy, adapter.num_experts, keep, settings.max_subsets)
@@ -157,6 +215,12 @@ def plan_pruning(
     mode = "progressive" if end_to_end else settings.mode  # e2e scores each layer with the earlier ones pruned
 
     def decide(index: int, block: nn.Module, inputs: list[torch.Tensor], step=None) -> list[int]:
+        if journal is not None and index in journal.layers:  # finished before an interruption
+            if rescorer is not None:
+                rescorer.for_layer(step)  # the reference distribution is taken at the first MoE layer
+            layers_out.append(journal.layers[index])
+            timings.append(LayerTiming(index, 0.0, 0.0))
+            return list(journal.layers[index].kept)
         start = time.perf_counter()
         stats = layer_stats(adapter, block, inputs, keep)
         mid = time.perf_counter()
@@ -170,17 +234,18 @@ def plan_pruning(
         )
         result = run_strategy(strategy, SubsetLoss(stats), keep, ctx)
         timings.append(LayerTiming(index, mid - start, time.perf_counter() - mid))
-        layers_out.append(
-            LayerPlan(
-                layer=index,
-                kept=list(result.kept),
-                loss=result.loss,
-                runner_up_loss=result.runner_up_loss,
-                subsets_scored=result.subsets_scored,
-                divergence=result.divergence,
-            )
+        decision = LayerPlan(
+            layer=index,
+            kept=list(result.kept),
+            loss=result.loss,
+            runner_up_loss=result.runner_up_loss,
+            subsets_scored=result.subsets_scored,
+            divergence=result.divergence,
         )
-        return list(result.kept)
+        layers_out.append(decision)
+        if journal is not None:
+            journal.record(decision)
+        return decision.kept
 
     with torch.no_grad():
         if store is not None and mode == "layerwise":

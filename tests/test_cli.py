@@ -278,3 +278,22 @@ def test_unknown_task_is_refused(tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
     result = run("eval", "--model", "tiny", "--tasks", "no_such_task")
     assert result.exit_code == 2 and "unknown lm-eval task" in _error_line(result)
+
+
+def test_interrupted_prune_resumes_to_the_identical_plan(tmp_path, monkeypatch):
+    args = ["prune", "--model", "tiny", "--keep", 5, "--mode", "progressive", "--plan-only", *FAST]
+    assert run(*args, "-o", tmp_path / "whole.yaml").exit_code == 0
+    out = tmp_path / "resumed.yaml"
+    journal = tmp_path / "resumed.yaml.progress.json"
+    monkeypatch.setenv("MOE_SPARSIFY_STOP_AFTER_LAYER", "1")
+    stopped = run(*args, "-o", out)
+    assert stopped.exit_code == 1 and "stopped after layer 1" in _error_line(stopped)
+    assert not out.exists() and journal.exists()
+    changed = run(*[a if a != 5 else 6 for a in args], "-o", out)
+    assert changed.exit_code == 2 and "other settings" in _error_line(changed)
+    monkeypatch.delenv("MOE_SPARSIFY_STOP_AFTER_LAYER")
+    resumed = run(*args, "-o", out, "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_layers"] == [0, 1]
+    assert out.read_bytes() == (tmp_path / "whole.yaml").read_bytes()
+    assert not journal.exists()
