@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import commands
 from .config import Settings, resolve_settings
+from .distributed import is_main
 from .errors import MoeSparsifyError
 from .plan import load_plan
 
@@ -82,6 +83,8 @@ def _settings(config: Optional[Path], params: dict) -> Settings:
 
 
 def _emit(result: dict, as_json: bool, summary) -> None:
+    if not is_main():  # under torchrun, rank 0 speaks for all
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     else:

@@ -22,6 +22,7 @@ from .calibration.sources import check_source, load_documents, parse_sources
 from .calibration.store import CalibrationStore, CalibrationWriter, manifest_sha256
 from .calibration.tokens import sample_windows, token_stream
 from .config import Settings
+from .distributed import init_from_env, is_main, shard, world
 from .errors import UsageError
 from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
@@ -159,6 +160,7 @@ def _tokens_from(store: CalibrationStore | None, job: Job, model, tokenizer) -> 
 def prune(settings: Settings, show_progress: bool) -> dict:
     start = time.perf_counter()
     job = open_job(settings)
+    init_from_env(job.device)
     keep = check_keep(job.adapter, settings.keep)
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
@@ -174,12 +176,15 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     fingerprint = search_fingerprint(settings, manifest, model_identity(model, job.adapter))
     journal = ProgressJournal(output.with_name(output.name + ".progress.json"), fingerprint)
     resumed = sorted(journal.layers)
-    with progress_bar(show_progress) as progress:
+    local_tokens = shard(token_ids)
+    if len(local_tokens) == 0:
+        raise UsageError(f"{len(token_ids)} calibration sequences cannot be shared by {world()[1]} processes")
+    with progress_bar(show_progress and is_main()) as progress:
         plan, timings = plan_pruning(
             model,
             job.adapter,
             settings,
-            token_ids,
+            local_tokens,
             manifest,
             device=job.device,
             store=store,
@@ -188,7 +193,10 @@ def prune(settings: Settings, show_progress: bool) -> dict:
         )
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
-    if settings.plan_only:
+    result["processes"] = world()[1]
+    if not is_main():  # rank 0 writes; the others end here with the same decisions
+        result.update(output=None, plan=None)
+    elif settings.plan_only:
         plan.save(output, settings.overwrite)
         result.update(plan=str(output), output=None)
     else:

@@ -248,10 +248,13 @@ class SubsetLoss:
     def reap_saliency(self) -> torch.Tensor:
         """REAP (Cerebras, 2025): per expert, the mean over the tokens routed to it of its top-k-renormalised
         gate weight times the norm of its output. Norms come from the Gram diagonal. float64, n."""
+        return self.reap_sums() / self.selection_counts().clamp_min(1)
+
+    def reap_sums(self) -> torch.Tensor:
+        """The numerator of `reap_saliency`, summed over this oracle's tokens (what ranks add up)."""
         k = self.stats.spec.top_k
         weights = self._base_weights[:, :k].double()
         weights = weights / weights.sum(-1, keepdim=True)
         norms = torch.diagonal(self.stats.gram, dim1=1, dim2=2)[:, :k].double().clamp_min(0).sqrt()
         routed = self.stats.cand_idx[:, :k].reshape(-1)
-        total = torch.zeros(self.num_experts, dtype=torch.float64).index_add_(0, routed, (weights * norms).reshape(-1))
-        return total / self.selection_counts().clamp_min(1)
+        return torch.zeros(self.num_experts, dtype=torch.float64).index_add_(0, routed, (weights * norms).reshape(-1))

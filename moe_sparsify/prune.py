@@ -23,6 +23,7 @@ from .adapters import MoEAdapter
 from .calibration.propagate import layer_output, propagate
 from .calibration.store import CalibrationStore
 from .config import Settings
+from .distributed import ReducedOracle, is_main, reduce_means, world
 from .errors import FailedRun, UsageError
 from .evaluate import mean_kl_of
 from .files import dumps, load_mapping, write_atomically
@@ -119,14 +120,16 @@ class ProgressJournal:
 
     def record(self, layer: LayerPlan) -> None:
         self.layers[layer.layer] = layer
-        data = {"fingerprint": self.fingerprint, "layers": [asdict(lp) for lp in self.layers.values()]}
-        write_atomically(self.path, dumps(data, "json"))
+        if is_main():  # every rank holds the same decisions; one writes them
+            data = {"fingerprint": self.fingerprint, "layers": [asdict(lp) for lp in self.layers.values()]}
+            write_atomically(self.path, dumps(data, "json"))
         stop = os.environ.get("MOE_SPARSIFY_STOP_AFTER_LAYER")
         if stop is not None and int(stop) == layer.layer:
             raise FailedRun(f"stopped after layer {layer.layer} (MOE_SPARSIFY_STOP_AFTER_LAYER); rerun to resume")
 
     def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if is_main():
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -184,7 +187,8 @@ class EndToEndRescorer:
                 with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
                     pruned = self._log_probs(step, step.index)
                 divergences.append(mean_kl_of(self.reference, pruned, self.divergence))
-            return divergences
+            # Under torchrun each rank scored its own sequences: weight their means by token counts.
+            return reduce_means(divergences, sum(ref[..., 0].numel() for ref in self.reference))
 
         return rescore
 
@@ -232,7 +236,8 @@ def plan_pruning(
             shortlist=settings.e2e_shortlist,
             rescore=rescorer.for_layer(step) if rescorer else None,
         )
-        result = run_strategy(strategy, SubsetLoss(stats), keep, ctx)
+        oracle = SubsetLoss(stats)
+        result = run_strategy(strategy, ReducedOracle(oracle) if world()[1] > 1 else oracle, keep, ctx)
         timings.append(LayerTiming(index, mid - start, time.perf_counter() - mid))
         decision = LayerPlan(
             layer=index,
@@ -254,7 +259,10 @@ def plan_pruning(
             for index in adapter.moe_layers(model):
                 home = next(layers[index].parameters()).device
                 layer = layers[index].to(device)
-                inputs = store.layer_inputs(index).to(device=device, dtype=next(layer.parameters()).dtype)
+                stored = store.layer_inputs(index)
+                rank, size = world()  # this rank's share of the sequences, as with sampled tokens
+                stored = stored.view(-1, settings.seq_len, stored.shape[-1])[rank::size].reshape(-1, stored.shape[-1])
+                inputs = stored.to(device=device, dtype=next(layer.parameters()).dtype)
                 decide(index, adapter.moe_block(layer), _chunks(inputs, settings.batch_size * settings.seq_len))
                 layer.to(home)
                 if progress:

@@ -297,3 +297,33 @@ def test_interrupted_prune_resumes_to_the_identical_plan(tmp_path, monkeypatch):
     assert json.loads(resumed.stdout)["resumed_layers"] == [0, 1]
     assert out.read_bytes() == (tmp_path / "whole.yaml").read_bytes()
     assert not journal.exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--strategy", "greedy", "--mode", "progressive"], ["--strategy", "reap"]])
+def test_torchrun_with_two_gloo_processes_gives_the_single_process_plan(tmp_path, extra):
+    import subprocess
+    import sys
+
+    import yaml
+
+    args = ["prune", "--model", "tiny", "--keep", 5, "--plan-only", "--device", "cpu", *FAST, *extra]
+    assert run(*args, "-o", tmp_path / "single.yaml").exit_code == 0
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port on this machine
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "moe_sparsify",
+        *map(str, args),
+        "-o",
+        str(tmp_path / "two.yaml"),
+    ]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, two = (yaml.safe_load((tmp_path / name).read_text()) for name in ("single.yaml", "two.yaml"))
+    assert [lp["kept"] for lp in two["layers"]] == [lp["kept"] for lp in single["layers"]]
+    for a, b in zip(single["layers"], two["layers"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)

@@ -1,0 +1,89 @@
+"""Spreading one prune over processes with torch.distributed (torchrun; NCCL on GPUs, gloo on CPUs).
+
+Every rank samples the same calibration windows and keeps its share of the
+sequences (rank, rank + world, ...). Each rank builds its own Gram statistics;
+`ReducedOracle` adds up the per-rank sums (subset losses, greedy removal
+losses, routing counts, REAP numerators) with all-reduce, so every rank sees
+the same numbers and takes the same decision. Rank 0 writes the outputs.
+
+    torchrun --nproc_per_node 2 -m moe_sparsify prune --model tiny --keep 6 --device cpu
+    torchrun --nnodes 2 --node_rank N --master_addr HOST --nproc_per_node 8 -m moe_sparsify prune ...
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(device: torch.device) -> None:
+    """Join the process group torchrun describes in the environment (no-op when run alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def shard(token_ids: torch.Tensor) -> torch.Tensor:
+    rank, size = world()
+    return token_ids[rank::size]
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in float64 on the CPU (gloo) or the tensor's device (NCCL)."""
+    if world()[1] == 1:
+        return tensor
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    out = tensor.detach().to(device=backend_device, dtype=torch.float64).clone()
+    dist.all_reduce(out)
+    return out.to(tensor.device)
+
+
+def reduce_means(values: list[float], count: int) -> list[float]:
+    """Token-weighted means over ranks of per-rank means taken over `count` tokens each."""
+    if world()[1] == 1:
+        return values
+    sums = all_sum(torch.tensor([v * count for v in values] + [float(count)], dtype=torch.float64))
+    return (sums[:-1] / sums[-1]).tolist()
+
+
+class ReducedOracle:
+    """A `SubsetLoss` whose answers cover every rank's tokens."""
+
+    def __init__(self, oracle):
+        self.oracle = oracle
+        self.num_experts = oracle.num_experts
+        self.local_tokens = oracle.stats.num_tokens
+        self.total_tokens = all_sum(torch.tensor([float(self.local_tokens)]))[0].item()
+
+    def _mean(self, local_mean: torch.Tensor) -> torch.Tensor:
+        return all_sum(local_mean * self.local_tokens) / self.total_tokens
+
+    def __call__(self, keep: torch.Tensor) -> torch.Tensor:
+        return self._mean(self.oracle(keep))
+
+    def removal_losses(self, keep: torch.Tensor) -> torch.Tensor:
+        local = self.oracle.removal_losses(keep)
+        gone = torch.isinf(local)  # experts not kept: the same on every rank
+        return self._mean(local.masked_fill(gone, 0.0)).masked_fill(gone, float("inf"))
+
+    def selection_counts(self) -> torch.Tensor:
+        return all_sum(self.oracle.selection_counts()).round().long()
+
+    def reap_saliency(self) -> torch.Tensor:
+        return all_sum(self.oracle.reap_sums()) / self.selection_counts().clamp_min(1)
+
+    def min_keep(self) -> int:
+        return self.oracle.min_keep()
