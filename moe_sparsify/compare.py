@@ -13,7 +13,6 @@ reported with their spread (min-max over repeats).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .models import load_model, resolve_model_dir
 from .plan import Plan, load_plan
 from .skipping import disable_skipping, enable_skipping, skip_fractions
 from .thresholds import SkipThresholds, load_thresholds
+from .timing import timed
 
 
 @dataclass
@@ -88,17 +88,8 @@ class skipping_if:
             disable_skipping(self.variant.model, self.variant.adapter)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+def timed_s(fn, device) -> float:
+    return timed(fn, device)[0]
 
 
 @torch.no_grad()
@@ -117,9 +108,9 @@ def measure_speed(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with skipping_if(v):
-                prefill = _timed(lambda v=v: v.model(input_ids=prompt, use_cache=False), device)
-                one = _timed(lambda v=v: v.model.generate(prompt, max_new_tokens=1, do_sample=False), device)
-                full = _timed(
+                prefill = timed_s(lambda v=v: v.model(input_ids=prompt, use_cache=False), device)
+                one = timed_s(lambda v=v: v.model.generate(prompt, max_new_tokens=1, do_sample=False), device)
+                full = timed_s(
                     lambda v=v: v.model.generate(
                         prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
                     ),

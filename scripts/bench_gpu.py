@@ -46,21 +46,9 @@ from moe_sparsify.prune import layer_stats  # noqa: E402
 from moe_sparsify.search import SearchContext, exhaustive  # noqa: E402
 from moe_sparsify.skipping import disable_skipping, enable_skipping, skip_fractions  # noqa: E402
 from moe_sparsify.thresholds import SkipThresholds, model_fingerprint, profile  # noqa: E402
+from moe_sparsify.timing import timed  # noqa: E402
 
 MIXTRAL_LAYERS = 32
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
 
 
 def build_checkpoint(args, directory: Path, dtype: torch.dtype) -> float:

@@ -28,7 +28,6 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,39 +39,35 @@ from moe_sparsify.adapters import adapter_for  # noqa: E402
 from moe_sparsify.objective import SubsetLoss  # noqa: E402
 from moe_sparsify.prune import layer_stats  # noqa: E402
 from moe_sparsify.search import SearchContext, exhaustive, greedy  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from moe_sparsify.timing import timed  # noqa: E402
 
 
 def fast_search(adapter, block, x, keep, chunk, device):
-    sync(device)
-    start = time.perf_counter()
-    stats = layer_stats(adapter, block, x.split(chunk), keep)
-    result = exhaustive(SubsetLoss(stats), keep, SearchContext(layer=0))
-    sync(device)
-    return time.perf_counter() - start, result
+    def search():
+        stats = layer_stats(adapter, block, x.split(chunk), keep)
+        return exhaustive(SubsetLoss(stats), keep, SearchContext(layer=0))
+
+    return timed(search, device)
 
 
 def naive_search(adapter, block, x, keep, chunk, device):
     """The paper's way: a masked forward per subset, loss against the full output."""
     n = adapter.num_experts
-    sync(device)
-    start = time.perf_counter()
-    reference = [adapter.routed_forward(block, part, None) for part in x.split(chunk)]
-    losses = []
-    for subset in itertools.combinations(range(n), keep):
-        mask = torch.zeros(n, dtype=torch.bool, device=device)
-        mask[list(subset)] = True
-        loss = sum(
-            ((adapter.routed_forward(block, part, mask) - ref).float() ** 2).sum()
-            for part, ref in zip(x.split(chunk), reference)
-        )
-        losses.append((loss.item() / len(x), subset))
-    sync(device)
-    return time.perf_counter() - start, min(losses)
+
+    def search():
+        reference = [adapter.routed_forward(block, part, None) for part in x.split(chunk)]
+        losses = []
+        for subset in itertools.combinations(range(n), keep):
+            mask = torch.zeros(n, dtype=torch.bool, device=device)
+            mask[list(subset)] = True
+            loss = sum(
+                ((adapter.routed_forward(block, part, mask) - ref).float() ** 2).sum()
+                for part, ref in zip(x.split(chunk), reference)
+            )
+            losses.append((loss.item() / len(x), subset))
+        return min(losses)
+
+    return timed(search, device)
 
 
 def many_experts(args, device, dtype) -> dict:
@@ -91,20 +86,16 @@ def many_experts(args, device, dtype) -> dict:
         torch.nn.init.normal_(p, std=args.hidden**-0.5)
     adapter = adapter_for(config)
     x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
-    with torch.no_grad():
-        sync(device)
-        start = time.perf_counter()
+
+    def all_experts():
         for part in x.split(args.chunk):
             for e in range(64):
                 adapter.expert_forward(block, part, e)
-        sync(device)
-        all_expert_s = time.perf_counter() - start
-        start = time.perf_counter()
-        stats = layer_stats(adapter, block, x.split(args.chunk), args.many_keep)
-        stats_s = time.perf_counter() - start
-        result = greedy(SubsetLoss(stats), args.many_keep, SearchContext(layer=0))
-        sync(device)
-        greedy_s = time.perf_counter() - start - stats_s
+
+    with torch.no_grad():
+        all_expert_s, _ = timed(all_experts, device)
+        stats_s, stats = timed(lambda: layer_stats(adapter, block, x.split(args.chunk), args.many_keep), device)
+        greedy_s, result = timed(lambda: greedy(SubsetLoss(stats), args.many_keep, SearchContext(layer=0)), device)
     return {
         "experts": 64,
         "top_k": 8,

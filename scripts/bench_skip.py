@@ -26,7 +26,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,31 +45,19 @@ from moe_sparsify.thresholds import (  # noqa: E402
     profile,
     routing_weights,
 )
+from moe_sparsify.timing import timed  # noqa: E402
 
 MEDIAN = {"kind": "quantile", "value": 0.5}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def interleaved(stock, skipping, model, thresholds, device, repeats: int) -> tuple[float, float]:
     """Median seconds of each, alternating so drifts in machine load hit both."""
     times = {"stock": [], "skip": []}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
-        times["stock"].append(timed(stock, device))
+        times["stock"].append(timed(stock, device)[0])
         enable_skipping(model, thresholds)
         try:
-            times["skip"].append(timed(skipping, device))
+            times["skip"].append(timed(skipping, device)[0])
         finally:
             disable_skipping(model)
     return statistics.median(times["stock"][1:]), statistics.median(times["skip"][1:])
