@@ -62,6 +62,18 @@ FAMILIES = {
     "olmoe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
     "deepseek_v2": dict(DEEPSEEK, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.5),
     "deepseek_v3": dict(DEEPSEEK, q_lora_rank=16, n_group=2, topk_group=2, routed_scaling_factor=2.5),
+    "dots1": dict(DEEPSEEK, q_lora_rank=None, n_group=1, topk_group=1, routed_scaling_factor=2.0, norm_topk_prob=True),
+    "glm4_moe": dict(
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.5,
+        head_dim=8,
+    ),
+    "flex_olmo": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
     "gpt_oss": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16),
 }
 

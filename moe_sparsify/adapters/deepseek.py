@@ -32,7 +32,8 @@ from .base import MoEAdapter
 
 
 class DeepseekAdapter(MoEAdapter):
-    model_types = ("deepseek_v2", "deepseek_v3")
+    # dots1 and GLM-4-MoE route exactly like DeepSeek-V3 (tested from their config classes).
+    model_types = ("deepseek_v2", "deepseek_v3", "dots1", "glm4_moe")
     expert_count_keys = ("n_routed_experts",)
 
     def __init__(self, config):
