@@ -23,7 +23,11 @@ from .distributed import is_main
 from .errors import MoeSparsifyError
 from .plan import load_plan
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Slim Mixture-of-Experts language models: prune experts exactly, skip experts at run time, compare.",
+)
 
 ModelOpt = Annotated[
     Optional[str], typer.Option("--model", help="Alias (configs/models.yaml), model directory or hub id.")
