@@ -163,7 +163,10 @@ class EndToEndRescorer:
         divergence: str = "kl",
     ):
         self.model, self.adapter, self.device, self.divergence = model, adapter, device, divergence
-        self.batches = -(-samples // batch_size)
+        # Under torchrun each rank holds every world-th sequence: its first samples/world of them make up
+        # the same first `samples` sequences a single process would score.
+        per_rank = -(-samples // world()[1])
+        self.batches = -(-per_rank // batch_size)
         self.reference: list[torch.Tensor] | None = None
 
     def _log_probs(self, step, start: int) -> list[torch.Tensor]:

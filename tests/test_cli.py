@@ -299,7 +299,10 @@ def test_interrupted_prune_resumes_to_the_identical_plan(tmp_path, monkeypatch):
     assert not journal.exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--strategy", "greedy", "--mode", "progressive"], ["--strategy", "reap"]])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--strategy", "greedy", "--mode", "progressive"], ["--strategy", "reap"], ["--strategy", "e2e"]],
+)
 def test_torchrun_with_two_gloo_processes_gives_the_single_process_plan(tmp_path, extra):
     import subprocess
     import sys
