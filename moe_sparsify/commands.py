@@ -194,6 +194,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
     result["processes"] = world()[1]
+    result["settings"] = settings.to_dict()  # the resolved settings: defaults, alias, YAML and flags merged
     if not is_main():  # rank 0 writes; the others end here with the same decisions
         result.update(output=None, plan=None)
     elif settings.plan_only:
