@@ -246,7 +246,9 @@ def eval_(
     report: Annotated[
         Optional[Path], typer.Option("--report", help="With --compare: write JSON and charts here.")
     ] = None,
-    batch: Annotated[Optional[int], typer.Option("--batch", help="With --compare: sequences per timed call.")] = None,
+    batch: Annotated[
+        Optional[str], typer.Option("--batch", help="With --compare: batch sizes to time, e.g. 1,8 (first = headline).")
+    ] = None,
     prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", help="With --compare: prompt tokens.")] = None,
     new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="With --compare: tokens generated.")] = None,
     repeats: Annotated[Optional[int], typer.Option("--repeats", help="With --compare: timed rounds.")] = None,
@@ -302,6 +304,11 @@ def _compare_table(result: dict) -> None:
             share,
         )
     commands.stderr.print(table)
+    for extra in setup["batches"][1:]:
+        speedups = ", ".join(
+            f"{r['variant']} {r['speed'][str(extra)]['decode_speedup']:.2f}x" for r in result["variants"]
+        )
+        commands.stderr.print(f"decode speed-up at batch {extra}: {speedups}")
     for r in result["variants"]:
         for task, metrics in r.get("harness", {}).get("tasks", {}).items():
             commands.stderr.print(f"{r['variant']} {task}: {_metrics(metrics)}")

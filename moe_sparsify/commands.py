@@ -392,10 +392,9 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
     if len({len(t) for t in tokenizers}) != 1:
         raise UsageError("the variants use different tokenizers; compare variants of one model")
     stream = token_stream(tokenizers[0], load_documents(settings.eval_text))
-    needed = settings.speed_batch * settings.prompt_len
+    needed = max(settings.speed_batch) * settings.prompt_len
     if len(stream) < needed:
         raise UsageError(f"{settings.eval_text} holds {len(stream)} tokens, fewer than the {needed} the prompts need")
-    prompt = stream[:needed].reshape(settings.speed_batch, settings.prompt_len)
     with progress_bar(show_progress) as progress:
         harness = None
         if settings.tasks:
@@ -404,7 +403,13 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
                 return _harness(settings, model, tokenizers[0], device)
 
         cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress, harness)
-        cmp.measure_speed(variants, prompt, settings.new_tokens, settings.repeats, device, progress)
+        for i, batch in enumerate(settings.speed_batch):
+            prompt = stream[: batch * settings.prompt_len].reshape(batch, settings.prompt_len)
+            measured = cmp.measure_speed(variants, prompt, settings.new_tokens, settings.repeats, device, progress)
+            for v in variants:
+                v.results.setdefault("speed", {})[str(batch)] = measured[v.name]
+                if i == 0:  # the first batch size is the headline (table, charts)
+                    v.results.update(measured[v.name])
     rows = []
     for v in variants:
         rows.append({**cmp.describe(v), **v.results})
@@ -415,7 +420,8 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
             "text": settings.eval_text,
             "window": settings.eval_window,
             "stride": settings.eval_stride,
-            "batch": settings.speed_batch,
+            "batch": settings.speed_batch[0],
+            "batches": settings.speed_batch,
             "prompt_len": settings.prompt_len,
             "new_tokens": settings.new_tokens,
             "repeats": settings.repeats,

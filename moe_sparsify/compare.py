@@ -95,9 +95,10 @@ def timed_s(fn, device) -> float:
 @torch.no_grad()
 def measure_speed(
     variants: list[Variant], prompt: torch.Tensor, new_tokens: int, repeats: int, device: torch.device, progress=None
-) -> None:
-    """prefill tokens/s (one forward over the prompt batch) and decode tokens/s (greedy generation of
-    `new_tokens` minus generation of 1, per generated token of the batch)."""
+) -> dict[str, dict]:
+    """Per variant: prefill tokens/s (one forward over the prompt batch) and decode tokens/s (greedy
+    generation of `new_tokens` minus generation of 1, per generated token of the batch), with spreads
+    and speed-ups against the first variant."""
     prompt = prompt.to(device)
     batch = prompt.shape[0]
     times = {v.name: {"prefill": [], "one": [], "full": []} for v in variants}
@@ -131,17 +132,20 @@ def measure_speed(
             "decode": [batch * (new_tokens - 1) / max(f - o, 1e-9) for f, o in zip(t["full"], t["one"])],
         }
     baseline = rates[variants[0].name]
+    measured: dict[str, dict] = {}
     for v in variants:
+        out = measured[v.name] = {}
         if device.type == "cuda":  # on CPUs the process RSS mixes all variants: see weights_bytes instead
-            v.results["cuda_peak_allocated_bytes"] = peak[v.name]
+            out["cuda_peak_allocated_bytes"] = peak[v.name]
         for kind, values in rates[v.name].items():
             # Speed-ups are taken round by round against the baseline timed in the same round: machine
             # speed drifts between runs (tens of percent on shared machines), their ratio much less.
             ratios = [a / b for a, b in zip(values, baseline[kind])]
-            v.results[f"{kind}_tokens_per_s"] = statistics.median(values)
-            v.results[f"{kind}_spread"] = [min(values), max(values)]
-            v.results[f"{kind}_speedup"] = statistics.median(ratios)
-            v.results[f"{kind}_speedup_spread"] = [min(ratios), max(ratios)]
+            out[f"{kind}_tokens_per_s"] = statistics.median(values)
+            out[f"{kind}_spread"] = [min(values), max(values)]
+            out[f"{kind}_speedup"] = statistics.median(ratios)
+            out[f"{kind}_speedup_spread"] = [min(ratios), max(ratios)]
+    return measured
 
 
 def measure_quality(

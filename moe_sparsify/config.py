@@ -55,7 +55,7 @@ class Settings:
     task_dirs: list[str] = field(default_factory=list)  # eval: directories of lm-eval task YAML
     num_fewshot: int | None = None  # eval: the harness default per task when unset
     task_limit: int | None = None  # eval: documents per task (for quick runs)
-    speed_batch: int = 1  # eval --compare: sequences per timed forward / generate
+    speed_batch: list[int] = field(default_factory=lambda: [1])  # eval --compare: batch sizes (first = headline)
     prompt_len: int = 64  # eval --compare: prompt tokens per sequence
     new_tokens: int = 32  # eval --compare: greedy tokens generated per sequence
     repeats: int = 3  # eval --compare: timed rounds after one warm-up round
@@ -91,7 +91,6 @@ def _validate(s: Settings) -> list[str]:
         "eval_stride",
         "e2e_shortlist",
         "e2e_samples",
-        "speed_batch",
         "prompt_len",
         "repeats",
     ):
@@ -114,6 +113,16 @@ def _validate(s: Settings) -> list[str]:
             setattr(s, name, [part for part in value.split(",") if part])
         elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             errors.append(f"{name}: must be a list of names, got {value!r}")
+    batches = s.speed_batch
+    if isinstance(batches, (int, str)):
+        try:
+            batches = [int(b) for b in str(batches).split(",") if b]
+        except ValueError:
+            batches = None
+    if not batches or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches):
+        errors.append(f"speed_batch: must be positive integers, e.g. 1,8, got {s.speed_batch!r}")
+    else:
+        s.speed_batch = batches
     for name in ("num_fewshot", "task_limit"):
         value = getattr(s, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

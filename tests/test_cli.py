@@ -233,7 +233,21 @@ def test_eval_compare_table_json_and_report(tmp_path):
     out = tmp_path / "keep6"
     assert run("prune", "--model", "tiny", "--keep", 6, "--output", out, *FAST).exit_code == 0
     assert run("skip-profile", "--model", out, "-o", out / "moe_sparsify_thresholds.json", *FAST).exit_code == 0
-    args = ["eval", "--compare", "tiny", out, f"{out}+skip", "--repeats", 1, "--new-tokens", 4, "--prompt-len", 16]
+    args = [
+        "eval",
+        "--compare",
+        "tiny",
+        out,
+        f"{out}+skip",
+        "--repeats",
+        1,
+        "--new-tokens",
+        4,
+        "--prompt-len",
+        16,
+        "--batch",
+        "1,2",
+    ]
     result = run(*args, "--report", tmp_path / "report", "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
@@ -242,6 +256,8 @@ def test_eval_compare_table_json_and_report(tmp_path):
     assert data["variants"][1]["perplexity"] > data["variants"][0]["perplexity"]
     assert set(data["variants"][2]["skip_fraction"]) == {"0", "1", "2", "3"}
     assert data["setup"]["device"] == "cpu" and data["setup"]["repeats"] == 1
+    assert all(set(v["speed"]) == {"1", "2"} for v in data["variants"])
+    assert data["variants"][0]["speed"]["2"]["prefill_speedup"] == 1.0
     for name in (
         "comparison.json",
         "quality_vs_parameters.png",
