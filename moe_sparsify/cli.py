@@ -177,6 +177,9 @@ def prune(
         Optional[int], typer.Option("--max-subsets", help="Exhaustive search limit per layer.")
     ] = None,
     beam: Annotated[Optional[int], typer.Option("--beam", help="Greedy beam width.")] = None,
+    stream: Annotated[
+        Optional[bool], typer.Option("--stream", help="Load one decoder layer at a time from disk (large models).")
+    ] = None,
 ):
     """Choose the experts to keep per layer and write the slimmed checkpoint (or only the plan)."""
     settings = _settings(config, locals())

@@ -26,11 +26,12 @@ from .distributed import init_from_env, is_main, shard, world
 from .errors import UsageError
 from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
-from .models import load_config, load_model, pick_device, pick_dtype, resolve_model_dir
-from .plan import Plan, load_plan
+from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from .plan import ModelIdentity, Plan, load_plan
 from .prune import ProgressJournal, check_keep, model_identity, plan_pruning, search_fingerprint
 from .routing import check_skip_rule, default_skip_rule
 from .skipping import disable_skipping, enable_skipping, skip_fractions
+from .streaming import StreamedModel
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
 
 stderr = Console(stderr=True)
@@ -58,8 +59,20 @@ def _model_name(settings: Settings) -> str:
     return Path(settings.model.rstrip("/")).name
 
 
+def _peak_rss_bytes() -> int:
+    """This program's peak resident set size. Linux's VmHWM starts afresh at exec; ru_maxrss keeps the
+    high-water mark of whatever process forked us (a benchmark holding a model, say)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_bytes(device: torch.device) -> dict:
-    peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peak = {"cpu_rss_bytes": _peak_rss_bytes()}
     if device.type == "cuda":
         peak["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return peak
@@ -137,10 +150,12 @@ def _open_store(settings: Settings) -> CalibrationStore | None:
     return None
 
 
-def _tokens_from(store: CalibrationStore | None, job: Job, model, tokenizer) -> tuple[torch.Tensor, dict]:
+def _tokens_from(
+    store: CalibrationStore | None, job: Job, model, tokenizer, identity: ModelIdentity | None = None
+) -> tuple[torch.Tensor, dict]:
     """Calibration tokens and their manifest (with its hash), from a stored calibration or sampled now."""
     if store is not None:
-        identity = model_identity(model, job.adapter)
+        identity = identity or model_identity(model, job.adapter)
         store.check_model(
             {
                 "model_type": identity.model_type,
@@ -170,10 +185,16 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     else:
         check_target(job.model_dir, output, settings.overwrite)
     store = _open_store(settings)
-    model, tokenizer = load_model(job.model_dir, job.dtype)
-    token_ids, manifest = _tokens_from(store, job, model, tokenizer)
+    residency, router_weights = None, None
+    if settings.stream:  # decoder layers stay on disk until used, one at a time
+        residency = StreamedModel(job.model_dir, job.adapter, job.dtype)
+        model, tokenizer, router_weights = residency.model, load_tokenizer(job.model_dir), residency.router_weights()
+    else:
+        model, tokenizer = load_model(job.model_dir, job.dtype)
+    identity = model_identity(model, job.adapter, router_weights)
+    token_ids, manifest = _tokens_from(store, job, model, tokenizer, identity)
     loaded = time.perf_counter()
-    fingerprint = search_fingerprint(settings, manifest, model_identity(model, job.adapter))
+    fingerprint = search_fingerprint(settings, manifest, identity)
     journal = ProgressJournal(output.with_name(output.name + ".progress.json"), fingerprint)
     resumed = sorted(journal.layers)
     local_tokens = shard(token_ids)
@@ -190,6 +211,8 @@ def prune(settings: Settings, show_progress: bool) -> dict:
             store=store,
             progress=progress,
             journal=journal,
+            residency=residency,
+            identity=identity,
         )
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
@@ -209,6 +232,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
             model,
             token_ids[: settings.verify_samples],
             overwrite=settings.overwrite,
+            streamed=settings.stream,
         )
         result.update(
             output=str(output),

@@ -44,6 +44,7 @@ class Settings:
     overwrite: bool = False
     plan_only: bool = False
     from_calibration: str | None = None  # a directory written by `calibrate`
+    stream: bool = False  # prune: keep decoder layers on disk, load one at a time (models larger than memory)
     verify_samples: int = 4  # calibration sequences the exported checkpoint is checked on
     skip_rule: str | None = None  # ratio (top-2, the paper) or tail (top-k); default by top_k
     quantile: float | None = None  # skip-profile statistic; 0.5 (the paper's median) unless target_skip

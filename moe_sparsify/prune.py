@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import MoEAdapter
-from .calibration.propagate import layer_output, propagate
+from .calibration.propagate import Resident, layer_output, propagate
 from .calibration.store import CalibrationStore
 from .config import Settings
 from .distributed import ReducedOracle, is_main, reduce_means, world
@@ -44,14 +44,14 @@ def check_keep(adapter: MoEAdapter, keep: int | None) -> int:
     return keep
 
 
-def model_identity(model: nn.Module, adapter: MoEAdapter) -> ModelIdentity:
+def model_identity(model: nn.Module, adapter: MoEAdapter, router_weights: dict | None = None) -> ModelIdentity:
     return ModelIdentity(
         model_type=adapter.config.model_type,
         num_layers=len(adapter.decoder_layers(model)),
         num_experts=adapter.num_experts,
         top_k=adapter.top_k,
         moe_layers=adapter.moe_layers(model),
-        router_sha256=adapter.router_fingerprint(model),
+        router_sha256=adapter.router_fingerprint(model, weights=router_weights),
     )
 
 
@@ -161,8 +161,10 @@ class EndToEndRescorer:
         batch_size: int,
         device: torch.device,
         divergence: str = "kl",
+        residency=None,
     ):
         self.model, self.adapter, self.device, self.divergence = model, adapter, device, divergence
+        self.residency = residency or Resident(model, adapter)
         # Under torchrun each rank holds every world-th sequence: its first samples/world of them make up
         # the same first `samples` sequences a single process would score.
         per_rank = -(-samples // world()[1])
@@ -170,15 +172,16 @@ class EndToEndRescorer:
         self.reference: list[torch.Tensor] | None = None
 
     def _log_probs(self, step, start: int) -> list[torch.Tensor]:
+        """Layers start..end over the cached batches; the later layers visit the device one at a time."""
         layers = self.adapter.decoder_layers(self.model)
-        out = []
-        for hidden, kwargs in step.batches[: self.batches]:
-            for layer in layers[start:]:
-                home = next(layer.parameters()).device
-                hidden = layer_output(layer.to(self.device)(hidden, **kwargs))
-                layer.to(home)
-            out.append(torch.log_softmax(self.adapter.final_logits(self.model, hidden).float(), dim=-1))
-        return out
+        batches = step.batches[: self.batches]
+        states = [hidden for hidden, _ in batches]
+        for index in range(start, len(layers)):
+            layer = layers[index] if index == start else self.residency.load_layer(index, self.device)
+            states = [layer_output(layer(hidden, **kwargs)) for hidden, (_, kwargs) in zip(states, batches)]
+            if index != start:
+                self.residency.release_layer(index)
+        return [torch.log_softmax(self.adapter.final_logits(self.model, h).float(), dim=-1) for h in states]
 
     def for_layer(self, step) -> Rescorer:
         if self.reference is None:
@@ -207,7 +210,12 @@ def plan_pruning(
     store: CalibrationStore | None = None,
     progress=None,
     journal: ProgressJournal | None = None,
+    residency=None,
+    identity: ModelIdentity | None = None,
 ) -> tuple[Plan, list[LayerTiming]]:
+    """residency: how decoder layers reach the device (default: held in memory; `StreamedModel` reads
+    them from disk one at a time)."""
+    residency = residency or Resident(model, adapter)
     keep = check_keep(adapter, settings.keep)
     strategy = resolve_strategy(settings.strategy, adapter.num_experts, keep, settings.max_subsets)
     layers_out: list[LayerPlan] = []
@@ -217,7 +225,7 @@ def plan_pruning(
     rescorer = None
     if end_to_end:
         rescorer = EndToEndRescorer(
-            model, adapter, settings.e2e_samples, settings.batch_size, device, settings.e2e_divergence
+            model, adapter, settings.e2e_samples, settings.batch_size, device, settings.e2e_divergence, residency
         )
     mode = "progressive" if end_to_end else settings.mode  # e2e scores each layer with the earlier ones pruned
 
@@ -260,14 +268,13 @@ def plan_pruning(
             layers = adapter.decoder_layers(model)
             task = progress.add_task("layers", total=len(layers)) if progress else None
             for index in adapter.moe_layers(model):
-                home = next(layers[index].parameters()).device
-                layer = layers[index].to(device)
+                layer = residency.load_layer(index, device)
                 stored = store.layer_inputs(index)
                 rank, size = world()  # this rank's share of the sequences, as with sampled tokens
                 stored = stored.view(-1, settings.seq_len, stored.shape[-1])[rank::size].reshape(-1, stored.shape[-1])
                 inputs = stored.to(device=device, dtype=next(layer.parameters()).dtype)
                 decide(index, adapter.moe_block(layer), _chunks(inputs, settings.batch_size * settings.seq_len))
-                layer.to(home)
+                residency.release_layer(index)
                 if progress:
                     progress.advance(task)
         else:
@@ -278,12 +285,19 @@ def plan_pruning(
                 return kept if progressive else None
 
             propagate(
-                model, adapter, token_ids, on_layer, batch_size=settings.batch_size, device=device, progress=progress
+                model,
+                adapter,
+                token_ids,
+                on_layer,
+                batch_size=settings.batch_size,
+                device=device,
+                progress=progress,
+                residency=residency,
             )
 
     plan = Plan(
         source=settings.model,
-        model=model_identity(model, adapter),
+        model=identity or model_identity(model, adapter),
         strategy=strategy,
         mode=mode,
         seed=settings.seed,

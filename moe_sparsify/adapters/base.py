@@ -206,11 +206,17 @@ class MoEAdapter:
                 config[key] = keep
         return changes
 
-    def router_fingerprint(self, model: nn.Module, kept: dict[int, list[int]] | None = None) -> str:
-        """sha256 of the router weights in float32: of `model`, or of the model `kept` would export."""
+    def router_fingerprint(
+        self, model: nn.Module, kept: dict[int, list[int]] | None = None, weights: dict | None = None
+    ) -> str:
+        """sha256 of the router weights in float32: of `model`, or of the model `kept` would export.
+        `weights` supplies them per MoE layer where the model's own are not in memory (streaming)."""
         digest = hashlib.sha256()
         for index in self.moe_layers(model):
-            weight = self.router_weight(self.moe_block(self.decoder_layers(model)[index])).detach().float().cpu()
+            weight = (
+                weights[index] if weights else self.router_weight(self.moe_block(self.decoder_layers(model)[index]))
+            )
+            weight = weight.detach().float().cpu()
             if kept and index in kept:
                 weight = weight[kept[index]]
             digest.update(weight.contiguous().numpy().tobytes())

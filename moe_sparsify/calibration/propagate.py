@@ -85,6 +85,21 @@ def place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.
             module._buffers[name] = buf.to(device)
 
 
+class Resident:
+    """Decoder layers held in (CPU) memory: a layer visits the compute device while it is used.
+    `streaming.StreamedModel` offers the same two calls for layers read from disk instead."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter):
+        self.model, self.layers = model, adapter.decoder_layers(model)
+        self.home = next(self.layers[0].parameters()).device
+
+    def load_layer(self, index: int, device: torch.device) -> nn.Module:
+        return self.layers[index].to(device)
+
+    def release_layer(self, index: int) -> None:
+        self.layers[index].to(self.home)
+
+
 @torch.no_grad()
 def propagate(
     model: nn.Module,
@@ -95,15 +110,17 @@ def propagate(
     batch_size: int,
     device: torch.device,
     progress: Progress | None = None,
-) -> None:
+    residency=None,
+) -> list[tuple[torch.Tensor, dict]]:
+    """Returns the last layer's outputs per batch (with their layer kwargs)."""
+    residency = residency or Resident(model, adapter)
     layers = adapter.decoder_layers(model)
-    home = next(layers[0].parameters()).device
+    home = next(p.device for p in model.parameters() if p.device.type != "meta")
     place_outside_layers(model, layers, device)
-    layers[0].to(device)
     batches = catch_layer0_inputs(model, adapter, token_ids, batch_size, device)
     task = progress.add_task("layers", total=len(layers)) if progress else None
-    for index, layer in enumerate(layers):
-        layer.to(device)
+    for index in range(len(layers)):
+        layer = residency.load_layer(index, device)
         block = adapter.moe_block(layer)
         captured: list[torch.Tensor] = []
         handle = None
@@ -120,7 +137,8 @@ def propagate(
                 with adapter.pruned_view(model, {index: kept}):
                     outputs = [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
-        layer.to(home)
+        residency.release_layer(index)
         if progress:
             progress.advance(task)
     place_outside_layers(model, layers, home)
+    return batches

@@ -1,0 +1,165 @@
+"""Models larger than memory: a meta-device skeleton whose decoder layers are loaded one at a time.
+
+`StreamedModel` builds the model on the meta device, loads only what lies
+outside the decoder layers (embeddings, final norm, head, rotary tables), and
+materialises one decoder layer at a time from the safetensors shards
+(`load_layer`), releasing it back to the meta device afterwards
+(`release_layer`). Checkpoints in the hub's per-expert layout are stacked
+into the fused 3-D expert tensors that transformers 5.x modules hold, as
+transformers' own loader does. Peak memory is about one decoder layer plus
+the activations, whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .adapters import MoEAdapter
+
+INDEX = "model.safetensors.index.json"
+_PER_EXPERT = re.compile(
+    r"^(?P<head>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
+_GATE, _UP, _DOWN = ("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")
+# Legacy module names on disk -> names in transformers 5.x modules.
+_RENAMES = ((".block_sparse_moe.", ".mlp."),)
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint by name, read one at a time."""
+
+    def __init__(self, model_dir: Path):
+        model_dir = Path(model_dir)
+        index = model_dir / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(model_dir / "model.safetensors", framework="pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
+        self.dir, self.weight_map = model_dir, weight_map
+        self._handles: dict[str, object] = {}
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(name for name in self.weight_map if name.startswith(prefix))
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.dir / shard, framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+    def close(self) -> None:
+        """Unmap the shards: pages read through an open mapping count as resident memory."""
+        self._handles.clear()
+
+
+def _module_name(name: str) -> str:
+    """A checkpoint tensor's name in transformers 5.x modules (legacy renames applied)."""
+    for old, new in _RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def module_state(reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, named as the module names them, per-expert tensors stacked."""
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name in reader.names(prefix):
+        key = _module_name("." + name[len(prefix) :])[1:]
+        if m := _PER_EXPERT.match(key):
+            experts.setdefault(m["head"], {}).setdefault(int(m["expert"]), {})[m["proj"]] = reader.get(name)
+        else:
+            state[key] = reader.get(name)
+
+    def pick(tensors: dict[str, torch.Tensor], names: tuple[str, str]) -> torch.Tensor:
+        return tensors[names[0]] if names[0] in tensors else tensors[names[1]]
+
+    for head, by_expert in experts.items():
+        ordered = [by_expert[e] for e in sorted(by_expert)]
+        state[f"{head}.gate_up_proj"] = torch.stack([torch.cat([pick(t, _GATE), pick(t, _UP)]) for t in ordered])
+        state[f"{head}.down_proj"] = torch.stack([pick(t, _DOWN) for t in ordered])
+    return state
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put the tensors themselves into the meta module (assign): no second copy of the layer."""
+    targets = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    state = {k: v.to(device=device, dtype=targets[k].dtype) for k, v in state.items() if k in targets}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+class StreamedModel:
+    """A causal LM whose decoder layers live on the meta device until `load_layer`."""
+
+    def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.adapter, self.reader = adapter, CheckpointReader(model_dir)
+        layers = adapter.decoder_layers(self.model)
+        inside = {id(m) for m in layers.modules()}
+        for name, module in list(self.model.named_modules()):
+            if id(module) in inside or not (module._parameters or module._buffers):
+                continue
+            if module._non_persistent_buffers_set:  # e.g. rotary tables: computed, not stored
+                parent_name, _, attr = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), attr, type(module)(config=config))
+                continue
+            stored = [k for k in module._parameters if f"{name}.{k}" in self.reader.weight_map]
+            own = {k: self.reader.get(f"{name}.{k}") for k in stored}
+            module.to_empty(device="cpu", recurse=False)
+            for key, tensor in own.items():
+                module._parameters[key].data.copy_(tensor)
+        if getattr(config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        self.reader.close()
+
+    def load_layer(self, index: int, device: torch.device) -> nn.Module:
+        layer = self.adapter.decoder_layers(self.model)[index]
+        _load_into(layer, module_state(self.reader, f"model.layers.{index}."), device)
+        self.reader.close()
+        return layer
+
+    def release_layer(self, index: int) -> None:
+        self.adapter.decoder_layers(self.model)[index].to("meta")
+
+    def router_weights(self) -> dict[int, torch.Tensor]:
+        """Each MoE layer's router weight, read from the checkpoint alone (that tensor only)."""
+        weights = {}
+        for index in self.adapter.moe_layers(self.model):
+            block = self.adapter.moe_block(self.adapter.decoder_layers(self.model)[index])
+            path = next(n for n, p in self.model.named_parameters() if p is self.adapter.router_weight(block))
+            stored = next(n for n in self.reader.names(f"model.layers.{index}.") if _module_name(n) == path)
+            weights[index] = self.reader.get(stored)
+        self.reader.close()
+        return weights
+
+
+@torch.no_grad()
+def streamed_logits(
+    model_dir: Path, adapter: MoEAdapter, token_ids: torch.Tensor, kept: dict[int, list[int]] | None = None
+) -> torch.Tensor:
+    """float32 CPU logits of a checkpoint (pruned in place to `kept`), one decoder layer in memory at a time."""
+    from .calibration.propagate import propagate
+
+    streamed = StreamedModel(model_dir, adapter, torch.float32)
+    kept = kept or {}
+    cpu = torch.device("cpu")
+    batches = propagate(
+        streamed.model,
+        adapter,
+        token_ids,
+        lambda step: kept.get(step.index),
+        batch_size=len(token_ids),
+        device=cpu,
+        residency=streamed,
+    )
+    return torch.cat([adapter.final_logits(streamed.model, hidden).float() for hidden, _ in batches])
