@@ -45,6 +45,9 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32,
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+StreamOpt = Annotated[
+    Optional[bool], typer.Option("--stream", help="Load one decoder layer at a time from disk (large models).")
+]
 ThresholdsOpt = Annotated[
     Optional[Path], typer.Option("--thresholds", help="Router-threshold file from skip-profile: skip experts.")
 ]
@@ -130,6 +133,7 @@ def calibrate(
     batch_size: BatchOpt = None,
     overwrite: OverwriteOpt = None,
     json_out: JsonOpt = False,
+    stream: StreamOpt = None,
 ):
     """Sample calibration tokens and store every MoE block's inputs for later `prune` runs."""
     settings = _settings(config, locals())
@@ -177,9 +181,7 @@ def prune(
         Optional[int], typer.Option("--max-subsets", help="Exhaustive search limit per layer.")
     ] = None,
     beam: Annotated[Optional[int], typer.Option("--beam", help="Greedy beam width.")] = None,
-    stream: Annotated[
-        Optional[bool], typer.Option("--stream", help="Load one decoder layer at a time from disk (large models).")
-    ] = None,
+    stream: StreamOpt = None,
 ):
     """Choose the experts to keep per layer and write the slimmed checkpoint (or only the plan)."""
     settings = _settings(config, locals())

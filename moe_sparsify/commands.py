@@ -98,6 +98,16 @@ def _check_sources(settings: Settings) -> None:
         check_source(spec.source)
 
 
+def _open_model(job: Job):
+    """(model, tokenizer, residency, router weights): with --stream the decoder layers stay on disk
+    until used, one at a time, and the router weights for the fingerprint are read on their own."""
+    if job.settings.stream:
+        streamed = StreamedModel(job.model_dir, job.adapter, job.dtype)
+        return streamed.model, load_tokenizer(job.model_dir), streamed, streamed.router_weights()
+    model, tokenizer = load_model(job.model_dir, job.dtype)
+    return model, tokenizer, None, None
+
+
 def calibrate(settings: Settings, show_progress: bool) -> dict:
     job = open_job(settings)
     _check_sources(settings)
@@ -105,7 +115,7 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     writer = CalibrationWriter(output, settings.overwrite)
     try:
         start = time.perf_counter()
-        model, tokenizer = load_model(job.model_dir, job.dtype)
+        model, tokenizer, residency, router_weights = _open_model(job)
         token_ids, manifest = _calibration_tokens(job, tokenizer)
         writer.add_tokens(token_ids)
 
@@ -122,8 +132,9 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
                 batch_size=settings.batch_size,
                 device=job.device,
                 progress=progress,
+                residency=residency,
             )
-        identity = model_identity(model, job.adapter)
+        identity = model_identity(model, job.adapter, router_weights)
         manifest["model"] = {
             "source": settings.model,
             "model_type": identity.model_type,
@@ -185,12 +196,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     else:
         check_target(job.model_dir, output, settings.overwrite)
     store = _open_store(settings)
-    residency, router_weights = None, None
-    if settings.stream:  # decoder layers stay on disk until used, one at a time
-        residency = StreamedModel(job.model_dir, job.adapter, job.dtype)
-        model, tokenizer, router_weights = residency.model, load_tokenizer(job.model_dir), residency.router_weights()
-    else:
-        model, tokenizer = load_model(job.model_dir, job.dtype)
+    model, tokenizer, residency, router_weights = _open_model(job)
     identity = model_identity(model, job.adapter, router_weights)
     token_ids, manifest = _tokens_from(store, job, model, tokenizer, identity)
     loaded = time.perf_counter()

@@ -43,3 +43,17 @@ def test_prune_stream_gives_the_in_memory_plan_and_a_verified_checkpoint(tmp_pat
     assert json.loads(result.stdout)["verified_max_abs_logit_diff"] <= 1e-4
     assert (tmp_path / "out" / "moe_sparsify_plan.yaml").read_bytes() == (tmp_path / "a.yaml").read_bytes()
     assert adapter_for(load_model(tmp_path / "out", torch.float32)[0].config).num_experts == 6
+
+
+def test_calibrate_stream_stores_the_same_inputs(tmp_path):
+    from safetensors.torch import load_file
+
+    for name, extra in (("memory", []), ("stream", ["--stream"])):
+        assert run("calibrate", "--model", "tiny", "-o", tmp_path / name, *FAST, *extra).exit_code == 0
+    for layer in range(4):
+        a, b = (
+            load_file(tmp_path / name / f"layer_{layer:03d}.safetensors")["moe_input"] for name in ("memory", "stream")
+        )
+        assert torch.equal(a, b)
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("memory", "stream")]
+    assert manifests[0] == manifests[1]
