@@ -113,40 +113,39 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     _check_sources(settings)
     output = Path(settings.output or f"{_model_name(settings)}-calibration")
     writer = CalibrationWriter(output, settings.overwrite)
-    try:
-        start = time.perf_counter()
-        model, tokenizer, residency, router_weights = _open_model(job)
-        token_ids, manifest = _calibration_tokens(job, tokenizer)
-        writer.add_tokens(token_ids)
+    start = time.perf_counter()
+    model, tokenizer, residency, router_weights = _open_model(job)
+    token_ids, manifest = _calibration_tokens(job, tokenizer)
+    identity = model_identity(model, job.adapter, router_weights)
+    fingerprint = {"tokens": manifest["token_ids_sha256"], "model": identity.router_sha256, "dtype": str(job.dtype)}
+    resumed = writer.begin(fingerprint)  # an interrupted run's layers are kept; the rest is written now
+    writer.add_tokens(token_ids)
 
-        def store(step):
-            writer.add_layer(step.index, step.inputs)
-            return None
+    def store(step):
+        writer.add_layer(step.index, step.inputs)
+        return None
 
-        with progress_bar(show_progress) as progress:
-            propagate(
-                model,
-                job.adapter,
-                token_ids,
-                store,
-                batch_size=settings.batch_size,
-                device=job.device,
-                progress=progress,
-                residency=residency,
-            )
-        identity = model_identity(model, job.adapter, router_weights)
-        manifest["model"] = {
-            "source": settings.model,
-            "model_type": identity.model_type,
-            "num_experts": identity.num_experts,
-            "router_sha256": identity.router_sha256,
-        }
-        path = writer.commit(manifest)
-    except BaseException:
-        writer.abort()
-        raise
+    with progress_bar(show_progress) as progress:
+        propagate(
+            model,
+            job.adapter,
+            token_ids,
+            store,
+            batch_size=settings.batch_size,
+            device=job.device,
+            progress=progress,
+            residency=residency,
+        )
+    manifest["model"] = {
+        "source": settings.model,
+        "model_type": identity.model_type,
+        "num_experts": identity.num_experts,
+        "router_sha256": identity.router_sha256,
+    }
+    path = writer.commit(manifest)
     return {
         "output": str(path),
+        "resumed_layers": resumed,
         "manifest": manifest,
         "seconds": time.perf_counter() - start,
         "peak_memory": peak_memory_bytes(job.device),

@@ -346,3 +346,22 @@ def test_torchrun_with_two_gloo_processes_gives_the_single_process_plan(tmp_path
     assert [lp["kept"] for lp in two["layers"]] == [lp["kept"] for lp in single["layers"]]
     for a, b in zip(single["layers"], two["layers"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_interrupted_calibrate_resumes_to_the_same_store(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    assert run("calibrate", "--model", "tiny", "-o", tmp_path / "whole", *FAST).exit_code == 0
+    monkeypatch.setenv("MOE_SPARSIFY_STOP_AFTER_LAYER", "1")
+    stopped = run("calibrate", "--model", "tiny", "-o", tmp_path / "resumed", *FAST)
+    assert stopped.exit_code == 1 and "stopped after layer 1" in _error_line(stopped)
+    assert not (tmp_path / "resumed").exists()
+    monkeypatch.delenv("MOE_SPARSIFY_STOP_AFTER_LAYER")
+    resumed = run("calibrate", "--model", "tiny", "-o", tmp_path / "resumed", "--json", *FAST)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_layers"] == [0, 1]
+    for layer in range(4):
+        a, b = (load_file(tmp_path / d / f"layer_{layer:03d}.safetensors")["moe_input"] for d in ("whole", "resumed"))
+        assert torch.equal(a, b)
+    assert (tmp_path / "whole" / "manifest.json").read_text() == (tmp_path / "resumed" / "manifest.json").read_text()
+    assert not list(tmp_path.glob(".resumed*"))

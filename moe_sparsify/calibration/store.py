@@ -11,13 +11,14 @@ layer-wise mode; progressive mode re-runs the layers from the stored tokens.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import UsageError
+from ..errors import FailedRun, UsageError
 
 KIND = "moe-sparsify-calibration"
 MANIFEST = "manifest.json"
@@ -30,32 +31,51 @@ def manifest_sha256(manifest: dict) -> str:
 
 
 class CalibrationWriter:
-    """Writes into DIR.tmp and renames on `commit()`, so a failed run leaves nothing."""
+    """Writes into a hidden DIR.partial and renames it on `commit()`, so the output appears whole or not
+    at all. The partial directory is also the resume state: a rerun whose fingerprint (tokens, model,
+    dtype) matches keeps the layers already written. Test hook: MOE_SPARSIFY_STOP_AFTER_LAYER=k."""
+
+    PROGRESS = "progress.json"
 
     def __init__(self, directory: Path, overwrite: bool):
         self.final = Path(directory)
         if self.final.exists() and not overwrite:
             raise UsageError(f"{self.final} exists; pass --overwrite or choose another --output")
         self.tmp = self.final.with_name(f".{self.final.name}.partial")
+
+    def begin(self, fingerprint: dict) -> list[int]:
+        """Start, or resume a run with the same fingerprint; returns the layers already written."""
+        progress = self.tmp / self.PROGRESS
+        try:
+            if json.loads(progress.read_text()) == fingerprint:
+                return sorted(int(p.stem.split("_")[1]) for p in self.tmp.glob("layer_*.safetensors"))
+        except (OSError, ValueError):
+            pass
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
+        progress.write_text(json.dumps(fingerprint, sort_keys=True))
+        return []
 
     def add_tokens(self, token_ids: torch.Tensor) -> None:
         save_file({"token_ids": token_ids.contiguous()}, self.tmp / "tokens.safetensors")
 
     def add_layer(self, index: int, inputs: list[torch.Tensor]) -> None:
-        tensor = torch.cat([x.detach().cpu() for x in inputs]).contiguous()
-        save_file({"moe_input": tensor}, self.tmp / f"layer_{index:03d}.safetensors")
+        path = self.tmp / f"layer_{index:03d}.safetensors"
+        if not path.exists():
+            tensor = torch.cat([x.detach().cpu() for x in inputs]).contiguous()
+            save_file({"moe_input": tensor}, path.with_suffix(".partial"))
+            path.with_suffix(".partial").replace(path)
+        stop = os.environ.get("MOE_SPARSIFY_STOP_AFTER_LAYER")
+        if stop is not None and int(stop) == index:
+            raise FailedRun(f"stopped after layer {index} (MOE_SPARSIFY_STOP_AFTER_LAYER); rerun to resume")
 
     def commit(self, manifest: dict) -> Path:
+        (self.tmp / self.PROGRESS).unlink(missing_ok=True)
         (self.tmp / MANIFEST).write_text(json.dumps({"kind": KIND, **manifest}, indent=2, sort_keys=True) + "\n")
         if self.final.exists():
             shutil.rmtree(self.final)
         self.tmp.rename(self.final)
         return self.final
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class CalibrationStore:
