@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .adapters import MoEAdapter, adapter_for
+from .calibration.offload import ActivationStore, default_budgets
 from .calibration.propagate import propagate
 from .calibration.sources import check_source, load_documents, parse_sources
 from .calibration.store import CalibrationStore, CalibrationWriter, manifest_sha256
@@ -108,6 +109,15 @@ def _open_model(job: Job):
     return model, tokenizer, None, None
 
 
+def _activation_store(settings: Settings, device: torch.device) -> ActivationStore:
+    device_bytes, cpu_bytes = default_budgets(device)
+    if settings.activations_device_gb is not None:
+        device_bytes = int(settings.activations_device_gb * 2**30)
+    if settings.activations_cpu_gb is not None:
+        cpu_bytes = int(settings.activations_cpu_gb * 2**30)
+    return ActivationStore(device, device_bytes, cpu_bytes, settings.offload_dir)
+
+
 def calibrate(settings: Settings, show_progress: bool) -> dict:
     job = open_job(settings)
     _check_sources(settings)
@@ -119,6 +129,7 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     identity = model_identity(model, job.adapter, router_weights)
     fingerprint = {"tokens": manifest["token_ids_sha256"], "model": identity.router_sha256, "dtype": str(job.dtype)}
     resumed = writer.begin(fingerprint)  # an interrupted run's layers are kept; the rest is written now
+    activations = _activation_store(settings, job.device)
     writer.add_tokens(token_ids)
 
     def store(step):
@@ -135,7 +146,9 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
             device=job.device,
             progress=progress,
             residency=residency,
+            activations=activations,
         )
+    activations.close()
     manifest["model"] = {
         "source": settings.model,
         "model_type": identity.model_type,
@@ -205,6 +218,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     local_tokens = shard(token_ids)
     if len(local_tokens) == 0:
         raise UsageError(f"{len(token_ids)} calibration sequences cannot be shared by {world()[1]} processes")
+    activations = _activation_store(settings, job.device)
     with progress_bar(show_progress and is_main()) as progress:
         plan, timings = plan_pruning(
             model,
@@ -218,7 +232,9 @@ def prune(settings: Settings, show_progress: bool) -> dict:
             journal=journal,
             residency=residency,
             identity=identity,
+            activations=activations,
         )
+    activations.close()
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
     result["processes"] = world()[1]

@@ -45,6 +45,9 @@ class Settings:
     plan_only: bool = False
     from_calibration: str | None = None  # a directory written by `calibrate`
     stream: bool = False  # prune: keep decoder layers on disk, load one at a time (models larger than memory)
+    activations_device_gb: float | None = None  # activations kept on the compute device (default 40 % of free)
+    activations_cpu_gb: float | None = None  # then in CPU memory (default 40 % of available); beyond: disk
+    offload_dir: str | None = None  # where activations beyond both go, memory-mapped (default: system temp)
     verify_samples: int = 4  # calibration sequences the exported checkpoint is checked on
     skip_rule: str | None = None  # ratio (top-2, the paper) or tail (top-k); default by top_k
     quantile: float | None = None  # skip-profile statistic; 0.5 (the paper's median) unless target_skip
@@ -136,6 +139,10 @@ def _validate(s: Settings) -> list[str]:
         errors.append(f"skip_rule: {s.skip_rule!r} is not one of {', '.join(SKIP_RULES)}")
     if s.quantile is not None and s.target_skip is not None:
         errors.append("quantile and target_skip: give one statistic, not both")
+    for name in ("activations_device_gb", "activations_cpu_gb"):
+        value = getattr(s, name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            errors.append(f"{name}: must be a non-negative number of GiB, got {value!r}")
     for name in ("quantile", "target_skip"):
         value = getattr(s, name)
         if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):

@@ -86,8 +86,9 @@ def library_versions() -> dict:
 
 def layer_stats(adapter: MoEAdapter, block: nn.Module, inputs: list[torch.Tensor], keep: int) -> LayerStats:
     """Gram statistics of one MoE block, exact for every subset of at least `keep` experts."""
+    device = next(block.parameters()).device
     return LayerStats.collect(
-        inputs,
+        (x.to(device) for x in inputs),  # lazily: offloaded activations come back one chunk at a time
         lambda x: adapter.router_logits(block, x),
         lambda x, e: adapter.expert_forward(block, x, e),
         adapter.routing,
@@ -175,7 +176,7 @@ class EndToEndRescorer:
         """Layers start..end over the cached batches; the later layers visit the device one at a time."""
         layers = self.adapter.decoder_layers(self.model)
         batches = step.batches[: self.batches]
-        states = [hidden for hidden, _ in batches]
+        states = [hidden.to(self.device) for hidden, _ in batches]
         for index in range(start, len(layers)):
             layer = layers[index] if index == start else self.residency.load_layer(index, self.device)
             states = [layer_output(layer(hidden, **kwargs)) for hidden, (_, kwargs) in zip(states, batches)]
@@ -212,6 +213,7 @@ def plan_pruning(
     journal: ProgressJournal | None = None,
     residency=None,
     identity: ModelIdentity | None = None,
+    activations=None,
 ) -> tuple[Plan, list[LayerTiming]]:
     """residency: how decoder layers reach the device (default: held in memory; `StreamedModel` reads
     them from disk one at a time)."""
@@ -293,6 +295,7 @@ def plan_pruning(
                 device=device,
                 progress=progress,
                 residency=residency,
+                activations=activations,
             )
 
     plan = Plan(

@@ -156,7 +156,7 @@ def routing_weights(
         if index in kept:
             keep = torch.zeros(adapter.num_experts, dtype=torch.bool, device=device)
             keep[kept[index]] = True
-        weights[index] = torch.cat([adapter.route(block, x, keep)[0].cpu() for x in step.inputs])
+        weights[index] = torch.cat([adapter.route(block, x.to(device), keep)[0].cpu() for x in step.inputs])
         return kept.get(index)
 
     propagate(model, adapter, token_ids, on_layer, batch_size=batch_size, device=device, progress=progress)

@@ -115,3 +115,20 @@ def test_divergences_are_zero_on_equal_inputs_and_positive_otherwise():
         assert mean_kl_of(p, q, kind) > 0
     assert mean_kl_of(p, q, "js") == pytest.approx(mean_kl_of(q, p, "js"), rel=1e-5)
     assert mean_kl_of(p, q, "reverse_kl") == pytest.approx(mean_kl_of(q, p, "kl"), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "progressive"])
+def test_activations_offloaded_to_disk_give_the_same_plan(mode, tmp_path):
+    from moe_sparsify.calibration.offload import ActivationStore
+
+    model = random_mixtral(layers=3)
+    adapter = adapter_for(model.config)
+    tokens = torch.randint(0, 2048, (4, 16), generator=torch.Generator().manual_seed(5))
+    settings = Settings(model="test", keep=5, mode=mode, batch_size=2)
+    in_memory = plan_pruning(model, adapter, settings, tokens, {}, device=CPU)[0]
+    store = ActivationStore(CPU, device_bytes=4096, cpu_bytes=4096, directory=str(tmp_path))
+    offloaded = plan_pruning(model, adapter, settings, tokens, {}, device=CPU, activations=store)[0]
+    assert store.peak["disk"] > 0 and store.peak["device"] <= 4096
+    assert offloaded.dumps("json") == in_memory.dumps("json")
+    store.close()
+    assert not list(tmp_path.iterdir())

@@ -66,9 +66,9 @@ def catch_layer0_inputs(
     return caught
 
 
-def _recorder(store: list[torch.Tensor]):
+def _recorder(store: list[torch.Tensor], keep):
     def hook(module, args):
-        store.append(args[0].reshape(-1, args[0].shape[-1]))
+        store.append(keep(args[0].reshape(-1, args[0].shape[-1])))
 
     return hook
 
@@ -111,23 +111,36 @@ def propagate(
     device: torch.device,
     progress: Progress | None = None,
     residency=None,
+    activations=None,
 ) -> list[tuple[torch.Tensor, dict]]:
-    """Returns the last layer's outputs per batch (with their layer kwargs)."""
+    """Returns the last layer's outputs per batch (with their layer kwargs).
+
+    residency: how decoder layers reach the device (default: held in memory).
+    activations: an `offload.ActivationStore` deciding where hidden states and MoE inputs wait between
+    layers (default: on the compute device); consumers move chunks to the device as they read them.
+    """
     residency = residency or Resident(model, adapter)
+    keep = activations.put if activations is not None else (lambda t: t)
     layers = adapter.decoder_layers(model)
     home = next(p.device for p in model.parameters() if p.device.type != "meta")
     place_outside_layers(model, layers, device)
-    batches = catch_layer0_inputs(model, adapter, token_ids, batch_size, device)
+    batches = [(keep(h), kw) for h, kw in catch_layer0_inputs(model, adapter, token_ids, batch_size, device)]
     task = progress.add_task("layers", total=len(layers)) if progress else None
+
+    def run(layer):
+        return [keep(layer_output(layer(hidden.to(device), **kwargs))) for hidden, kwargs in batches]
+
     for index in range(len(layers)):
+        if activations is not None:
+            activations.new_generation()
         layer = residency.load_layer(index, device)
         block = adapter.moe_block(layer)
         captured: list[torch.Tensor] = []
         handle = None
         if block is not None:
-            handle = block.register_forward_pre_hook(_recorder(captured))
+            handle = block.register_forward_pre_hook(_recorder(captured, keep))
         try:
-            outputs = [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+            outputs = run(layer)
         finally:
             if handle is not None:
                 handle.remove()
@@ -135,7 +148,7 @@ def propagate(
             kept = on_layer(LayerStep(index, block, captured, batches))
             if kept is not None and len(kept) < adapter.num_experts:
                 with adapter.pruned_view(model, {index: kept}):
-                    outputs = [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+                    outputs = run(layer)
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
         residency.release_layer(index)
         if progress:
