@@ -356,6 +356,8 @@ def test_interrupted_calibrate_resumes_to_the_same_store(tmp_path, monkeypatch):
     stopped = run("calibrate", "--model", "tiny", "-o", tmp_path / "resumed", *FAST)
     assert stopped.exit_code == 1 and "stopped after layer 1" in _error_line(stopped)
     assert not (tmp_path / "resumed").exists()
+    changed = run("calibrate", "--model", "tiny", "-o", tmp_path / "resumed", "--seed", 7, *FAST)
+    assert changed.exit_code == 2 and "other tokens" in _error_line(changed)
     monkeypatch.delenv("MOE_SPARSIFY_STOP_AFTER_LAYER")
     resumed = run("calibrate", "--model", "tiny", "-o", tmp_path / "resumed", "--json", *FAST)
     assert resumed.exit_code == 0, resumed.stderr

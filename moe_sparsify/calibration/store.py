@@ -44,13 +44,20 @@ class CalibrationWriter:
         self.tmp = self.final.with_name(f".{self.final.name}.partial")
 
     def begin(self, fingerprint: dict) -> list[int]:
-        """Start, or resume a run with the same fingerprint; returns the layers already written."""
+        """Start, or resume a run with the same fingerprint; returns the layers already written.
+        An interrupted run with another fingerprint is refused rather than silently discarded."""
         progress = self.tmp / self.PROGRESS
-        try:
-            if json.loads(progress.read_text()) == fingerprint:
+        if progress.exists():
+            try:
+                left = json.loads(progress.read_text())
+            except ValueError:
+                left = None
+            if left == fingerprint:
                 return sorted(int(p.stem.split("_")[1]) for p in self.tmp.glob("layer_*.safetensors"))
-        except (OSError, ValueError):
-            pass
+            raise UsageError(
+                f"{self.tmp} was left by an interrupted calibration with other tokens, model or dtype; rerun "
+                "with the same arguments to resume, or delete it to start over"
+            )
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         progress.write_text(json.dumps(fingerprint, sort_keys=True))
