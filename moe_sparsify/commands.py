@@ -31,7 +31,7 @@ from .models import load_config, load_model, load_tokenizer, pick_device, pick_d
 from .plan import ModelIdentity, Plan, load_plan
 from .prune import ProgressJournal, check_keep, model_identity, plan_pruning, search_fingerprint
 from .routing import check_skip_rule, default_skip_rule
-from .skipping import disable_skipping, enable_skipping, skip_fractions
+from .skipping import skip_fractions, skipping
 from .streaming import StreamedModel
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
 
@@ -351,12 +351,9 @@ def evaluate(settings: Settings, plan_path: Path | None, thresholds_path: Path |
         with job.adapter.pruned_view(model, kept, skip):
             result.update(score())
     else:
-        enable_skipping(model, thresholds, job.adapter)
-        try:
+        with skipping(model, thresholds, job.adapter):
             result.update(score())
             result["skip_fraction"] = skip_fractions(model, job.adapter)
-        finally:
-            disable_skipping(model, job.adapter)
     result["seconds"] = time.perf_counter() - start
     result["peak_memory"] = peak_memory_bytes(job.device)
     return result
@@ -452,9 +449,9 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
             prompt = stream[: batch * settings.prompt_len].reshape(batch, settings.prompt_len)
             measured = cmp.measure_speed(variants, prompt, settings.new_tokens, settings.repeats, device, progress)
             for v in variants:
-                v.results.setdefault("speed", {})[str(batch)] = measured[v.name]
+                v.results.setdefault("speed", {})[str(batch)] = measured[v.spec]
                 if i == 0:  # the first batch size is the headline (table, charts)
-                    v.results.update(measured[v.name])
+                    v.results.update(measured[v.spec])
     rows = []
     for v in variants:
         rows.append({**cmp.describe(v), **v.results})

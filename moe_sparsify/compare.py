@@ -24,7 +24,7 @@ from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE
 from .models import load_model, resolve_model_dir
 from .plan import Plan, load_plan
-from .skipping import disable_skipping, enable_skipping, skip_fractions
+from .skipping import skip_fractions, skipping
 from .thresholds import SkipThresholds, load_thresholds
 from .timing import timed
 
@@ -39,10 +39,6 @@ class Variant:
     thresholds: SkipThresholds | None = None
     plan: Plan | None = None
     results: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.spec
 
 
 def parse_variant(spec: str) -> Variant:
@@ -73,21 +69,6 @@ def weights_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-class skipping_if:
-    """Context: skipping on for variants that have thresholds."""
-
-    def __init__(self, variant: Variant):
-        self.variant = variant
-
-    def __enter__(self):
-        if self.variant.thresholds is not None:
-            enable_skipping(self.variant.model, self.variant.thresholds, self.variant.adapter)
-
-    def __exit__(self, *exc):
-        if self.variant.thresholds is not None:
-            disable_skipping(self.variant.model, self.variant.adapter)
-
-
 def timed_s(fn, device) -> float:
     return timed(fn, device)[0]
 
@@ -101,14 +82,14 @@ def measure_speed(
     and speed-ups against the first variant."""
     prompt = prompt.to(device)
     batch = prompt.shape[0]
-    times = {v.name: {"prefill": [], "one": [], "full": []} for v in variants}
+    times = {v.spec: {"prefill": [], "one": [], "full": []} for v in variants}
     task = progress.add_task("speed", total=(repeats + 1) * len(variants)) if progress else None
-    peak = dict.fromkeys((v.name for v in variants), 0)
+    peak = dict.fromkeys((v.spec for v in variants), 0)
     for round_ in range(repeats + 1):  # round 0 warms up
         for v in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            with skipping_if(v):
+            with skipping(v.model, v.thresholds, v.adapter):
                 prefill = timed_s(lambda v=v: v.model(input_ids=prompt, use_cache=False), device)
                 one = timed_s(lambda v=v: v.model.generate(prompt, max_new_tokens=1, do_sample=False), device)
                 full = timed_s(
@@ -118,26 +99,26 @@ def measure_speed(
                     device,
                 )
             if device.type == "cuda":
-                peak[v.name] = max(peak[v.name], torch.cuda.max_memory_allocated(device))
+                peak[v.spec] = max(peak[v.spec], torch.cuda.max_memory_allocated(device))
             if round_:
                 for key, value in (("prefill", prefill), ("one", one), ("full", full)):
-                    times[v.name][key].append(value)
+                    times[v.spec][key].append(value)
             if progress:
                 progress.advance(task)
     rates = {}
     for v in variants:
-        t = times[v.name]
-        rates[v.name] = {
+        t = times[v.spec]
+        rates[v.spec] = {
             "prefill": [batch * prompt.shape[1] / s for s in t["prefill"]],
             "decode": [batch * (new_tokens - 1) / max(f - o, 1e-9) for f, o in zip(t["full"], t["one"])],
         }
-    baseline = rates[variants[0].name]
+    baseline = rates[variants[0].spec]
     measured: dict[str, dict] = {}
     for v in variants:
-        out = measured[v.name] = {}
+        out = measured[v.spec] = {}
         if device.type == "cuda":  # on CPUs the process RSS mixes all variants: see weights_bytes instead
-            out["cuda_peak_allocated_bytes"] = peak[v.name]
-        for kind, values in rates[v.name].items():
+            out["cuda_peak_allocated_bytes"] = peak[v.spec]
+        for kind, values in rates[v.spec].items():
             # Speed-ups are taken round by round against the baseline timed in the same round: machine
             # speed drifts between runs (tens of percent on shared machines), their ratio much less.
             ratios = [a / b for a, b in zip(values, baseline[kind])]
@@ -154,7 +135,7 @@ def measure_quality(
     """Perplexity of each variant and, with `harness(model)`, its lm-eval task scores."""
     task = progress.add_task("quality", total=len(variants)) if progress else None
     for v in variants:
-        with skipping_if(v):
+        with skipping(v.model, v.thresholds, v.adapter):
             v.results.update(perplexity(v.model, stream, window, stride, device))
             if harness is not None:
                 v.results["harness"] = harness(v.model)
@@ -168,7 +149,7 @@ def describe(v: Variant) -> dict:
     adapter = v.adapter
     layers = adapter.moe_layers(v.model)
     return {
-        "variant": v.name,
+        "variant": v.spec,
         "model_dir": str(v.model_dir),
         "experts": adapter.num_experts,
         "moe_layers": len(layers),

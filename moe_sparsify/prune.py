@@ -140,10 +140,6 @@ class LayerTiming:
     search_s: float
 
 
-def _chunks(x: torch.Tensor, rows: int) -> list[torch.Tensor]:
-    return list(x.split(rows))
-
-
 class EndToEndRescorer:
     """KL(original || pruned) of next-token distributions, for the e2e strategy.
 
@@ -275,7 +271,7 @@ def plan_pruning(
                 rank, size = world()  # this rank's share of the sequences, as with sampled tokens
                 stored = stored.view(-1, settings.seq_len, stored.shape[-1])[rank::size].reshape(-1, stored.shape[-1])
                 inputs = stored.to(device=device, dtype=next(layer.parameters()).dtype)
-                decide(index, adapter.moe_block(layer), _chunks(inputs, settings.batch_size * settings.seq_len))
+                decide(index, adapter.moe_block(layer), list(inputs.split(settings.batch_size * settings.seq_len)))
                 residency.release_layer(index)
                 if progress:
                     progress.advance(task)

@@ -21,6 +21,7 @@ between transformers releases).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,19 @@ def disable_skipping(model: nn.Module, adapter: MoEAdapter | None = None) -> Non
         experts = adapter.moe_block(adapter.decoder_layers(model)[index]).experts
         if hasattr(experts, _STATE):
             delattr(experts, _STATE)
+
+
+@contextmanager
+def skipping(model: nn.Module, thresholds, adapter: MoEAdapter | None = None):
+    """`enable_skipping` for the duration of a `with` block (no-op when thresholds is None)."""
+    if thresholds is None:
+        yield model
+        return
+    enable_skipping(model, thresholds, adapter)
+    try:
+        yield model
+    finally:
+        disable_skipping(model, adapter)
 
 
 def skip_fractions(model: nn.Module, adapter: MoEAdapter | None = None) -> dict[int, float]:

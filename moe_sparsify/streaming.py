@@ -135,8 +135,9 @@ class StreamedModel:
         """Each MoE layer's router weight, read from the checkpoint alone (that tensor only)."""
         weights = {}
         for index in self.adapter.moe_layers(self.model):
-            block = self.adapter.moe_block(self.adapter.decoder_layers(self.model)[index])
-            path = next(n for n, p in self.model.named_parameters() if p is self.adapter.router_weight(block))
+            layer = self.adapter.decoder_layers(self.model)[index]
+            router = self.adapter.router_weight(self.adapter.moe_block(layer))
+            path = f"model.layers.{index}." + next(n for n, p in layer.named_parameters() if p is router)
             stored = next(n for n in self.reader.names(f"model.layers.{index}.") if _module_name(n) == path)
             weights[index] = self.reader.get(stored)
         self.reader.close()

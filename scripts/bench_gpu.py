@@ -44,7 +44,7 @@ from moe_sparsify.models import bundled_model_dir, load_model  # noqa: E402
 from moe_sparsify.objective import SubsetLoss  # noqa: E402
 from moe_sparsify.prune import layer_stats  # noqa: E402
 from moe_sparsify.search import SearchContext, exhaustive  # noqa: E402
-from moe_sparsify.skipping import disable_skipping, enable_skipping, skip_fractions  # noqa: E402
+from moe_sparsify.skipping import skip_fractions, skipping  # noqa: E402
 from moe_sparsify.thresholds import SkipThresholds, model_fingerprint, profile  # noqa: E402
 from moe_sparsify.timing import timed  # noqa: E402
 
@@ -109,20 +109,17 @@ def measure_layer(adapter, model, index: int, inputs: list[torch.Tensor], args, 
 
 
 def skip_ratio(model, adapter, block, thresholds, x, device, repeats: int) -> tuple[float, float]:
-    stock, skipping = [], []
+    stock, skipped = [], []
     with torch.no_grad():
         for round_ in range(repeats + 1):
             s, _ = timed(lambda: block(x), device)
-            enable_skipping(model, thresholds, adapter)
-            try:
+            with skipping(model, thresholds, adapter):
                 k, _ = timed(lambda: block(x), device)
                 fraction = skip_fractions(model, adapter)[0]
-            finally:
-                disable_skipping(model, adapter)
             if round_:
                 stock.append(s)
-                skipping.append(k)
-    return statistics.median(skipping) / statistics.median(stock), fraction
+                skipped.append(k)
+    return statistics.median(skipped) / statistics.median(stock), fraction
 
 
 def main() -> None:

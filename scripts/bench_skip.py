@@ -37,7 +37,8 @@ from moe_sparsify.calibration.sources import load_documents, parse_sources  # no
 from moe_sparsify.calibration.tokens import sample_windows, token_stream  # noqa: E402
 from moe_sparsify.evaluate import perplexity  # noqa: E402
 from moe_sparsify.models import bundled_model_dir, load_model  # noqa: E402
-from moe_sparsify.skipping import disable_skipping, enable_skipping, skip_fractions  # noqa: E402
+from moe_sparsify.skipping import skip_fractions  # noqa: E402
+from moe_sparsify.skipping import skipping as skipping_on  # noqa: E402
 from moe_sparsify.thresholds import (  # noqa: E402
     LayerThreshold,
     SkipThresholds,
@@ -55,11 +56,8 @@ def interleaved(stock, skipping, model, thresholds, device, repeats: int) -> tup
     times = {"stock": [], "skip": []}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         times["stock"].append(timed(stock, device)[0])
-        enable_skipping(model, thresholds)
-        try:
+        with skipping_on(model, thresholds):
             times["skip"].append(timed(skipping, device)[0])
-        finally:
-            disable_skipping(model)
     return statistics.median(times["stock"][1:]), statistics.median(times["skip"][1:])
 
 
@@ -102,10 +100,9 @@ def block_benchmark(args, device, dtype) -> list[dict]:
 
         with torch.no_grad():
             stock_s, skip_s = interleaved(run, run, model, thresholds, device, args.repeats)
-            enable_skipping(model, thresholds)
-            run()
-            skipped = skip_fractions(model)[0]
-            disable_skipping(model)
+            with skipping_on(model, thresholds):
+                run()
+                skipped = skip_fractions(model)[0]
         stock_s, skip_s = stock_s / steps, skip_s / steps
         rows.append(
             {
@@ -140,12 +137,9 @@ def generation_benchmark(args, device) -> dict:
         _, dispatch_s = interleaved(generate, generate, model, zero, device, args.repeats)
         heldout = token_stream(tokenizer, load_documents("bundled:heldout"))
         ppl_stock = perplexity(model, heldout, 256, 128, device)["perplexity"]
-        enable_skipping(model, thresholds)
-        try:
+        with skipping_on(model, thresholds):
             ppl_skip = perplexity(model, heldout, 256, 128, device)["perplexity"]
             skipped = skip_fractions(model)
-        finally:
-            disable_skipping(model)
     return {
         "new_tokens": args.new_tokens,
         "stock_s": stock_s,
