@@ -29,7 +29,7 @@ from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from .plan import ModelIdentity, Plan, load_plan
-from .prune import ProgressJournal, check_keep, model_identity, plan_pruning, search_fingerprint
+from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
 from .routing import check_skip_rule, default_skip_rule
 from .skipping import skip_fractions, skipping
 from .streaming import StreamedModel
@@ -303,7 +303,7 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     output = Path(settings.output or f"{_model_name(settings)}-keep{plan.uniform_keep() or 'mixed'}")
     check_target(job.model_dir, output, settings.overwrite)
     for lp in plan.layers:
-        check_keep(job.adapter, len(lp.kept))
+        check_kept(job.adapter, lp.kept)
     _check_sources(settings)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     plan.check_matches(model_identity(model, job.adapter))

@@ -65,6 +65,7 @@ class ReducedOracle:
     def __init__(self, oracle):
         self.oracle = oracle
         self.num_experts = oracle.num_experts
+        self.groups = oracle.groups
         self.local_tokens = oracle.stats.num_tokens
         self.total_tokens = all_sum(torch.tensor([float(self.local_tokens)]))[0].item()
 

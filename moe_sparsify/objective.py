@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import RoutingSpec, choice_scores, scores, selection_counts, subset_weights
+from .routing import RoutingSpec, candidate_experts, choice_scores, scores, select, selection_counts, subset_weights
 
 ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
 RouterFn = Callable[[torch.Tensor], torch.Tensor]
@@ -40,10 +40,13 @@ class LayerStats:
 
     num_experts: int
     spec: RoutingSpec
-    cand_idx: torch.Tensor  # tokens x m, original rank order
-    cand_logits: torch.Tensor  # tokens x m, float32
+    min_keep: int  # exact for every subset keeping at least this many (equally per group where grouped)
+    cand_idx: torch.Tensor  # tokens x m, padding = num_experts (see routing.candidate_experts)
+    cand_logits: torch.Tensor  # tokens x m, float32, padding -inf
+    cand_choice: torch.Tensor  # tokens x m, float32: what the router ranks by, padding -inf
     gram: torch.Tensor  # tokens x m x m, float32
     logits: torch.Tensor | None  # tokens x n, kept only where weights need all kept logits
+    block: int | None = None  # group-limited routing: candidate slots per group block
 
     @property
     def num_tokens(self) -> int:
@@ -61,37 +64,59 @@ class LayerStats:
         expert_forward: ExpertFn,
         spec: RoutingSpec,
         num_experts: int,
-        num_candidates: int,
+        keep: int,
         selection_bias: torch.Tensor | None = None,
         rows_per_pass: int | None = None,
     ) -> LayerStats:
         """inputs: chunks of MoE-block inputs (tokens x hidden) on the compute device.
-        Candidates are ranked as the router ranks them (scores plus any selection bias).
+        Candidates are every expert some subset of at least `keep` experts can route a token to
+        (`routing.candidate_experts`), ranked as the router ranks them (scores plus any selection bias).
         rows_per_pass bounds the candidate-output buffer (rows x m x hidden floats): small on CPUs,
         where it keeps the expert matmuls in cache, large on GPUs; default by device."""
-        needs_all_logits = spec.scoring == "softmax" and not spec.renormalize
-        parts: dict[str, list[torch.Tensor]] = {"idx": [], "logits": [], "gram": [], "all": []}
+        parts: dict[str, list[torch.Tensor]] = {"idx": [], "logits": [], "choice": [], "gram": [], "all": []}
+        block = None
         for x in (part for chunk in inputs for part in chunk.split(rows_per_pass or _rows_per_pass(chunk))):
             logits = router_logits(x).float()
-            cand_idx = torch.topk(choice_scores(scores(logits, spec), None, selection_bias), num_candidates).indices
-            outputs = torch.zeros(x.shape[0], num_candidates, x.shape[1], dtype=torch.float32, device=x.device)
+            choice = choice_scores(scores(logits, spec), None, selection_bias)
+            cand_idx, block = candidate_experts(choice, spec, keep)
+            outputs = torch.zeros(x.shape[0], cand_idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             for expert in range(num_experts):
                 token, slot = torch.nonzero(cand_idx == expert, as_tuple=True)
                 if token.numel():
                     outputs[token, slot] = expert_forward(x[token], expert).float()
+            padding = cand_idx == num_experts
+            safe = cand_idx.clamp(max=num_experts - 1)
             parts["idx"].append(cand_idx.cpu())
-            parts["logits"].append(torch.gather(logits, 1, cand_idx).cpu())
+            parts["logits"].append(torch.gather(logits, 1, safe).masked_fill(padding, float("-inf")).cpu())
+            parts["choice"].append(torch.gather(choice, 1, safe).masked_fill(padding, float("-inf")).cpu())
             parts["gram"].append(torch.bmm(outputs, outputs.transpose(1, 2)).cpu())
-            if needs_all_logits:
+            if spec.needs_all_logits:
                 parts["all"].append(logits.cpu())
+        # Group-limited chunks may differ in width (blocks of groups no token there can reach are left out).
+        width = max(part.shape[1] for part in parts["idx"])
         return cls(
             num_experts=num_experts,
             spec=spec,
-            cand_idx=torch.cat(parts["idx"]),
-            cand_logits=torch.cat(parts["logits"]),
-            gram=torch.cat(parts["gram"]),
-            logits=torch.cat(parts["all"]) if needs_all_logits else None,
+            min_keep=keep,
+            cand_idx=_cat_padded(parts["idx"], width, num_experts),
+            cand_logits=_cat_padded(parts["logits"], width, float("-inf")),
+            cand_choice=_cat_padded(parts["choice"], width, float("-inf")),
+            gram=_cat_padded(parts["gram"], width, 0.0),
+            logits=torch.cat(parts["all"]) if spec.needs_all_logits else None,
+            block=block,
         )
+
+
+def _cat_padded(parts: list[torch.Tensor], width: int, fill) -> torch.Tensor:
+    """Concatenate along tokens, padding the candidate dimensions (1, and 2 for Gram matrices) to width."""
+    padded = []
+    for part in parts:
+        missing = width - part.shape[1]
+        if missing:
+            pad = [0, missing] * (part.dim() - 1)  # last dims first, as F.pad wants
+            part = torch.nn.functional.pad(part, pad, value=fill)
+        padded.append(part)
+    return torch.cat(padded)
 
 
 def _rows_per_pass(x: torch.Tensor) -> int:
@@ -109,12 +134,15 @@ class SubsetLoss:
     def __init__(self, stats: LayerStats, token_chunk: int = 16384, use_patterns: bool = True):
         self.stats = stats
         self.num_experts = stats.num_experts
+        self.groups = stats.spec.groups if stats.spec.grouped else 1  # keep sets take equally from each
         self.token_chunk = token_chunk
         everything = torch.ones(1, stats.num_experts, dtype=torch.bool)
-        self._base_weights = self._weights(everything, slice(None))[0]  # tokens x m
+        self._base_selected = self._selection(everything, slice(None))[1][0]  # tokens x m
+        self._base_weights = self._weights(everything, slice(None))[0]
         m, k = stats.num_candidates, stats.spec.top_k
         self._patterns = None
-        if use_patterns and stats.logits is None and m <= MAX_PATTERN_SLOTS and math.comb(m, k) <= MAX_PATTERNS:
+        plain = not stats.spec.grouped and not stats.spec.needs_all_logits
+        if use_patterns and plain and m <= MAX_PATTERN_SLOTS and math.comb(m, k) <= MAX_PATTERNS:
             self._patterns = self._pattern_losses(m, k)
 
     def _pattern_losses(self, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,9 +161,8 @@ class SubsetLoss:
         for start in range(0, self.stats.num_tokens, self.token_chunk):
             tokens = slice(start, start + self.token_chunk)
             cand_logits = self.stats.cand_logits[tokens]
-            weights = subset_weights(
-                cand_logits, selected.unsqueeze(1).expand(-1, len(cand_logits), -1), self.stats.spec
-            )
+            per_token = selected.unsqueeze(1).expand(-1, len(cand_logits), -1)
+            weights = subset_weights(cand_logits, per_token, per_token, self.stats.spec)
             losses.append(self._quadratic(weights, tokens).T)
         # slot_bits[e, t] = 2^j where expert e is token t's j-th candidate (exact in float32: m <= 16).
         cand_idx = self.stats.cand_idx
@@ -146,23 +173,28 @@ class SubsetLoss:
         return lookup, torch.cat(losses), slot_bits
 
     def min_keep(self) -> int:
-        """Fewest experts this layer's candidates can score exactly."""
+        """Fewest experts these statistics score exactly (equally per group where routing is grouped)."""
+        return self.stats.min_keep
+
+    def _selection(self, keep: torch.Tensor, tokens: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept, selected), both subsets x tokens x m, for keep masks subsets x n."""
         s = self.stats
-        return s.num_experts - (s.num_candidates - s.spec.top_k)
+        padded = torch.cat([keep, torch.zeros(len(keep), 1, dtype=torch.bool)], dim=1)  # padding never kept
+        cand_kept = padded[:, s.cand_idx[tokens]]
+        return cand_kept, select(s.cand_choice[tokens], cand_kept, s.spec, s.block)
 
     def _weights(self, keep: torch.Tensor, tokens: slice) -> torch.Tensor:
         s = self.stats
-        cand_kept = keep[:, s.cand_idx[tokens]]  # subsets x tokens x m
-        lse = None
+        cand_kept, selected = self._selection(keep, tokens)
+        kept_logits = None
         if s.logits is not None:
-            masked = s.logits[tokens].unsqueeze(0).masked_fill(~keep.unsqueeze(1), float("-inf"))
-            lse = torch.logsumexp(masked, dim=-1)
-        return subset_weights(s.cand_logits[tokens], cand_kept, s.spec, lse)
+            kept_logits = s.logits[tokens].unsqueeze(0).masked_fill(~keep.unsqueeze(1), float("-inf"))
+        return subset_weights(s.cand_logits[tokens], cand_kept, selected, s.spec, kept_logits)
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
         """keep: subsets x n bool. Returns float64 losses (subsets,)."""
         keep = keep.reshape(-1, self.num_experts).bool()
-        self._check_keep(int(keep.sum(1).min()))
+        self._check_keep(keep)
         total = torch.zeros(keep.shape[0], dtype=torch.float64)
         for start in range(0, self.stats.num_tokens, self.token_chunk):
             tokens = slice(start, start + self.token_chunk)
@@ -176,25 +208,46 @@ class SubsetLoss:
             total += per_token.double().sum(dim=1)
         return total / self.stats.num_tokens
 
-    def _check_keep(self, count: int) -> None:
-        if count < self.min_keep():
+    def _check_keep(self, keep: torch.Tensor) -> None:
+        """Statistics are exact for sets of at least min_keep experts, each group keeping its share."""
+        per_group = keep.view(len(keep), self.groups, -1).sum(-1)
+        if int(per_group.min()) < self.min_keep() // self.groups:
+            count = int(keep.sum(1).min())
+            share = f" ({self.min_keep() // self.groups} in each of {self.groups} groups)" if self.groups > 1 else ""
             raise ValueError(
-                f"a subset keeps {count} experts; these statistics are exact only down to {self.min_keep()}"
+                f"a subset keeps {count} experts; these statistics are exact only down to {self.min_keep()}{share}"
             )
 
-    def removal_losses(self, keep: torch.Tensor) -> torch.Tensor:
-        """loss(keep minus e) for every expert e (inf where e is not kept), exact, in one pass.
+    def removable(self, keep: torch.Tensor) -> torch.Tensor:
+        """n bool: the kept experts whose removal leaves a set these statistics still score exactly."""
+        keep = keep.reshape(self.num_experts).bool()
+        surplus = keep.view(self.groups, -1).sum(-1) > self.min_keep() // self.groups
+        return keep & surplus.repeat_interleave(self.num_experts // self.groups)
 
-        What greedy elimination needs at each step, for the cost of scoring about k subsets instead
-        of |keep|: removing e leaves a token's selection alone unless e is selected, and then only
-        rescales its weights by c = 1 / (1 - p_e) (softmax without renormalisation, where p_e is
+    def removal_losses(self, keep: torch.Tensor) -> torch.Tensor:
+        """loss(keep minus e) for every removable expert e (inf elsewhere), exact, in one pass.
+
+        What greedy elimination needs at each step. For plain top-k routing this costs about k subset
+        scores instead of |keep|: removing e leaves a token's selection alone unless e is selected, and
+        then only rescales its weights by c = 1 / (1 - p_e) (softmax without renormalisation, where p_e is
         e's probability among the kept experts) or not at all (every other rule). With the
         token's current loss L and q1 = a.G.a, q2 = a.G.a0, the rescaled loss is
         L + (c - 1)((c + 1) q1 - 2 q2). Tokens that select e get their new selection scored.
+        Group-limited routing (removing e can move a token to other groups) and sparsemixer (e's logit
+        can sit in a selected expert's band) score every child subset instead.
         """
         s, n, k = self.stats, self.num_experts, self.stats.spec.top_k
         keep = keep.reshape(n).bool()
-        self._check_keep(int(keep.sum()) - 1)
+        removable = self.removable(keep)
+        total = torch.full((n,), float("inf"), dtype=torch.float64)
+        if not removable.any():
+            return total
+        if s.spec.grouped or s.spec.scoring == "sparsemixer":
+            experts = torch.nonzero(removable).flatten()
+            children = keep.expand(len(experts), n).clone()
+            children[torch.arange(len(experts)), experts] = False
+            total[experts] = self(children)
+            return total
         total = torch.zeros(n, dtype=torch.float64)
         for start in range(0, s.num_tokens, self.token_chunk):
             tokens = slice(start, start + self.token_chunk)
@@ -202,17 +255,18 @@ class SubsetLoss:
             base = self._base_weights[tokens].double()
             kept = keep[cand]  # tokens x m
             selected = kept & (torch.cumsum(kept.int(), -1) <= k)
-            lse = None
+            kept_logits = None
             if s.logits is not None:
-                lse = torch.logsumexp(s.logits[tokens].masked_fill(~keep, float("-inf")), dim=-1)
-            weights = subset_weights(s.cand_logits[tokens], kept[None], s.spec, None if lse is None else lse[None])
-            a = weights[0].double()
+                kept_logits = s.logits[tokens].masked_fill(~keep, float("-inf"))
+            a = subset_weights(s.cand_logits[tokens], kept[None], selected[None], s.spec, _batch(kept_logits))[0]
+            a = a.double()
             delta = a - base
             loss = torch.einsum("tm,tmn,tn->t", delta, gram, delta)
             # Tokens that do not select e: unchanged, or rescaled by c.
-            if s.logits is None:
+            if kept_logits is None:
                 unselected = loss[:, None].expand(-1, n)
             else:
+                lse = torch.logsumexp(kept_logits, dim=-1)
                 p = torch.exp(s.logits[tokens].double() - lse[:, None].double()).masked_fill(~keep, 0.0)
                 c = 1.0 / (1.0 - p).clamp_min(1e-300)
                 q1 = torch.einsum("tm,tmn,tn->t", a, gram, a)[:, None]
@@ -226,14 +280,16 @@ class SubsetLoss:
             for j in range(k):
                 without = kept.clone()
                 without.scatter_(1, slots[:, j : j + 1], False)
-                new_lse = None
-                if lse is not None:  # recomputed, not lse + log(1 - p): p can be ~1 for a selected expert
-                    gone = torch.zeros_like(s.logits[tokens], dtype=torch.bool).scatter_(1, chosen[:, j : j + 1], True)
-                    new_lse = torch.logsumexp(s.logits[tokens].masked_fill(gone | ~keep, float("-inf")), dim=-1)[None]
-                new = subset_weights(s.cand_logits[tokens], without[None], s.spec, new_lse)[0].double() - base
-                total.index_add_(0, chosen[:, j], torch.einsum("tm,tmn,tn->t", new, gram, new))
+                new_selected = without & (torch.cumsum(without.int(), -1) <= k)
+                new_logits = None
+                if kept_logits is not None:  # masked afresh, not lse + log(1 - p): p can be ~1 for a selected expert
+                    new_logits = kept_logits.scatter(1, chosen[:, j : j + 1], float("-inf"))
+                new = subset_weights(
+                    s.cand_logits[tokens], without[None], new_selected[None], s.spec, _batch(new_logits)
+                )[0].double()
+                total.index_add_(0, chosen[:, j], torch.einsum("tm,tmn,tn->t", new - base, gram, new - base))
         total = total / s.num_tokens
-        return total.masked_fill(~keep, float("inf"))
+        return total.masked_fill(~removable, float("inf"))
 
     def _quadratic(self, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
         """(a - a0)^T G (a - a0) per subset and token."""
@@ -241,9 +297,8 @@ class SubsetLoss:
         return torch.einsum("stm,tmn,stn->st", delta, self.stats.gram[tokens], delta)
 
     def selection_counts(self) -> torch.Tensor:
-        """How often each expert is in a token's original top-k."""
-        top = self.stats.cand_idx[:, : self.stats.spec.top_k]
-        return selection_counts(top, self.num_experts)
+        """How often each expert is among a token's originally selected experts."""
+        return selection_counts(self.stats.cand_idx[self._base_selected], self.num_experts)
 
     def reap_saliency(self) -> torch.Tensor:
         """REAP (Cerebras, 2025): per expert, the mean over the tokens routed to it of its top-k-renormalised
@@ -252,9 +307,13 @@ class SubsetLoss:
 
     def reap_sums(self) -> torch.Tensor:
         """The numerator of `reap_saliency`, summed over this oracle's tokens (what ranks add up)."""
-        k = self.stats.spec.top_k
-        weights = self._base_weights[:, :k].double()
+        selected = self._base_selected
+        weights = self._base_weights.double() * selected
         weights = weights / weights.sum(-1, keepdim=True)
-        norms = torch.diagonal(self.stats.gram, dim1=1, dim2=2)[:, :k].double().clamp_min(0).sqrt()
-        routed = self.stats.cand_idx[:, :k].reshape(-1)
-        return torch.zeros(self.num_experts, dtype=torch.float64).index_add_(0, routed, (weights * norms).reshape(-1))
+        norms = torch.diagonal(self.stats.gram, dim1=1, dim2=2).double().clamp_min(0).sqrt()
+        routed = self.stats.cand_idx[selected]
+        return torch.zeros(self.num_experts, dtype=torch.float64).index_add_(0, routed, (weights * norms)[selected])
+
+
+def _batch(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor[None]

@@ -29,7 +29,7 @@ from .evaluate import mean_kl_of
 from .files import dumps, load_mapping, write_atomically
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
-from .routing import candidate_count
+from .routing import group_keep_counts, max_candidate_count
 from .search import Rescorer, SearchContext, resolve_strategy, run_strategy
 
 
@@ -41,7 +41,28 @@ def check_keep(adapter: MoEAdapter, keep: int | None) -> int:
         raise UsageError(f"--keep {keep} is larger than the {n} experts per layer; choose {k}..{n}")
     if keep < k:
         raise UsageError(f"--keep {keep} is smaller than top_k={k} (experts each token uses); choose {k}..{n}")
+    spec = adapter.routing
+    if spec.grouped and keep not in (allowed := group_keep_counts(n, spec)):
+        raise UsageError(
+            f"--keep {keep} does not fit group-limited routing ({spec.groups} groups of {n // spec.groups}, "
+            f"{spec.groups_chosen} chosen per token): every group keeps the same number of experts so routing "
+            f"stays exact; choose a multiple of {spec.groups} from {allowed[0]} to {allowed[-1]}"
+        )
     return keep
+
+
+def check_kept(adapter: MoEAdapter, kept: list[int]) -> None:
+    """A plan's kept set is one the model can take: a valid count, an equal share per routing group."""
+    check_keep(adapter, len(kept))
+    groups = adapter.routing_groups
+    if groups > 1:
+        size = adapter.num_experts // groups
+        shares = [sum(1 for e in kept if e // size == g) for g in range(groups)]
+        if len(set(shares)) > 1:
+            raise UsageError(
+                f"the plan keeps {shares} experts from the {groups} routing groups; group-limited routing needs "
+                "the same number from each: make the plan with moe-sparsify prune"
+            )
 
 
 def model_identity(model: nn.Module, adapter: MoEAdapter, router_weights: dict | None = None) -> ModelIdentity:
@@ -93,7 +114,7 @@ def layer_stats(adapter: MoEAdapter, block: nn.Module, inputs: list[torch.Tensor
         lambda x, e: adapter.expert_forward(block, x, e),
         adapter.routing,
         adapter.num_experts,
-        candidate_count(adapter.num_experts, adapter.top_k, keep),
+        keep,
         adapter.selection_bias(block),
     )
 
@@ -215,7 +236,9 @@ def plan_pruning(
     them from disk one at a time)."""
     residency = residency or Resident(model, adapter)
     keep = check_keep(adapter, settings.keep)
-    strategy = resolve_strategy(settings.strategy, adapter.num_experts, keep, settings.max_subsets)
+    strategy = resolve_strategy(
+        settings.strategy, adapter.num_experts, keep, settings.max_subsets, adapter.routing_groups
+    )
     layers_out: list[LayerPlan] = []
     timings: list[LayerTiming] = []
 
@@ -305,7 +328,7 @@ def plan_pruning(
         layers=layers_out,
         options={
             "keep": keep,
-            "candidates_per_token": candidate_count(adapter.num_experts, adapter.top_k, keep),
+            "candidates_per_token": max_candidate_count(adapter.num_experts, adapter.routing, keep),
             "beam": settings.beam,
             **(
                 {

@@ -21,9 +21,16 @@ from .errors import UsageError
 class RoutingSpec:
     """How a model family turns router logits into (expert, weight) pairs.
 
-    scoring: "softmax" or "sigmoid" applied to the logits.
+    scoring: "softmax" or "sigmoid" applied to the logits, or "sparsemixer"
+        (PhiMoE: top-2 by logit, each weighted by a softmax over the experts
+        within a relative band `jitter` x 2 of it).
     renormalize: divide the top-k weights by their sum (Mixtral: always).
     scale: multiply the final weights (DeepSeek's routed_scaling_factor).
+    groups, groups_chosen, group_score: group-limited routing (DeepSeek's
+        n_group, topk_group): experts form `groups` contiguous equal groups, a
+        token first picks the `groups_chosen` groups with the best group score
+        ("max": best score in the group, V2; "top2": sum of the two best, V3)
+        and then its top-k among their experts. groups=1 is plain top-k.
     A per-expert selection bias (DeepSeek-V3's e_score_correction_bias) is
     added to the scores to choose experts, never to weight them; it is passed
     separately because it belongs to a layer, not to the family.
@@ -33,15 +40,40 @@ class RoutingSpec:
     scoring: str = "softmax"
     renormalize: bool = True
     scale: float = 1.0
+    groups: int = 1
+    groups_chosen: int = 1
+    group_score: str = "max"
+    jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.scoring not in ("softmax", "sigmoid"):
+        if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
             raise ValueError(f"unknown scoring {self.scoring!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"unknown group score {self.group_score!r}")
+        if self.scoring == "sparsemixer" and (self.top_k != 2 or self.renormalize):
+            raise ValueError("sparsemixer routes to exactly 2 experts and does not renormalise")
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the group rule can exclude experts (otherwise routing is plain top-k)."""
+        return self.groups > 1 and self.groups_chosen < self.groups
+
+    @property
+    def needs_all_logits(self) -> bool:
+        """Whether a selected expert's weight depends on experts outside the selection."""
+        return self.scoring == "sparsemixer" or (self.scoring == "softmax" and not self.renormalize)
+
+
+# How many of a group's best scores make up its group score.
+GROUP_SCORES = {"max": 1, "top2": 2}
 
 
 def scores(logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Routing scores in float32 (removed experts: 0), the softmax taken over the kept experts only."""
+    """Routing scores in float32 (removed experts: 0), the softmax taken over the kept experts only.
+    Sparsemixer ranks by the logits themselves (removed: -inf); its weights come from `route`."""
     logits = logits.float()
+    if spec.scoring == "sparsemixer":
+        return logits if keep is None else logits.masked_fill(~keep, float("-inf"))
     if spec.scoring == "softmax":
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
@@ -58,16 +90,53 @@ def choice_scores(
     return choice if keep is None else choice.masked_fill(~keep, float("-inf"))
 
 
+def group_scores(choice: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """... x groups x members choice scores (removed: -inf) -> ... x groups (too few kept: -inf)."""
+    return choice.topk(GROUP_SCORES[spec.group_score], dim=-1).values.sum(-1)
+
+
+def group_limited(choice: torch.Tensor, spec: RoutingSpec, groups: int | None = None) -> torch.Tensor:
+    """Choice scores (... x n) with the experts outside each token's chosen groups set to -inf.
+    `groups` overrides the spec's count where the columns are candidate blocks, not all experts."""
+    grouped = choice.reshape(*choice.shape[:-1], groups or spec.groups, -1)
+    chosen = torch.topk(group_scores(grouped, spec), spec.groups_chosen, dim=-1).indices
+    in_chosen = torch.zeros(grouped.shape[:-1], dtype=torch.bool, device=choice.device).scatter_(-1, chosen, True)
+    return grouped.masked_fill(~in_chosen.unsqueeze(-1), float("-inf")).reshape(choice.shape)
+
+
 def route(
     logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices), both tokens x top_k, as the (pruned) model computes them."""
     probs = scores(logits, spec, keep)
-    indices = torch.topk(choice_scores(probs, keep, bias), spec.top_k, dim=-1).indices
+    choice = choice_scores(probs, keep, bias)
+    if spec.grouped:
+        choice = group_limited(choice, spec)
+    indices = torch.topk(choice, spec.top_k, dim=-1).indices
+    if spec.scoring == "sparsemixer":
+        return sparsemixer_weights(probs, indices, spec.jitter), indices
     weights = probs.gather(-1, indices)
     if spec.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * spec.scale, indices
+
+
+def sparsemixer_weights(logits: torch.Tensor, top2: torch.Tensor, jitter: float) -> torch.Tensor:
+    """PhiMoE's inference weights (models/phimoe `sparsemixer`, training=False), removed experts at -inf.
+
+    The first expert's weight is a softmax over the experts whose relative gap to it is within
+    2 x jitter; the second's the same around it, the first excluded. Computed as transformers does,
+    op for op, so a pruned model's weights match bit for bit in float32."""
+    weights = []
+    masked = logits
+    for slot in range(2):
+        best = logits.gather(-1, top2[..., slot : slot + 1])
+        factor = logits.abs().clamp(min=best)
+        outside = ((best - logits) / factor) > (2 * jitter)
+        gates = torch.softmax(masked.masked_fill(outside, float("-inf")), dim=-1)
+        weights.append(gates.gather(-1, top2[..., slot : slot + 1]))
+        masked = torch.scatter(masked, -1, top2[..., slot : slot + 1], float("-inf"))
+    return torch.cat(weights, dim=-1)
 
 
 def candidate_count(num_experts: int, top_k: int, keep: int) -> int:
@@ -76,32 +145,105 @@ def candidate_count(num_experts: int, top_k: int, keep: int) -> int:
     return min(num_experts, top_k + num_experts - keep)
 
 
+def group_candidate_count(num_experts: int, spec: RoutingSpec, keep: int) -> int:
+    """Candidates per group under group-limited routing, where each group loses (n - r) / groups experts:
+    a group's selected experts and the experts its group score reads lie in its top-(max(k, s) + removed)."""
+    size, removed = num_experts // spec.groups, (num_experts - keep) // spec.groups
+    return min(size, max(spec.top_k, GROUP_SCORES[spec.group_score]) + removed)
+
+
+def max_candidate_count(num_experts: int, spec: RoutingSpec, keep: int) -> int:
+    """The most candidates a token can have (`candidate_experts`): its width before padded blocks go."""
+    if spec.grouped:
+        return group_candidate_count(num_experts, spec, keep) * spec.groups
+    return candidate_count(num_experts, spec.top_k, keep)
+
+
+def group_keep_counts(num_experts: int, spec: RoutingSpec) -> list[int]:
+    """The kept counts group-limited routing allows: an equal share per group (so the pruned model's
+    groups are the original ones), at least what a group score reads, and enough experts in the chosen
+    groups for top-k."""
+    share_min = max(GROUP_SCORES[spec.group_score], -(-spec.top_k // spec.groups_chosen))
+    return [share * spec.groups for share in range(share_min, num_experts // spec.groups + 1)]
+
+
+def candidate_experts(choice: torch.Tensor, spec: RoutingSpec, keep: int) -> tuple[torch.Tensor, int | None]:
+    """Every expert a token can select in any pruned model keeping at least `keep` experts (equally
+    per group under group-limited routing): (tokens x m expert ids, padding = n; group block width).
+
+    Plain top-k: the token's top-(k + n - r), best first; block None.
+    Group-limited: one block of `group_candidate_count` slots per group that can still be chosen,
+    best first within it. A group cannot be chosen when at least `groups_chosen` other groups score
+    higher even after losing their best experts than it does before losing any; its block is left out
+    (blocks are padded to the widest token), which spares its experts' outputs and Gram entries."""
+    n = choice.shape[-1]
+    if not spec.grouped:
+        return torch.topk(choice, candidate_count(n, spec.top_k, keep), dim=-1).indices, None
+    per_group = group_candidate_count(n, spec, keep)
+    removed, reads = (n - keep) // spec.groups, GROUP_SCORES[spec.group_score]
+    ranked = torch.topk(choice.view(-1, spec.groups, n // spec.groups), per_group, dim=-1)
+    upper = ranked.values[..., :reads].sum(-1)  # tokens x groups: nothing removed
+    lower = ranked.values[..., removed : removed + reads].sum(-1)  # its best `removed` gone
+    surely_better = (lower.unsqueeze(1) > upper.unsqueeze(2)).sum(-1)  # [t, g]: groups h beating g always
+    possible = surely_better < spec.groups_chosen
+    members = ranked.indices + torch.arange(spec.groups, device=choice.device).unsqueeze(-1) * (n // spec.groups)
+    # Possible groups first (stable, in group order), then as few padded blocks as the chunk needs.
+    order = torch.sort((~possible).int(), dim=-1, stable=True).indices
+    members = members.gather(1, order.unsqueeze(-1).expand_as(members))
+    members = members.masked_fill(~possible.gather(1, order).unsqueeze(-1), n)
+    width = int(possible.sum(-1).max())
+    return members[:, :width].reshape(len(choice), width * per_group), per_group
+
+
+def select(
+    cand_choice: torch.Tensor, cand_kept: torch.Tensor, spec: RoutingSpec, block: int | None = None
+) -> torch.Tensor:
+    """subsets x tokens x m bool: which candidates each subset's routing selects.
+
+    cand_choice: tokens x m choice scores; cand_kept: subsets x tokens x m. Plain top-k candidates are
+    in rank order, so the first k kept ones are selected. Group-limited candidates come in blocks of
+    `block` slots, one group each (`candidate_experts`): the routing's group rule runs on the blocks."""
+    if not spec.grouped:
+        return cand_kept & (torch.cumsum(cand_kept.to(torch.int32), dim=-1) <= spec.top_k)
+    choice = cand_choice.unsqueeze(0).masked_fill(~cand_kept, float("-inf"))
+    limited = group_limited(choice, spec, groups=choice.shape[-1] // block)
+    chosen = torch.topk(limited, spec.top_k, dim=-1).indices
+    return torch.zeros_like(cand_kept).scatter_(-1, chosen, True)
+
+
 def subset_weights(
     cand_logits: torch.Tensor,
     cand_kept: torch.Tensor,
+    selected: torch.Tensor,
     spec: RoutingSpec,
-    kept_logsumexp: torch.Tensor | None = None,
+    kept_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weights on each token's candidates (in original rank order) for many subsets.
+    """Weights on each token's candidates for many subsets.
 
-    cand_logits: tokens x m logits of the token's candidates, best first.
-    cand_kept:   subsets x tokens x m, whether each candidate survives.
-    kept_logsumexp: subsets x tokens, logsumexp over *all* kept logits; needed
-        only for softmax without renormalisation, where the weight of an expert
-        depends on every kept expert, not only the selected ones.
+    cand_logits: tokens x m logits of the token's candidates (padding: -inf).
+    cand_kept, selected: subsets x tokens x m, which candidates survive and which are selected (`select`).
+    kept_logits: subsets x tokens x n, every logit with removed experts at -inf; needed where
+        `spec.needs_all_logits` (softmax without renormalisation: a weight is p_j over all kept experts;
+        sparsemixer: a weight is a softmax over the kept experts within its band).
     Returns subsets x tokens x m float32, zero off the selection.
     """
-    rank_among_kept = torch.cumsum(cand_kept.to(torch.int32), dim=-1)
-    selected = cand_kept & (rank_among_kept <= spec.top_k)
     logits = cand_logits.float().unsqueeze(0)
+    if spec.needs_all_logits and kept_logits is None:
+        raise ValueError(f"{spec.scoring} routing without renormalisation needs every kept logit")
+    if spec.scoring == "sparsemixer":
+        top2 = torch.topk(kept_logits, 2, dim=-1).indices  # the selected pair, best first
+        pair = sparsemixer_weights(kept_logits, top2, spec.jitter)
+        rank = torch.cumsum(cand_kept.to(torch.int32), dim=-1)
+        return torch.where(selected & (rank == 1), pair[..., :1], 0.0) + torch.where(
+            selected & (rank == 2), pair[..., 1:], 0.0
+        )
     if spec.scoring == "softmax":
         if spec.renormalize:
             # p_j / sum_selected p == softmax over the selected logits.
             weights = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
-        elif kept_logsumexp is None:
-            raise ValueError("softmax without renormalisation needs the kept logsumexp")
         else:
-            weights = torch.exp(logits - kept_logsumexp.unsqueeze(-1)) * selected
+            lse = torch.logsumexp(kept_logits, dim=-1, keepdim=True)
+            weights = torch.exp(logits - lse) * selected
     else:
         weights = logits.sigmoid() * selected
         if spec.renormalize:

@@ -55,6 +55,55 @@ def strategy(name: str) -> Callable[[Strategy], Strategy]:
     return register
 
 
+@dataclass(frozen=True)
+class KeepSpace:
+    """The subsets a layer may keep: `keep` of `num_experts`, the same share from each of `groups`
+    contiguous routing groups (group-limited routing, where only equal shares keep the pruned model's
+    routing exact; one group: any subset)."""
+
+    num_experts: int
+    keep: int
+    groups: int = 1
+
+    @classmethod
+    def of(cls, oracle, keep: int) -> KeepSpace:
+        return cls(oracle.num_experts, keep, getattr(oracle, "groups", 1))
+
+    @property
+    def share(self) -> int:
+        return self.keep // self.groups
+
+    def members(self, group: int) -> range:
+        size = self.num_experts // self.groups
+        return range(group * size, (group + 1) * size)
+
+    def count(self) -> int:
+        return math.comb(self.num_experts // self.groups, self.share) ** self.groups
+
+    def describe(self) -> str:
+        single = f"C({self.num_experts // self.groups}, {self.share})"
+        return single if self.groups == 1 else f"{single}^{self.groups}"
+
+    def subsets(self) -> list[tuple[int, ...]]:
+        """Every allowed subset, in lexicographic order (groups are contiguous and ascending)."""
+        per_group = [itertools.combinations(self.members(g), self.share) for g in range(self.groups)]
+        return [sum(parts, ()) for parts in itertools.product(*per_group)]
+
+    def best(self, values: list[float]) -> tuple[int, ...]:
+        """The `share` experts with the highest values in each group (ties: lower id)."""
+        kept = []
+        for group in range(self.groups):
+            kept += sorted(self.members(group), key=lambda e: (-values[e], e))[: self.share]
+        return tuple(sorted(kept))
+
+    def random(self, gen: torch.Generator) -> tuple[int, ...]:
+        kept = []
+        for group in range(self.groups):
+            members = torch.tensor(self.members(group))
+            kept += members[torch.randperm(len(members), generator=gen)[: self.share]].tolist()
+        return tuple(sorted(kept))
+
+
 def _masks(subsets: list[tuple[int, ...]], n: int) -> torch.Tensor:
     masks = torch.zeros(len(subsets), n, dtype=torch.bool)
     for row, subset in enumerate(subsets):
@@ -87,22 +136,23 @@ def _scored_single(oracle, kept: tuple[int, ...]) -> SearchResult:
 
 @strategy("exhaustive")
 def exhaustive(oracle, keep: int, ctx: SearchContext) -> SearchResult:
-    """All C(n, keep) subsets (the paper), scored from Gram statistics."""
-    n = oracle.num_experts
-    count = math.comb(n, keep)
+    """All C(n, keep) subsets (the paper; per group under group-limited routing), scored from Gram statistics."""
+    space = KeepSpace.of(oracle, keep)
+    count = space.count()
     if count > ctx.max_subsets:
         raise UsageError(
-            f"exhaustive search would score C({n}, {keep}) = {count} subsets per layer, over the limit of "
+            f"exhaustive search would score {space.describe()} = {count} subsets per layer, over the limit of "
             f"{ctx.max_subsets}; use --strategy greedy or raise max_subsets"
         )
-    subsets = list(itertools.combinations(range(n), keep))
+    subsets = space.subsets()
     return _result(_ranked(subsets, _score(oracle, subsets)), len(subsets))
 
 
 def _eliminate(oracle, keep: int, width: int) -> tuple[list[tuple[float, tuple[int, ...]]], int]:
     """Backward elimination keeping the `width` best sets per step; returns the last step's ranked
     children and how many subsets were scored. Each parent's children are scored in one pass
-    (`removal_losses`), not one subset at a time."""
+    (`removal_losses`), not one subset at a time; experts it cannot remove (a group at its share)
+    come back as inf and are not children."""
     n = oracle.num_experts
     beam: list[tuple[int, ...]] = [tuple(range(n))]
     ranked: list[tuple[float, tuple[int, ...]]] = []
@@ -112,7 +162,8 @@ def _eliminate(oracle, keep: int, width: int) -> tuple[list[tuple[float, tuple[i
         for parent in beam:
             losses = oracle.removal_losses(_masks([parent], n)[0]).tolist()
             for drop in parent:
-                children[tuple(e for e in parent if e != drop)] = losses[drop]
+                if math.isfinite(losses[drop]):
+                    children[tuple(e for e in parent if e != drop)] = losses[drop]
         ranked = sorted((loss, child) for child, loss in children.items())
         scored += len(children)
         beam = [subset for _, subset in ranked[:width]]
@@ -137,8 +188,9 @@ def shortlist(oracle, keep: int, ctx: SearchContext, size: int) -> tuple[list[tu
     exactly (all subsets ranked) where exhaustive search is allowed, else the final beam of a
     greedy search as wide as `size`."""
     n = oracle.num_experts
-    if math.comb(n, keep) <= ctx.max_subsets:
-        subsets = list(itertools.combinations(range(n), keep))
+    space = KeepSpace.of(oracle, keep)
+    if space.count() <= ctx.max_subsets:
+        subsets = space.subsets()
         return _ranked(subsets, _score(oracle, subsets))[:size], len(subsets)
     ranked, scored = _eliminate(oracle, keep, max(size, ctx.beam))
     return (ranked or [(0.0, tuple(range(n)))])[:size], scored
@@ -161,32 +213,27 @@ def end_to_end(oracle, keep: int, ctx: SearchContext) -> SearchResult:
 @strategy("frequency")
 def frequency(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Baseline: keep the experts routed to most often (ties: lower id)."""
-    counts = oracle.selection_counts().tolist()
-    order = sorted(range(oracle.num_experts), key=lambda e: (-counts[e], e))
-    return _scored_single(oracle, tuple(sorted(order[:keep])))
+    return _scored_single(oracle, KeepSpace.of(oracle, keep).best(oracle.selection_counts().tolist()))
 
 
 @strategy("reap")
 def reap(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Baseline: keep the experts with the highest REAP saliency (ties: lower id)."""
-    saliency = oracle.reap_saliency().tolist()
-    order = sorted(range(oracle.num_experts), key=lambda e: (-saliency[e], e))
-    return _scored_single(oracle, tuple(sorted(order[:keep])))
+    return _scored_single(oracle, KeepSpace.of(oracle, keep).best(oracle.reap_saliency().tolist()))
 
 
 @strategy("random")
 def random(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Baseline: a uniformly random subset, seeded per (seed, layer)."""
     gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.layer)
-    kept = torch.randperm(oracle.num_experts, generator=gen)[:keep].sort().values.tolist()
-    return _scored_single(oracle, tuple(kept))
+    return _scored_single(oracle, KeepSpace.of(oracle, keep).random(gen))
 
 
-def resolve_strategy(name: str, num_experts: int, keep: int, max_subsets: int) -> str:
-    """'auto': exhaustive while C(n, keep) subsets are within the limit, greedy beyond (64-256 experts)."""
+def resolve_strategy(name: str, num_experts: int, keep: int, max_subsets: int, groups: int = 1) -> str:
+    """'auto': exhaustive while the allowed subsets are within the limit, greedy beyond (64-256 experts)."""
     if name != "auto":
         return name
-    return "exhaustive" if math.comb(num_experts, keep) <= max_subsets else "greedy"
+    return "exhaustive" if KeepSpace(num_experts, keep, groups).count() <= max_subsets else "greedy"
 
 
 def run_strategy(name: str, oracle, keep: int, ctx: SearchContext) -> SearchResult:

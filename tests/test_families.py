@@ -1,7 +1,6 @@
 """Every supported MoE family, built tiny from its config class: exact routing, exact subset scores,
 prune -> export -> reload in stock transformers, and skipping."""
 
-import itertools
 import json
 
 import pytest
@@ -9,9 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_sparsify.adapters import adapter_for
-from moe_sparsify.errors import UsageError
 from moe_sparsify.objective import SubsetLoss
 from moe_sparsify.prune import layer_stats
+from moe_sparsify.search import KeepSpace
 from moe_sparsify.skipping import disable_skipping, enable_skipping
 from moe_sparsify.thresholds import LayerThreshold, SkipThresholds, model_fingerprint, profile
 
@@ -62,6 +61,16 @@ FAMILIES = {
     "olmoe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
     "deepseek_v2": dict(DEEPSEEK, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.5),
     "deepseek_v3": dict(DEEPSEEK, q_lora_rank=16, n_group=2, topk_group=2, routed_scaling_factor=2.5),
+    # Group-limited routing: 2 groups of 4, one chosen per token; keep 6 removes one expert from each.
+    "deepseek_v2:grouped": dict(
+        DEEPSEEK,
+        q_lora_rank=None,
+        topk_method="group_limited_greedy",
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+    ),
+    "deepseek_v3:grouped": dict(DEEPSEEK, q_lora_rank=16, n_group=2, topk_group=1, routed_scaling_factor=2.5),
     "dots1": dict(DEEPSEEK, q_lora_rank=None, n_group=1, topk_group=1, routed_scaling_factor=2.0, norm_topk_prob=True),
     "glm4_moe": dict(
         intermediate_size=48,
@@ -80,7 +89,8 @@ FAMILIES = {
 
 def build(family: str, **overrides):
     torch.manual_seed(0)
-    config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **overrides})
+    model_type = family.split(":")[0]  # "type:variant" keys test other settings of one family
+    config = AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES[family], **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     adapter = adapter_for(model.config)
     for index in adapter.moe_layers(model):  # a selection bias that matters, where the family has one
@@ -114,7 +124,7 @@ def test_routed_forward_is_the_stock_block_and_scores_are_exact(family):
         block = adapter.moe_block(model.model.layers[layers[-1]])
         flat = x.reshape(-1, x.shape[-1])
         oracle = SubsetLoss(layer_stats(adapter, block, [flat], 6))
-        subsets = list(itertools.combinations(range(8), 6))
+        subsets = KeepSpace(8, 6, oracle.groups).subsets()  # an equal share per group where routing is grouped
         fast = oracle(torch.stack([_mask(s) for s in subsets]))
         full = _block_output(adapter.routed_forward(block, flat, None))
         brute = torch.tensor(
@@ -192,10 +202,37 @@ def test_prune_export_reload_and_skip(family, tmp_path):
     assert (skipped - reference).abs().max() <= 1e-5
 
 
-def test_group_limited_deepseek_is_refused_before_any_work():
-    config = AutoConfig.for_model("deepseek_v3", **{**COMMON, **FAMILIES["deepseek_v3"], "n_group": 4, "topk_group": 2})
-    with pytest.raises(UsageError, match="group-limited routing"):
-        adapter_for(config)
+def test_group_limited_keep_must_split_equally_and_the_groups_stay(tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_sparsify.cli import app
+
+    model, adapter = build("deepseek_v3:grouped")
+    assert adapter.routing.grouped and adapter.routing_groups == 2
+    source = save_with_tokenizer(model, tmp_path / "source")
+    result = CliRunner().invoke(app, ["prune", "--model", str(source), "--keep", "5", "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "choose a multiple of 2 from 4 to 8" in result.stderr
+    assert not (tmp_path / "o").exists()
+    config = model.config.to_dict()
+    assert adapter.pruned_config(config, 6) == ["n_routed_experts: 8 -> 6"]
+    assert (config["n_group"], config["topk_group"]) == (2, 1)
+
+
+def test_group_limited_search_keeps_an_equal_share_per_group():
+    model, adapter = build("deepseek_v2:grouped")
+    block = adapter.moe_block(model.model.layers[1])
+    x = torch.randn(300, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        oracle = SubsetLoss(layer_stats(adapter, block, [x], 4))
+    from moe_sparsify.search import SearchContext, run_strategy
+
+    best = run_strategy("exhaustive", oracle, 4, SearchContext(layer=1))
+    assert best.subsets_scored == 36  # C(4, 2)^2, not C(8, 4)
+    for name in ("exhaustive", "greedy", "frequency", "reap", "random"):
+        kept = run_strategy(name, oracle, 4, SearchContext(layer=1, beam=2)).kept
+        assert sum(e < 4 for e in kept) == 2, name
+    assert run_strategy("greedy", oracle, 4, SearchContext(layer=1)).loss >= best.loss - 1e-12
 
 
 def test_many_experts_take_greedy_through_the_cli(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.objective import LayerStats, SubsetLoss
 from moe_sparsify.prune import layer_stats
-from moe_sparsify.routing import RoutingSpec, candidate_count, route
+from moe_sparsify.routing import RoutingSpec, route
 from moe_sparsify.search import SearchContext, exhaustive
 
 from .conftest import random_mixtral
@@ -20,9 +20,8 @@ def _mask(subset, n):
     return keep
 
 
-def _stats(x, router, expert, spec, n, keep):
-    m = candidate_count(n, spec.top_k, keep)
-    return LayerStats.collect(x.split(37), router, expert, spec, n, m)
+def _stats(x, router, expert, spec, n, keep, bias=None):
+    return LayerStats.collect(x.split(37), router, expert, spec, n, keep, bias)
 
 
 @pytest.mark.parametrize("keep", [8, 7, 6, 5, 4, 2])
@@ -134,3 +133,75 @@ def test_removal_losses_equal_scoring_each_smaller_subset(spec):
                 assert fast[e].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-9)
             else:
                 assert fast[e] == float("inf")
+
+
+V2_GROUPED = RoutingSpec(top_k=2, scoring="softmax", renormalize=False, scale=1.5, groups=3, groups_chosen=1)
+V3_GROUPED = RoutingSpec(
+    top_k=3, scoring="sigmoid", renormalize=True, scale=2.5, groups=4, groups_chosen=2, group_score="top2"
+)
+
+
+def _linear_layer(n, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    router_w = torch.randn(n, d, generator=gen)
+    experts = torch.randn(n, d, d, generator=gen) / d**0.5
+    x = torch.randn(240, d, generator=gen)
+    bias = torch.randn(n, generator=gen) * 0.2
+    return router_w, experts, x, bias
+
+
+@pytest.mark.parametrize(
+    "spec, n, keep",
+    [
+        (V2_GROUPED, 12, 6),  # DeepSeek-V2 group_limited_greedy: groups by their best probability
+        (V2_GROUPED, 12, 9),
+        (V3_GROUPED, 16, 8),  # DeepSeek-V3: sigmoid + correction bias, groups by their two best
+        (V3_GROUPED, 16, 12),
+        (RoutingSpec(top_k=2, scoring="sparsemixer", renormalize=False, jitter=0.1), 8, 4),  # PhiMoE
+        (RoutingSpec(top_k=2, scoring="sparsemixer", renormalize=False, jitter=0.01), 8, 5),
+    ],
+)
+def test_group_limited_and_sparsemixer_routing_score_exactly(spec, n, keep):
+    """Every allowed subset (an equal share per group) against a masked forward of the whole layer,
+    the bias included: removing experts may move a token to other groups, and the candidates must
+    cover every expert it can reach."""
+    from moe_sparsify.search import KeepSpace
+
+    router_w, experts, x, bias = _linear_layer(n, 16, seed=n + keep)
+    bias = bias if spec.scoring == "sigmoid" else None
+
+    def forward(keep_mask):
+        weights, idx = route(x @ router_w.T, spec, keep_mask, bias)
+        return (weights.unsqueeze(-1) * torch.einsum("td,tkod->tko", x, experts[idx])).sum(1)
+
+    stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, spec, n, keep, bias)
+    oracle = SubsetLoss(stats, token_chunk=100)
+    subsets = KeepSpace(n, keep, oracle.groups).subsets()
+    fast = oracle(torch.stack([_mask(s, n) for s in subsets]))
+    full = forward(None)
+    brute = torch.tensor(
+        [((forward(_mask(s, n)) - full).double() ** 2).sum().item() / len(x) for s in subsets], dtype=torch.float64
+    )
+    assert torch.allclose(fast, brute, rtol=1e-5, atol=1e-7)
+    if spec.grouped:  # the group rule really moved tokens: some subset changes a token's groups
+        base_groups = route(x @ router_w.T, spec, None, bias)[1] // (n // spec.groups)
+        moved = any(
+            not torch.equal(route(x @ router_w.T, spec, _mask(s, n), bias)[1] // (n // spec.groups), base_groups)
+            for s in subsets[:50]
+        )
+        assert moved
+        assert (stats.cand_idx == n).any()  # and groups a token cannot reach were left out
+
+
+def test_removal_losses_keep_each_group_at_its_share():
+    router_w, experts, x, bias = _linear_layer(16, 12, seed=7)
+    stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, V3_GROUPED, 16, 8, bias)
+    oracle = SubsetLoss(stats)
+    keep = _mask([0, 1, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14], 16)  # group 0 at its share of 2, the others above
+    losses = oracle.removal_losses(keep)
+    assert torch.isinf(losses[[0, 1, 2, 3, 7, 15]]).all()
+    for e in [4, 5, 6, 8, 12, 14]:
+        expected = oracle((keep & ~_mask([e], 16)).unsqueeze(0))[0]
+        assert losses[e].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="2 in each of 4 groups"):
+        oracle(_mask([0, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14], 16).unsqueeze(0))

@@ -82,6 +82,12 @@ class MoEAdapter:
     def routing(self) -> RoutingSpec:
         raise NotImplementedError
 
+    @property
+    def routing_groups(self) -> int:
+        """Contiguous expert groups that must each keep the same share (group-limited routing), else 1."""
+        spec = self.routing
+        return spec.groups if spec.grouped else 1
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 

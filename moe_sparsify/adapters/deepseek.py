@@ -9,15 +9,18 @@ From models/deepseek_v{2,3}/modeling_*.py, router `mlp.gate` (fp32 weight):
 Dense first layers (`first_k_dense_replace`) have no experts; the shared
 experts are added ungated and never pruned.
 
-Group-limited routing (V2 "group_limited_greedy", V3 with topk_group < n_group)
-first picks the `topk_group` best groups of contiguous experts, by a score that
-itself depends on which experts a group still has. Removing experts can then
-move a token into another group, outside its original top-(k + n - r), so the
-exact search's candidate bound fails, even when every group loses as many
-experts. Such models are refused before any work. Where the group rule is
-inactive (one group, or every group kept) routing is plain top-k: those
-models are supported, and the export writes n_group = topk_group = 1, which
-routes identically and keeps the group reshape valid for any kept count.
+Group-limited routing (V2 "group_limited_greedy": groups ranked by their best
+score; V3: by the sum of their two best choice scores) first picks each token's
+`topk_group` best groups of contiguous experts, then its top-k among them.
+Pruning keeps the same number of experts in every group, so the pruned model's
+groups are the original groups minus the removed experts and its routing equals
+the original's with those experts masked, exactly; the search's candidates are
+every expert some allowed subset can route a token to (routing.candidate_experts).
+Unequal removal is refused: the pruned model would regroup experts by position,
+routing tokens in a way the original never did. Where the group rule is inactive
+(one group, or every group chosen) routing is plain top-k, any kept count is
+allowed, and the export writes n_group = topk_group = 1, which routes
+identically and keeps the group reshape valid.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError
 from ..routing import RoutingSpec
 from .base import MoEAdapter
 
@@ -36,24 +38,18 @@ class DeepseekAdapter(MoEAdapter):
     model_types = ("deepseek_v2", "deepseek_v3", "dots1", "glm4_moe")
     expert_count_keys = ("n_routed_experts",)
 
-    def __init__(self, config):
-        super().__init__(config)
-        groups, chosen = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
-        grouped = config.model_type == "deepseek_v3" or getattr(config, "topk_method", "greedy") != "greedy"
-        if grouped and groups > 1 and chosen < groups:
-            raise UsageError(
-                f"{config.model_type} with group-limited routing (n_group={groups}, topk_group={chosen}) is not "
-                "supported: removing experts can change which groups a token is routed to, so the exact search "
-                "does not hold; see moe_sparsify/adapters/deepseek.py"
-            )
-
     @property
     def routing(self) -> RoutingSpec:
-        if self.config.model_type == "deepseek_v2":
-            return RoutingSpec(self.top_k, "softmax", renormalize=False, scale=self.config.routed_scaling_factor)
-        return RoutingSpec(
-            self.top_k, "sigmoid", renormalize=bool(self.config.norm_topk_prob), scale=self.config.routed_scaling_factor
-        )
+        config = self.config
+        v2 = config.model_type == "deepseek_v2"
+        groups = {}
+        if not v2 or getattr(config, "topk_method", "greedy") == "group_limited_greedy":
+            groups = dict(groups=config.n_group or 1, groups_chosen=config.topk_group or 1)
+            groups["group_score"] = "max" if v2 else "top2"
+        if v2:
+            return RoutingSpec(self.top_k, "softmax", renormalize=False, scale=config.routed_scaling_factor, **groups)
+        renormalize = bool(config.norm_topk_prob)
+        return RoutingSpec(self.top_k, "sigmoid", renormalize, scale=config.routed_scaling_factor, **groups)
 
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), block.gate.weight.float())
@@ -66,6 +62,8 @@ class DeepseekAdapter(MoEAdapter):
 
     def pruned_config(self, config: dict, keep: int) -> list[str]:
         changes = super().pruned_config(config, keep)
+        if self.routing.grouped:  # the groups stay, each one smaller
+            return changes
         for key in ("n_group", "topk_group"):
             if config.get(key) not in (None, 1):
                 changes.append(f"{key}: {config[key]} -> 1")
