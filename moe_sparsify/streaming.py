@@ -27,8 +27,6 @@ _PER_EXPERT = re.compile(
     r"^(?P<head>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
 _GATE, _UP, _DOWN = ("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")
-# Legacy module names on disk -> names in transformers 5.x modules.
-_RENAMES = ((".block_sparse_moe.", ".mlp."),)
 
 
 class CheckpointReader:
@@ -59,19 +57,21 @@ class CheckpointReader:
         self._handles.clear()
 
 
-def _module_name(name: str) -> str:
-    """A checkpoint tensor's name in transformers 5.x modules (legacy renames applied)."""
-    for old, new in _RENAMES:
+def _module_name(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """A checkpoint tensor's name in transformers 5.x modules (the adapter's legacy renames applied)."""
+    for old, new in renames:
         name = name.replace(old, new)
     return name
 
 
-def module_state(reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
+def module_state(
+    reader: CheckpointReader, prefix: str, renames: tuple[tuple[str, str], ...]
+) -> dict[str, torch.Tensor]:
     """The tensors under `prefix`, named as the module names them, per-expert tensors stacked."""
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name in reader.names(prefix):
-        key = _module_name("." + name[len(prefix) :])[1:]
+        key = _module_name("." + name[len(prefix) :], renames)[1:]
         if m := _PER_EXPERT.match(key):
             experts.setdefault(m["head"], {}).setdefault(int(m["expert"]), {})[m["proj"]] = reader.get(name)
         else:
@@ -124,7 +124,7 @@ class StreamedModel:
 
     def load_layer(self, index: int, device: torch.device) -> nn.Module:
         layer = self.adapter.decoder_layers(self.model)[index]
-        _load_into(layer, module_state(self.reader, f"model.layers.{index}."), device)
+        _load_into(layer, module_state(self.reader, f"model.layers.{index}.", self.adapter.checkpoint_renames), device)
         self.reader.close()
         return layer
 
@@ -133,12 +133,12 @@ class StreamedModel:
 
     def router_weights(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's router weight, read from the checkpoint alone (that tensor only)."""
-        weights = {}
+        weights, renames = {}, self.adapter.checkpoint_renames
         for index in self.adapter.moe_layers(self.model):
             layer = self.adapter.decoder_layers(self.model)[index]
             router = self.adapter.router_weight(self.adapter.moe_block(layer))
             path = f"model.layers.{index}." + next(n for n, p in layer.named_parameters() if p is router)
-            stored = next(n for n in self.reader.names(f"model.layers.{index}.") if _module_name(n) == path)
+            stored = next(n for n in self.reader.names(f"model.layers.{index}.") if _module_name(n, renames) == path)
             weights[index] = self.reader.get(stored)
         self.reader.close()
         return weights

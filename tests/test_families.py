@@ -83,6 +83,8 @@ FAMILIES = {
         head_dim=8,
     ),
     "flex_olmo": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
+    # A wider jitter band than Phi-3.5-MoE's 0.01, so weights depend on more than the selected pair.
+    "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),
     "gpt_oss": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16),
 }
 

@@ -14,7 +14,7 @@ from .test_cli import FAST, run
 from .test_families import build
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"])
 def test_streamed_layers_equal_the_loaded_model(family, tmp_path):
     model, adapter = build(family)
     source = save_with_tokenizer(model, tmp_path / "m")

@@ -7,6 +7,7 @@ from .base import MoEAdapter, TensorRule
 from .deepseek import DeepseekAdapter
 from .gpt_oss import GptOssAdapter
 from .mixtral import MixtralAdapter
+from .phimoe import PhimoeAdapter
 from .qwen import Qwen2MoeAdapter, QwenMoeAdapter
 
 FAMILIES: tuple[type[MoEAdapter], ...] = (
@@ -15,6 +16,7 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     QwenMoeAdapter,
     DeepseekAdapter,
     GptOssAdapter,
+    PhimoeAdapter,
 )
 ADAPTERS: dict[str, type[MoEAdapter]] = {t: cls for cls in FAMILIES for t in cls.model_types}
 

@@ -50,6 +50,8 @@ class MoEAdapter:
     expert_count_keys: ClassVar[tuple[str, ...]] = ()
     always_written_keys: ClassVar[tuple[str, ...]] = ()
     router_attr: ClassVar[str] = "gate"
+    # Legacy module names on disk -> names in the 5.x modules (what transformers' conversion mapping renames).
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ((".block_sparse_moe.", ".mlp."),)
     block_returns_tuple: ClassVar[bool] = False  # GPT-OSS's block returns (output, router scores)
     per_expert_pattern: ClassVar[re.Pattern] = re.compile(
         r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)(?P<tail>\..+)$"
