@@ -196,7 +196,7 @@ class EndToEndRescorer:
         states = [hidden.to(self.device) for hidden, _ in batches]
         for index in range(start, len(layers)):
             layer = layers[index] if index == start else self.residency.load_layer(index, self.device)
-            states = [layer_output(layer(hidden, **kwargs)) for hidden, (_, kwargs) in zip(states, batches)]
+            states = [layer_output(layer(h, **kwargs[index])) for h, (_, kwargs) in zip(states, batches)]
             if index != start:
                 self.residency.release_layer(index)
         return [torch.log_softmax(self.adapter.final_logits(self.model, h).float(), dim=-1) for h in states]

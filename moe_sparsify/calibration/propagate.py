@@ -1,8 +1,9 @@
 """Run a model one decoder layer at a time over calibration tokens.
 
-The sparsegpt/wanda shape: catch the inputs of decoder layer 0 (hidden states
-plus whatever keyword arguments the model passes its layers: rotary
-embeddings, mask, positions), then for each layer move it to the compute
+The sparsegpt/wanda shape: catch the inputs of decoder layer 0 (hidden states)
+and the keyword arguments the model passes each layer (rotary embeddings,
+positions, and a mask that differs between sliding-window and full-attention
+layers, or between attention and linear-attention layers), then for each layer move it to the compute
 device, run it on every batch while a hook records its MoE block's inputs,
 let the caller decide, and feed the outputs (from the original layer, or from
 the pruned one in progressive mode) to the next layer. Only the current layer
@@ -28,7 +29,7 @@ class LayerStep:
     index: int
     block: nn.Module
     inputs: list[torch.Tensor]  # the MoE block's inputs, per batch, tokens x hidden
-    batches: list[tuple[torch.Tensor, dict]]  # the decoder layer's own inputs (hidden states, kwargs)
+    batches: list[tuple[torch.Tensor, list[dict]]]  # per batch: this layer's hidden states, every layer's kwargs
 
 
 # on_layer(step) -> experts to keep while producing the next layer's inputs, or None for all.
@@ -43,18 +44,33 @@ def layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def catch_layer0_inputs(
+def catch_layer_inputs(
     model: nn.Module, adapter: MoEAdapter, token_ids: torch.Tensor, batch_size: int, device: torch.device
-) -> list[tuple[torch.Tensor, dict]]:
+) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Per batch: layer 0's hidden states and the keyword arguments of every decoder layer.
+
+    Each layer's forward is swapped (on the instance, so attributes the model reads, such as
+    `attention_type`, stay) for a recorder that passes the hidden states through untouched: no layer
+    computes (they may still be on the meta device), and the model's own per-layer choice of mask and
+    positions is recorded."""
     layers = adapter.decoder_layers(model)
-    caught: list[tuple[torch.Tensor, dict]] = []
+    caught: list[tuple[torch.Tensor, list[dict]]] = []
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden, dict(kwargs)))
-        raise _Caught
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                caught.append((hidden, []))
+            caught[-1][1].append(dict(kwargs))
+            if index == len(layers) - 1:
+                raise _Caught
+            return hidden
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        return forward
+
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
     try:
         for start in range(0, len(token_ids), batch_size):
             try:
@@ -62,7 +78,11 @@ def catch_layer0_inputs(
             except _Caught:
                 pass
     finally:
-        handle.remove()
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return caught
 
 
@@ -113,7 +133,7 @@ def propagate(
     residency=None,
     activations=None,
 ) -> list[tuple[torch.Tensor, dict]]:
-    """Returns the last layer's outputs per batch (with their layer kwargs).
+    """Returns the last layer's outputs per batch (with every layer's kwargs).
 
     residency: how decoder layers reach the device (default: held in memory).
     activations: an `offload.ActivationStore` deciding where hidden states and MoE inputs wait between
@@ -124,11 +144,11 @@ def propagate(
     layers = adapter.decoder_layers(model)
     home = next(p.device for p in model.parameters() if p.device.type != "meta")
     place_outside_layers(model, layers, device)
-    batches = [(keep(h), kw) for h, kw in catch_layer0_inputs(model, adapter, token_ids, batch_size, device)]
+    batches = [(keep(h), kw) for h, kw in catch_layer_inputs(model, adapter, token_ids, batch_size, device)]
     task = progress.add_task("layers", total=len(layers)) if progress else None
 
-    def run(layer):
-        return [keep(layer_output(layer(hidden.to(device), **kwargs))) for hidden, kwargs in batches]
+    def run(layer, index):
+        return [keep(layer_output(layer(hidden.to(device), **kwargs[index]))) for hidden, kwargs in batches]
 
     for index in range(len(layers)):
         if activations is not None:
@@ -140,7 +160,7 @@ def propagate(
         if block is not None:
             handle = block.register_forward_pre_hook(_recorder(captured, keep))
         try:
-            outputs = run(layer)
+            outputs = run(layer, index)
         finally:
             if handle is not None:
                 handle.remove()
@@ -148,7 +168,7 @@ def propagate(
             kept = on_layer(LayerStep(index, block, captured, batches))
             if kept is not None and len(kept) < adapter.num_experts:
                 with adapter.pruned_view(model, {index: kept}):
-                    outputs = run(layer)
+                    outputs = run(layer, index)
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
         residency.release_layer(index)
         if progress:
