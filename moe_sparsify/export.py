@@ -59,9 +59,15 @@ def source_shards(source_dir: Path) -> list[str]:
     )
 
 
-def _gather_rows(handle, name: str, rows: list[int]) -> torch.Tensor:
+def _gather_experts(handle, name: str, kept: list[int], num_experts: int) -> torch.Tensor:
+    """The kept entries along the tensor's expert axis: dim 0 (stacked experts, router rows), read row
+    by row so a large stacked tensor is never whole in memory; else the first axis of n entries."""
     view = handle.get_slice(name)
-    return torch.stack([view[r] for r in rows])
+    shape = view.get_shape()
+    if shape[0] == num_experts:
+        return torch.stack([view[r] for r in kept])
+    axis = shape.index(num_experts)
+    return handle.get_tensor(name).index_select(axis, torch.tensor(kept)).contiguous()
 
 
 def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict[str, torch.Tensor]:
@@ -73,8 +79,8 @@ def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict
         elif rule.kind == "expert":
             if rule.expert in kept[rule.layer]:
                 out[rule.renamed(kept[rule.layer].index(rule.expert))] = handle.get_tensor(name)
-        else:  # stacked experts or router rows: experts along dim 0
-            out[name] = _gather_rows(handle, name, kept[rule.layer])
+        else:  # stacked experts, router rows and biases
+            out[name] = _gather_experts(handle, name, kept[rule.layer], adapter.num_experts)
     return out
 
 

@@ -47,6 +47,7 @@ class LayerStats:
     gram: torch.Tensor  # tokens x m x m, float32
     logits: torch.Tensor | None  # tokens x n, kept only where weights need all kept logits
     block: int | None = None  # group-limited routing: candidate slots per group block
+    bias: torch.Tensor | None = None  # n, the selection bias, where the ranking depends on the kept set
 
     @property
     def num_tokens(self) -> int:
@@ -77,8 +78,9 @@ class LayerStats:
         block = None
         for x in (part for chunk in inputs for part in chunk.split(rows_per_pass or _rows_per_pass(chunk))):
             logits = router_logits(x).float()
-            choice = choice_scores(scores(logits, spec), None, selection_bias)
-            cand_idx, block = candidate_experts(choice, spec, keep)
+            probs = scores(logits, spec)
+            choice = choice_scores(probs, None, selection_bias)
+            cand_idx, block = candidate_experts(choice, spec, keep, probs)
             outputs = torch.zeros(x.shape[0], cand_idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             for expert in range(num_experts):
                 token, slot = torch.nonzero(cand_idx == expert, as_tuple=True)
@@ -104,6 +106,7 @@ class LayerStats:
             gram=_cat_padded(parts["gram"], width, 0.0),
             logits=torch.cat(parts["all"]) if spec.needs_all_logits else None,
             block=block,
+            bias=selection_bias.float().cpu() if spec.choice_depends_on_kept else None,
         )
 
 
@@ -176,20 +179,24 @@ class SubsetLoss:
         """Fewest experts these statistics score exactly (equally per group where routing is grouped)."""
         return self.stats.min_keep
 
-    def _selection(self, keep: torch.Tensor, tokens: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept, selected), both subsets x tokens x m, for keep masks subsets x n."""
+    def _selection(self, keep: torch.Tensor, tokens: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(kept, selected: both subsets x tokens x m; every logit with removed ones at -inf, where needed)."""
         s = self.stats
         padded = torch.cat([keep, torch.zeros(len(keep), 1, dtype=torch.bool)], dim=1)  # padding never kept
-        cand_kept = padded[:, s.cand_idx[tokens]]
-        return cand_kept, select(s.cand_choice[tokens], cand_kept, s.spec, s.block)
-
-    def _weights(self, keep: torch.Tensor, tokens: slice) -> torch.Tensor:
-        s = self.stats
-        cand_kept, selected = self._selection(keep, tokens)
+        cand_idx = s.cand_idx[tokens]
+        cand_kept = padded[:, cand_idx]
         kept_logits = None
         if s.logits is not None:
             kept_logits = s.logits[tokens].unsqueeze(0).masked_fill(~keep.unsqueeze(1), float("-inf"))
-        return subset_weights(s.cand_logits[tokens], cand_kept, selected, s.spec, kept_logits)
+        cand_bias = None if s.bias is None else torch.cat([s.bias, s.bias.new_zeros(1)])[cand_idx]
+        selected = select(
+            s.cand_choice[tokens], cand_kept, s.spec, s.block, s.cand_logits[tokens], kept_logits, cand_bias
+        )
+        return cand_kept, selected, kept_logits
+
+    def _weights(self, keep: torch.Tensor, tokens: slice) -> torch.Tensor:
+        cand_kept, selected, kept_logits = self._selection(keep, tokens)
+        return subset_weights(self.stats.cand_logits[tokens], cand_kept, selected, self.stats.spec, kept_logits)
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
         """keep: subsets x n bool. Returns float64 losses (subsets,)."""
@@ -233,8 +240,9 @@ class SubsetLoss:
         e's probability among the kept experts) or not at all (every other rule). With the
         token's current loss L and q1 = a.G.a, q2 = a.G.a0, the rescaled loss is
         L + (c - 1)((c + 1) q1 - 2 q2). Tokens that select e get their new selection scored.
-        Group-limited routing (removing e can move a token to other groups) and sparsemixer (e's logit
-        can sit in a selected expert's band) score every child subset instead.
+        Group-limited routing (removing e can move a token to other groups), sparsemixer (e's logit
+        can sit in a selected expert's band) and softmax plus bias (removing e rescales every kept
+        probability against its bias) score every child subset instead.
         """
         s, n, k = self.stats, self.num_experts, self.stats.spec.top_k
         keep = keep.reshape(n).bool()
@@ -242,7 +250,7 @@ class SubsetLoss:
         total = torch.full((n,), float("inf"), dtype=torch.float64)
         if not removable.any():
             return total
-        if s.spec.grouped or s.spec.scoring == "sparsemixer":
+        if s.spec.grouped or s.spec.scoring == "sparsemixer" or s.spec.choice_depends_on_kept:
             experts = torch.nonzero(removable).flatten()
             children = keep.expand(len(experts), n).clone()
             children[torch.arange(len(experts)), experts] = False

@@ -31,6 +31,9 @@ class RoutingSpec:
         token first picks the `groups_chosen` groups with the best group score
         ("max": best score in the group, V2; "top2": sum of the two best, V3)
         and then its top-k among their experts. groups=1 is plain top-k.
+    softmax_bias: the selection bias is added to a softmax (ERNIE-4.5), which
+        the pruned model takes over the kept experts only: the ranking then
+        depends on which experts are kept, not only on their order.
     A per-expert selection bias (DeepSeek-V3's e_score_correction_bias) is
     added to the scores to choose experts, never to weight them; it is passed
     separately because it belongs to a layer, not to the family.
@@ -44,6 +47,7 @@ class RoutingSpec:
     groups_chosen: int = 1
     group_score: str = "max"
     jitter: float = 0.0
+    softmax_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
@@ -60,8 +64,14 @@ class RoutingSpec:
 
     @property
     def needs_all_logits(self) -> bool:
-        """Whether a selected expert's weight depends on experts outside the selection."""
-        return self.scoring == "sparsemixer" or (self.scoring == "softmax" and not self.renormalize)
+        """Whether a selected expert's weight, or the selection itself, depends on experts outside it."""
+        return (
+            self.scoring == "sparsemixer" or self.scoring == "softmax" and (self.softmax_bias or not self.renormalize)
+        )
+
+    @property
+    def choice_depends_on_kept(self) -> bool:
+        return self.scoring == "softmax" and self.softmax_bias
 
 
 # How many of a group's best scores make up its group score.
@@ -167,7 +177,9 @@ def group_keep_counts(num_experts: int, spec: RoutingSpec) -> list[int]:
     return [share * spec.groups for share in range(share_min, num_experts // spec.groups + 1)]
 
 
-def candidate_experts(choice: torch.Tensor, spec: RoutingSpec, keep: int) -> tuple[torch.Tensor, int | None]:
+def candidate_experts(
+    choice: torch.Tensor, spec: RoutingSpec, keep: int, probs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int | None]:
     """Every expert a token can select in any pruned model keeping at least `keep` experts (equally
     per group under group-limited routing): (tokens x m expert ids, padding = n; group block width).
 
@@ -175,8 +187,11 @@ def candidate_experts(choice: torch.Tensor, spec: RoutingSpec, keep: int) -> tup
     Group-limited: one block of `group_candidate_count` slots per group that can still be chosen,
     best first within it. A group cannot be chosen when at least `groups_chosen` other groups score
     higher even after losing their best experts than it does before losing any; its block is left out
-    (blocks are padded to the widest token), which spares its experts' outputs and Gram entries."""
+    (blocks are padded to the widest token), which spares its experts' outputs and Gram entries.
+    Softmax plus bias (`probs` given): see `_biased_softmax_candidates`."""
     n = choice.shape[-1]
+    if spec.choice_depends_on_kept:
+        return _biased_softmax_candidates(probs, choice, spec.top_k, keep), None
     if not spec.grouped:
         return torch.topk(choice, candidate_count(n, spec.top_k, keep), dim=-1).indices, None
     per_group = group_candidate_count(n, spec, keep)
@@ -195,14 +210,48 @@ def candidate_experts(choice: torch.Tensor, spec: RoutingSpec, keep: int) -> tup
     return members[:, :width].reshape(len(choice), width * per_group), per_group
 
 
+def _biased_softmax_candidates(probs: torch.Tensor, choice: torch.Tensor, top_k: int, keep: int) -> torch.Tensor:
+    """Candidates where experts are ranked by softmax-over-kept + bias: tokens x m, padding n.
+
+    Over the kept experts the probabilities are c p_i, with c = 1 / (kept mass) between 1 and c_max
+    (the token's `removed` most probable experts gone). The order of i over j, c p_i + b_i > c p_j + b_j,
+    is linear in c, so i outranks j for every allowed subset if it does at both ends. Expert j can be
+    selected only if fewer than k + removed experts surely outrank it. Candidates are best first at c = 1."""
+    n = probs.shape[-1]
+    removed = n - keep
+    mass = probs.topk(removed, dim=-1).values.sum(-1, keepdim=True) if removed else torch.zeros_like(probs[:, :1])
+    # choice = p + b; at c_max: inf or nan where the mass rounds to 1, which prunes nothing.
+    low, high = choice, probs / (1 - mass) + (choice - probs)
+    surely = (low.unsqueeze(2) > low.unsqueeze(1)) & (high.unsqueeze(2) > high.unsqueeze(1))  # [t, i, j]
+    possible = surely.sum(1) < top_k + removed
+    order = torch.argsort(low, dim=-1, descending=True, stable=True)
+    possible = possible.gather(1, order)
+    # Possible ones first, in rank order; the rest become padding.
+    shuffle = torch.sort((~possible).int(), dim=-1, stable=True).indices
+    order = order.gather(1, shuffle).masked_fill(~possible.gather(1, shuffle), n)
+    return order[:, : int(possible.sum(-1).max())]
+
+
 def select(
-    cand_choice: torch.Tensor, cand_kept: torch.Tensor, spec: RoutingSpec, block: int | None = None
+    cand_choice: torch.Tensor,
+    cand_kept: torch.Tensor,
+    spec: RoutingSpec,
+    block: int | None = None,
+    cand_logits: torch.Tensor | None = None,
+    kept_logits: torch.Tensor | None = None,
+    cand_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """subsets x tokens x m bool: which candidates each subset's routing selects.
 
     cand_choice: tokens x m choice scores; cand_kept: subsets x tokens x m. Plain top-k candidates are
     in rank order, so the first k kept ones are selected. Group-limited candidates come in blocks of
-    `block` slots, one group each (`candidate_experts`): the routing's group rule runs on the blocks."""
+    `block` slots, one group each (`candidate_experts`): the routing's group rule runs on the blocks.
+    Softmax plus bias ranks by the softmax over each subset's kept experts (from `kept_logits`,
+    subsets x tokens x n) plus the candidates' bias."""
+    if spec.choice_depends_on_kept:
+        lse = torch.logsumexp(kept_logits, dim=-1, keepdim=True)
+        choice = (torch.exp(cand_logits.float().unsqueeze(0) - lse) + cand_bias).masked_fill(~cand_kept, float("-inf"))
+        return torch.zeros_like(cand_kept).scatter_(-1, torch.topk(choice, spec.top_k, dim=-1).indices, True)
     if not spec.grouped:
         return cand_kept & (torch.cumsum(cand_kept.to(torch.int32), dim=-1) <= spec.top_k)
     choice = cand_choice.unsqueeze(0).masked_fill(~cand_kept, float("-inf"))

@@ -157,6 +157,8 @@ def _linear_layer(n, d, seed):
         (V2_GROUPED, 12, 9),
         (V3_GROUPED, 16, 8),  # DeepSeek-V3: sigmoid + correction bias, groups by their two best
         (V3_GROUPED, 16, 12),
+        (RoutingSpec(top_k=2, scoring="softmax", softmax_bias=True), 8, 4),  # ERNIE-4.5: bias on the kept softmax
+        (RoutingSpec(top_k=3, scoring="softmax", softmax_bias=True), 10, 6),
         (RoutingSpec(top_k=2, scoring="sparsemixer", renormalize=False, jitter=0.1), 8, 4),  # PhiMoE
         (RoutingSpec(top_k=2, scoring="sparsemixer", renormalize=False, jitter=0.01), 8, 5),
     ],
@@ -168,7 +170,7 @@ def test_group_limited_and_sparsemixer_routing_score_exactly(spec, n, keep):
     from moe_sparsify.search import KeepSpace
 
     router_w, experts, x, bias = _linear_layer(n, 16, seed=n + keep)
-    bias = bias if spec.scoring == "sigmoid" else None
+    bias = bias if spec.scoring == "sigmoid" or spec.softmax_bias else None
 
     def forward(keep_mask):
         weights, idx = route(x @ router_w.T, spec, keep_mask, bias)

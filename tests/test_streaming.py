@@ -11,10 +11,10 @@ from moe_sparsify.streaming import StreamedModel, streamed_logits
 
 from .conftest import save_with_tokenizer
 from .test_cli import FAST, run
-from .test_families import build
+from .test_families import FAMILIES, build
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_streamed_layers_equal_the_loaded_model(family, tmp_path):
     model, adapter = build(family)
     source = save_with_tokenizer(model, tmp_path / "m")

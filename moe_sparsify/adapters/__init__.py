@@ -4,17 +4,31 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .base import MoEAdapter, TensorRule
-from .deepseek import DeepseekAdapter
+from .biased_sigmoid import BiasedSigmoidAdapter, HunyuanV3Adapter
+from .cohere import Cohere2MoeAdapter
+from .deepseek import DeepseekAdapter, ExaoneMoeAdapter, MimoV2FlashAdapter
+from .ernie import ErnieMoeAdapter
 from .gpt_oss import GptOssAdapter
-from .mixtral import MixtralAdapter
+from .hunyuan import HunyuanMoeAdapter
+from .mixtral import GraniteMoeAdapter, MixtralAdapter
 from .phimoe import PhimoeAdapter
-from .qwen import Qwen2MoeAdapter, QwenMoeAdapter
+from .qwen import FlintAdapter, Qwen2MoeAdapter, QwenMoeAdapter, UngatedSharedExpertAdapter
 
 FAMILIES: tuple[type[MoEAdapter], ...] = (
     MixtralAdapter,
+    GraniteMoeAdapter,
     Qwen2MoeAdapter,
     QwenMoeAdapter,
+    UngatedSharedExpertAdapter,
+    FlintAdapter,
     DeepseekAdapter,
+    ExaoneMoeAdapter,
+    MimoV2FlashAdapter,
+    BiasedSigmoidAdapter,
+    HunyuanV3Adapter,
+    HunyuanMoeAdapter,
+    ErnieMoeAdapter,
+    Cohere2MoeAdapter,
     GptOssAdapter,
     PhimoeAdapter,
 )

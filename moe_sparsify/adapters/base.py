@@ -26,7 +26,8 @@ class TensorRule:
     """How one checkpoint tensor changes when a layer keeps some experts.
 
     kind: "expert" (one tensor per expert: drop or renumber), "stacked"
-    (experts along dim 0: gather kept rows), "router" (rows per expert: gather).
+    (experts along dim 0: gather kept rows), "router" (one entry per expert along
+    its first axis of that size: gather; ERNIE's correction bias is 1 x n).
     """
 
     kind: str
@@ -49,6 +50,7 @@ class MoEAdapter:
     # one is rewritten on export, and those in `always_written_keys` are written even if absent.
     expert_count_keys: ClassVar[tuple[str, ...]] = ()
     always_written_keys: ClassVar[tuple[str, ...]] = ()
+    block_attr: ClassVar[str] = "mlp"  # the decoder layer's attribute holding the MoE block
     router_attr: ClassVar[str] = "gate"
     # Legacy module names on disk -> names in the 5.x modules (what transformers' conversion mapping renames).
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ((".block_sparse_moe.", ".mlp."),)
@@ -56,13 +58,17 @@ class MoEAdapter:
     per_expert_pattern: ClassVar[re.Pattern] = re.compile(
         r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)(?P<tail>\..+)$"
     )
+    # On-disk names, as save_pretrained writes them for each family (transformers' conversion mapping
+    # reversed): fused experts, Granite's input/output_linear; router rows, biases and correction biases
+    # wherever a family keeps them (gate.wg: Hunyuan; moe_statics: ERNIE; router.layer: Granite).
     stacked_pattern: ClassVar[re.Pattern] = re.compile(
-        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?:gate_up_proj|up_proj|down_proj)"
-        r"(?:_bias)?$"
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\."
+        r"(?:experts\.(?:gate_up_proj|up_proj|down_proj)(?:_bias)?|(?:input|output)_linear\.weight)$"
     )
     router_pattern: ClassVar[re.Pattern] = re.compile(
-        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.(?:gate|router)\."
-        r"(?:weight|bias|e_score_correction_bias)$"
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\."
+        r"(?:(?:gate|router)\.(?:wg\.|layer\.|gate\.)?(?:weight|bias)|(?:gate\.|moe_statics\.|gate\.moe_statics\.)?"
+        r"(?:e_score_correction_bias|expert_bias))$"
     )
 
     def __init__(self, config):
@@ -95,7 +101,7 @@ class MoEAdapter:
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's MoE block, or None for a dense layer (no `experts`)."""
-        block = getattr(layer, "mlp", None)
+        block = getattr(layer, self.block_attr, None)
         return block if hasattr(block, "experts") else None
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ From models/deepseek_v{2,3}/modeling_*.py, router `mlp.gate` (fp32 weight):
       but weighted by the plain sigmoid, renormalised if `norm_topk_prob`, times
       `routed_scaling_factor`.
 Dense first layers (`first_k_dense_replace`) have no experts; the shared
-experts are added ungated and never pruned.
+experts are added ungated and never pruned. EXAONE-MoE, Solar-Open and
+MiMo-V2-Flash carry DeepSeek-V3's router code verbatim (MiMo without shared
+experts); EXAONE keeps its correction bias beside the router on disk.
 
 Group-limited routing (V2 "group_limited_greedy": groups ranked by their best
 score; V3: by the sum of their two best choice scores) first picks each token's
@@ -35,8 +37,8 @@ from .base import MoEAdapter
 
 class DeepseekAdapter(MoEAdapter):
     # dots1 and GLM-4-MoE route exactly like DeepSeek-V3 (tested from their config classes).
-    model_types = ("deepseek_v2", "deepseek_v3", "dots1", "glm4_moe")
-    expert_count_keys = ("n_routed_experts",)
+    model_types = ("deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "solar_open")
+    expert_count_keys = ("n_routed_experts", "num_experts")
 
     @property
     def routing(self) -> RoutingSpec:
@@ -58,7 +60,8 @@ class DeepseekAdapter(MoEAdapter):
         return getattr(block.gate, "e_score_correction_bias", None)
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        return block.shared_experts(x)
+        shared = getattr(block, "shared_experts", None)
+        return None if shared is None else shared(x)
 
     def pruned_config(self, config: dict, keep: int) -> list[str]:
         changes = super().pruned_config(config, keep)
@@ -69,3 +72,13 @@ class DeepseekAdapter(MoEAdapter):
                 changes.append(f"{key}: {config[key]} -> 1")
                 config[key] = 1
         return changes
+
+
+class ExaoneMoeAdapter(DeepseekAdapter):
+    model_types = ("exaone_moe",)
+    checkpoint_renames = ((".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),)
+
+
+class MimoV2FlashAdapter(DeepseekAdapter):
+    model_types = ("mimo_v2_flash",)
+    checkpoint_renames = ((".self_attn.attention_sink_bias", ".self_attn.sinks"),)

@@ -1,4 +1,4 @@
-"""Qwen2-MoE, Qwen3-MoE and OLMoE (transformers 5.x): one router, three configs.
+"""Qwen2-MoE, Qwen3-MoE, OLMoE and their kin (transformers 5.x): one router, several configs.
 
 From models/{qwen2_moe,qwen3_moe,olmoe}/modeling_*.py: the router (`mlp.gate`,
 no bias) takes `F.linear(x, weight)`, a float32 softmax over all experts,
@@ -8,6 +8,10 @@ weights depend on every kept expert's logit, which the objective handles with
 the kept logsumexp. Dense layers (`mlp_only_layers`, `decoder_sparse_step`)
 have no `experts` and are skipped. Qwen2-MoE adds a shared expert scaled by
 `sigmoid(shared_expert_gate(x))`; it is never pruned.
+
+Mellum's router and block are Qwen3-MoE's; Qwen3-Next's are Qwen2-MoE's.
+LaraMini (softmax) and Flint (sigmoid, no bias) add their `shared_expert` in
+full, without a gate, and renormalise if `norm_topk_prob`.
 
 Config keys: Qwen2-MoE stores `num_experts`; Qwen3-MoE stores `num_local_experts`
 (an attribute map) while transformers 4.x read `num_experts`, so both are
@@ -24,7 +28,7 @@ from .base import MoEAdapter
 
 
 class QwenMoeAdapter(MoEAdapter):
-    model_types = ("qwen3_moe", "olmoe", "flex_olmo")
+    model_types = ("qwen3_moe", "olmoe", "flex_olmo", "mellum")
     expert_count_keys = ("num_experts", "num_local_experts")
     always_written_keys = ("num_experts", "num_local_experts")
 
@@ -34,9 +38,27 @@ class QwenMoeAdapter(MoEAdapter):
 
 
 class Qwen2MoeAdapter(QwenMoeAdapter):
-    model_types = ("qwen2_moe",)
+    model_types = ("qwen2_moe", "qwen3_next")
     expert_count_keys = ("num_experts",)
     always_written_keys = ()
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+
+class UngatedSharedExpertAdapter(MoEAdapter):
+    model_types = ("lara_mini",)
+    expert_count_keys = ("num_experts",)
+
+    @property
+    def routing(self) -> RoutingSpec:
+        scoring = "sigmoid" if self.config.model_type == "flint" else "softmax"
+        return RoutingSpec(top_k=self.top_k, scoring=scoring, renormalize=bool(self.config.norm_topk_prob))
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return block.shared_expert(x)
+
+
+class FlintAdapter(UngatedSharedExpertAdapter):
+    model_types = ("flint",)
+    checkpoint_renames = ((".self_attn.softmax_offset", ".self_attn.sinks"),)
