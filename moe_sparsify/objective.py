@@ -28,7 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import RoutingSpec, candidate_experts, choice_scores, scores, select, selection_counts, subset_weights
+from .routing import (
+    RoutingSpec,
+    candidate_experts,
+    choice_scores,
+    group_relevant,
+    scores,
+    select,
+    selection_counts,
+    subset_weights,
+)
 
 ExpertFn = Callable[[torch.Tensor, int], torch.Tensor]
 RouterFn = Callable[[torch.Tensor], torch.Tensor]
@@ -179,23 +188,28 @@ class SubsetLoss:
         """Fewest experts these statistics score exactly (equally per group where routing is grouped)."""
         return self.stats.min_keep
 
-    def _selection(self, keep: torch.Tensor, tokens: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(kept, selected: both subsets x tokens x m; every logit with removed ones at -inf, where needed)."""
+    def _selection(
+        self, keep: torch.Tensor, tokens, per_token: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(kept, selected: both subsets x tokens x m; every logit with removed ones at -inf, where needed).
+        keep: subsets x n masks for all `tokens` (a slice or indices), or with per_token one mask per token
+        (then a single subset dimension of 1)."""
         s = self.stats
         padded = torch.cat([keep, torch.zeros(len(keep), 1, dtype=torch.bool)], dim=1)  # padding never kept
         cand_idx = s.cand_idx[tokens]
-        cand_kept = padded[:, cand_idx]
+        cand_kept = padded.gather(1, cand_idx).unsqueeze(0) if per_token else padded[:, cand_idx]
         kept_logits = None
         if s.logits is not None:
-            kept_logits = s.logits[tokens].unsqueeze(0).masked_fill(~keep.unsqueeze(1), float("-inf"))
+            removed = ~keep.unsqueeze(0) if per_token else ~keep.unsqueeze(1)
+            kept_logits = s.logits[tokens].unsqueeze(0).masked_fill(removed, float("-inf"))
         cand_bias = None if s.bias is None else torch.cat([s.bias, s.bias.new_zeros(1)])[cand_idx]
         selected = select(
             s.cand_choice[tokens], cand_kept, s.spec, s.block, s.cand_logits[tokens], kept_logits, cand_bias
         )
         return cand_kept, selected, kept_logits
 
-    def _weights(self, keep: torch.Tensor, tokens: slice) -> torch.Tensor:
-        cand_kept, selected, kept_logits = self._selection(keep, tokens)
+    def _weights(self, keep: torch.Tensor, tokens, per_token: bool = False) -> torch.Tensor:
+        cand_kept, selected, kept_logits = self._selection(keep, tokens, per_token)
         return subset_weights(self.stats.cand_logits[tokens], cand_kept, selected, self.stats.spec, kept_logits)
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
@@ -250,6 +264,8 @@ class SubsetLoss:
         total = torch.full((n,), float("inf"), dtype=torch.float64)
         if not removable.any():
             return total
+        if s.spec.grouped and not s.spec.needs_all_logits:
+            return self._grouped_removal_losses(keep, removable)
         if s.spec.grouped or s.spec.scoring == "sparsemixer" or s.spec.choice_depends_on_kept:
             experts = torch.nonzero(removable).flatten()
             children = keep.expand(len(experts), n).clone()
@@ -297,6 +313,31 @@ class SubsetLoss:
                 )[0].double()
                 total.index_add_(0, chosen[:, j], torch.einsum("tm,tmn,tn->t", new - base, gram, new - base))
         total = total / s.num_tokens
+        return total.masked_fill(~removable, float("inf"))
+
+    def _grouped_removal_losses(self, keep: torch.Tensor, removable: torch.Tensor) -> torch.Tensor:
+        """removal_losses for group-limited routing whose weights read only the selected experts: a child
+        (keep minus e) differs from the parent only on the tokens for which e is relevant
+        (`routing.group_relevant`); only those (token, e) pairs are scored, each with its own keep mask."""
+        s, n = self.stats, self.num_experts
+        parent_loss = torch.zeros(s.num_tokens, dtype=torch.float64)
+        relevant = torch.zeros(s.num_tokens, n + 1, dtype=torch.bool)  # column n: padding
+        for start in range(0, s.num_tokens, self.token_chunk):
+            tokens = slice(start, start + self.token_chunk)
+            cand_kept, selected, kept_logits = self._selection(keep[None], tokens)
+            weights = subset_weights(s.cand_logits[tokens], cand_kept, selected, s.spec, kept_logits)
+            parent_loss[tokens] = self._quadratic(weights, tokens)[0].double()
+            slots = group_relevant(s.cand_choice[tokens], cand_kept, selected, s.spec, s.block)[0]
+            relevant[tokens] = relevant[tokens].scatter(1, s.cand_idx[tokens], slots)
+        token_ids, experts = torch.nonzero(relevant[:, :n] & removable, as_tuple=True)
+        delta = torch.zeros(n, dtype=torch.float64)
+        for start in range(0, len(token_ids), self.token_chunk):
+            t, e = token_ids[start : start + self.token_chunk], experts[start : start + self.token_chunk]
+            child = keep.expand(len(t), n).clone()
+            child[torch.arange(len(t)), e] = False
+            child_loss = self._quadratic(self._weights(child, t, per_token=True), t)[0].double()
+            delta.index_add_(0, e, child_loss - parent_loss[t])
+        total = (parent_loss.sum() + delta) / s.num_tokens
         return total.masked_fill(~removable, float("inf"))
 
     def _quadratic(self, weights: torch.Tensor, tokens: slice) -> torch.Tensor:

@@ -260,6 +260,21 @@ def select(
     return torch.zeros_like(cand_kept).scatter_(-1, chosen, True)
 
 
+def group_relevant(
+    cand_choice: torch.Tensor, cand_kept: torch.Tensor, selected: torch.Tensor, spec: RoutingSpec, block: int
+) -> torch.Tensor:
+    """subsets x tokens x m bool: under group-limited routing, the kept candidates whose removal can change
+    a token's routing: its selected experts, and in its chosen groups the experts the group score reads.
+    Removing any other expert leaves every group score and the selection as they are."""
+    choice = cand_choice.unsqueeze(0).masked_fill(~cand_kept, float("-inf"))
+    grouped = choice.reshape(*choice.shape[:-1], choice.shape[-1] // block, block)
+    best = grouped.topk(GROUP_SCORES[spec.group_score], dim=-1).indices
+    readers = torch.zeros(grouped.shape, dtype=torch.bool).scatter_(-1, best, True)
+    chosen = torch.topk(group_scores(grouped, spec), spec.groups_chosen, dim=-1).indices
+    in_chosen = torch.zeros(grouped.shape[:-1], dtype=torch.bool).scatter_(-1, chosen, True)
+    return ((readers & in_chosen.unsqueeze(-1)).reshape(choice.shape) & cand_kept) | selected
+
+
 def subset_weights(
     cand_logits: torch.Tensor,
     cand_kept: torch.Tensor,

@@ -15,10 +15,12 @@ inputs. Times, in one run and on the same tokens:
 Then a 64-expert top-8 block (OLMoE's routing: softmax without renormalisation)
 pruned to --many-keep experts by greedy elimination (exhaustive is out of
 reach: C(64, 32) subsets): its time (statistics pass + greedy) over one
-all-expert forward (every expert on every token).
+all-expert forward (every expert on every token). The same for a DeepSeek-V3
+block with group-limited routing (64 experts in 8 groups, 4 chosen, top-8),
+where greedy keeps an equal share per group and scores every child subset.
 Last line: one JSON object with keep4_over_keep6 (goal <= 1.5),
-speedup_vs_naive (goal >= 10; the smaller of the keep-6 and keep-4 speedups)
-and greedy64_over_all_expert_forward.
+speedup_vs_naive (goal >= 10; the smaller of the keep-6 and keep-4 speedups),
+greedy64_over_all_expert_forward and grouped64_over_all_expert_forward.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def naive_search(adapter, block, x, keep, chunk, device):
     return timed(search, device)
 
 
-def many_experts(args, device, dtype) -> dict:
+def _olmoe_block(args):
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
@@ -81,7 +83,28 @@ def many_experts(args, device, dtype) -> dict:
         num_experts_per_tok=8,
         norm_topk_prob=False,
     )
-    block = OlmoeSparseMoeBlock(config).to(device=device, dtype=dtype).eval()
+    return config, OlmoeSparseMoeBlock(config)
+
+
+def _grouped_block(args):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = DeepseekV3Config(
+        hidden_size=args.hidden,
+        moe_intermediate_size=args.many_intermediate,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        n_shared_experts=1,
+    )
+    return config, DeepseekV3MoE(config)
+
+
+def many_experts(args, device, dtype, make_block) -> dict:
+    config, block = make_block(args)
+    block = block.to(device=device, dtype=dtype).eval()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=args.hidden**-0.5)
     adapter = adapter_for(config)
@@ -99,7 +122,9 @@ def many_experts(args, device, dtype) -> dict:
     return {
         "experts": 64,
         "top_k": 8,
+        "groups": adapter.routing_groups,
         "keep": args.many_keep,
+        "candidates_per_token": stats.num_candidates,
         "all_expert_forward_s": all_expert_s,
         "stats_s": stats_s,
         "greedy_s": greedy_s,
@@ -163,20 +188,24 @@ def main() -> None:
             f"{keep:>4} {r['subsets']:>7} {r['fast_s']:>8.2f} {r['naive_s_scaled']:>9.1f} "
             f"{r['naive_s_scaled'] / r['fast_s']:>8.1f} {str(r['same_choice_on_slice']):>11}"
         )
-    many = many_experts(args, device, dtype)
-    print(
-        f"64 experts, top-8, keep {many['keep']}: statistics {many['stats_s']:.2f} s + greedy {many['greedy_s']:.2f} s "
-        f"({many['subsets_scored']} subsets) = {many['ratio']:.1f}x one all-expert forward "
-        f"({many['all_expert_forward_s']:.2f} s)"
-    )
+    many = many_experts(args, device, dtype, _olmoe_block)
+    grouped = many_experts(args, device, dtype, _grouped_block)
+    for label, case in (("64 experts, top-8", many), ("64 experts in 8 groups (4 chosen), top-8", grouped)):
+        print(
+            f"{label}, keep {case['keep']}: {case['candidates_per_token']} candidates/token, statistics "
+            f"{case['stats_s']:.2f} s + greedy {case['greedy_s']:.2f} s ({case['subsets_scored']} subsets) = "
+            f"{case['ratio']:.1f}x one all-expert forward ({case['all_expert_forward_s']:.2f} s)"
+        )
     summary = {
         "keep4_over_keep6": rows[4]["fast_s"] / rows[6]["fast_s"],
         "greedy64_over_all_expert_forward": many["ratio"],
+        "grouped64_over_all_expert_forward": grouped["ratio"],
         "speedup_vs_naive": min(r["naive_s_scaled"] / r["fast_s"] for r in rows.values()),
         "tokens": args.tokens,
         "device": args.device,
         "rows": rows,
         "many_experts": many,
+        "grouped_experts": grouped,
     }
     print(json.dumps(summary))
 

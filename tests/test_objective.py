@@ -1,6 +1,7 @@
 """The fast subset scores equal a brute-force masked forward, subset by subset."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -195,15 +196,22 @@ def test_group_limited_and_sparsemixer_routing_score_exactly(spec, n, keep):
         assert (stats.cand_idx == n).any()  # and groups a token cannot reach were left out
 
 
-def test_removal_losses_keep_each_group_at_its_share():
+@pytest.mark.parametrize("spec", [V3_GROUPED, replace(V2_GROUPED, groups=4, groups_chosen=2)])
+def test_removal_losses_keep_each_group_at_its_share(spec):
+    """Greedy's one-pass child losses (only the tokens a removal can affect are rescored) equal scoring
+    each child subset; experts of a group already at its share are not removable."""
     router_w, experts, x, bias = _linear_layer(16, 12, seed=7)
-    stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, V3_GROUPED, 16, 8, bias)
-    oracle = SubsetLoss(stats)
-    keep = _mask([0, 1, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14], 16)  # group 0 at its share of 2, the others above
-    losses = oracle.removal_losses(keep)
-    assert torch.isinf(losses[[0, 1, 2, 3, 7, 15]]).all()
-    for e in [4, 5, 6, 8, 12, 14]:
-        expected = oracle((keep & ~_mask([e], 16)).unsqueeze(0))[0]
-        assert losses[e].item() == pytest.approx(expected.item(), rel=1e-6)
+    bias = bias if spec.scoring == "sigmoid" else None
+    stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, spec, 16, 8, bias)
+    oracle = SubsetLoss(stats, token_chunk=50)
+    for kept in [range(16), [0, 1, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14]]:  # the second: group 0 at its share of 2
+        keep = _mask(kept, 16)
+        losses = oracle.removal_losses(keep)
+        for e in range(16):
+            if e in kept and not (len(kept) < 16 and e < 4):
+                expected = oracle((keep & ~_mask([e], 16)).unsqueeze(0))[0]
+                assert losses[e].item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-12)
+            else:
+                assert losses[e] == float("inf")
     with pytest.raises(ValueError, match="2 in each of 4 groups"):
         oracle(_mask([0, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14], 16).unsqueeze(0))
