@@ -261,30 +261,21 @@ def test_routed_forward_is_the_stock_block_and_scores_are_exact(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_prune_export_reload_and_skip(family, tmp_path):
+def test_calibrate_prune_export_reload_and_skip(family, tmp_path):
     from typer.testing import CliRunner
 
     from moe_sparsify.cli import app
 
     model, adapter = build(family)
     source = save_with_tokenizer(model, tmp_path / "source")
-    out = tmp_path / "pruned"
+    out, calib = tmp_path / "pruned", tmp_path / "calib"
+    calibrated = CliRunner().invoke(
+        app, ["calibrate", "--model", str(source), "--output", str(calib), "--samples", "8", "--seq-len", "32"]
+    )
+    assert calibrated.exit_code == 0, calibrated.stderr
     result = CliRunner().invoke(
         app,
-        [
-            "prune",
-            "--model",
-            str(source),
-            "--keep",
-            "6",
-            "--output",
-            str(out),
-            "--samples",
-            "8",
-            "--seq-len",
-            "32",
-            "--json",
-        ],
+        ["prune", "--model", str(source), "--keep", "6", "--from-calibration", str(calib), "-o", str(out), "--json"],
     )
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
