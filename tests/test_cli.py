@@ -133,7 +133,9 @@ def test_non_moe_model(tmp_path):
     save_with_tokenizer(LlamaForCausalLM(config), tmp_path / "llama")
     result = run("prune", "--model", tmp_path / "llama", "--keep", 6, "--output", tmp_path / "out")
     assert result.exit_code == 2
-    assert "'llama' is not a supported MoE architecture (supported: cohere2_moe, deepseek_v2" in _error_line(result)
+    assert "'llama' is not a supported MoE architecture (supported: afmoe, aria_text, cohere2_moe" in _error_line(
+        result
+    )
     assert not (tmp_path / "out").exists()
 
 

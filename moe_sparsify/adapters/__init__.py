@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .base import MoEAdapter, TensorRule
-from .biased_sigmoid import BiasedSigmoidAdapter, HunyuanV3Adapter
+from .biased_sigmoid import AfmoeAdapter, BiasedSigmoidAdapter, HunyuanV3Adapter, LagunaAdapter, MinimaxM3Adapter
 from .cohere import Cohere2MoeAdapter
 from .deepseek import DeepseekAdapter, ExaoneMoeAdapter, MimoV2FlashAdapter
 from .ernie import ErnieMoeAdapter
 from .gpt_oss import GptOssAdapter
 from .hunyuan import HunyuanMoeAdapter
-from .mixtral import GraniteMoeAdapter, MixtralAdapter
+from .jamba import JambaAdapter
+from .mixtral import AriaTextAdapter, GraniteMoeAdapter, MixtralAdapter
 from .phimoe import PhimoeAdapter
-from .qwen import FlintAdapter, Qwen2MoeAdapter, QwenMoeAdapter, UngatedSharedExpertAdapter
+from .qwen import FlintAdapter, Qwen2MoeAdapter, Qwen35MoeAdapter, QwenMoeAdapter, UngatedSharedExpertAdapter
 
 FAMILIES: tuple[type[MoEAdapter], ...] = (
     MixtralAdapter,
     GraniteMoeAdapter,
+    AriaTextAdapter,
+    JambaAdapter,
     Qwen2MoeAdapter,
+    Qwen35MoeAdapter,
     QwenMoeAdapter,
     UngatedSharedExpertAdapter,
     FlintAdapter,
@@ -26,6 +30,9 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     MimoV2FlashAdapter,
     BiasedSigmoidAdapter,
     HunyuanV3Adapter,
+    AfmoeAdapter,
+    LagunaAdapter,
+    MinimaxM3Adapter,
     HunyuanMoeAdapter,
     ErnieMoeAdapter,
     Cohere2MoeAdapter,

@@ -59,16 +59,17 @@ class MoEAdapter:
         r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)(?P<tail>\..+)$"
     )
     # On-disk names, as save_pretrained writes them for each family (transformers' conversion mapping
-    # reversed): fused experts, Granite's input/output_linear; router rows, biases and correction biases
-    # wherever a family keeps them (gate.wg: Hunyuan; moe_statics: ERNIE; router.layer: Granite).
+    # reversed): fused experts, Granite's input/output_linear, Aria's fc1/fc2; router rows, biases and
+    # correction biases wherever a family keeps them (gate.wg: Hunyuan; moe_statics: ERNIE; router.layer:
+    # Granite; router.gate: HY-V3, AFMoE; experts.e_score_correction_bias: Laguna).
     stacked_pattern: ClassVar[re.Pattern] = re.compile(
-        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\."
-        r"(?:experts\.(?:gate_up_proj|up_proj|down_proj)(?:_bias)?|(?:input|output)_linear\.weight)$"
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
+        r"(?:experts\.(?:gate_up_proj|up_proj|down_proj)(?:_bias)?|(?:input|output)_linear\.weight|experts\.fc[12]\.weight)$"
     )
     router_pattern: ClassVar[re.Pattern] = re.compile(
-        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\."
-        r"(?:(?:gate|router)\.(?:wg\.|layer\.|gate\.)?(?:weight|bias)|(?:gate\.|moe_statics\.|gate\.moe_statics\.)?"
-        r"(?:e_score_correction_bias|expert_bias))$"
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
+        r"(?:(?:gate|router)\.(?:wg\.|layer\.|gate\.)?(?:weight|bias)"
+        r"|(?:gate\.|moe_statics\.|gate\.moe_statics\.|experts\.)?(?:e_score_correction_bias|expert_bias))$"
     )
 
     def __init__(self, config):

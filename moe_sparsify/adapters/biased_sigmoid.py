@@ -1,19 +1,30 @@
-"""MiniMax-M2 and Hunyuan-V3 (transformers 5.x): sigmoid scores, a block-level correction bias.
+"""Sigmoid routers with a correction bias and no groups (transformers 5.x):
+MiniMax-M2, HY-V3, AFMoE, Laguna and MiniMax-M3 (text).
 
-From models/minimax_m2 and models/hy_v3: the block passes its own
-`e_score_correction_bias` to the router, which takes float32 sigmoid scores,
-chooses the top-k of scores + bias, weights them by the plain scores divided by
-their sum (HY-V3 adds 1e-20 and multiplies by `router_scaling_factor`). Dense
-layers (HY-V3's `mlp_layer_types`) have no experts. HY-V3 adds its
-`shared_experts` ungated (in float32 when `enable_moe_fp32_combine`); MiniMax-M2
-has none. On disk MiniMax-M2 keeps Mixtral's layout (`block_sparse_moe`,
-w1/w2/w3); HY-V3 names the router `router.gate`, the bias `expert_bias` and
-the shared experts `shared_mlp`.
+Each takes float32 sigmoid scores, chooses the top-k of scores + bias, and
+weights the chosen experts by their plain scores divided by their sum (HY-V3
+and AFMoE add 1e-20, below float32 resolution for any such sum), times a
+family scale. Where the bias lives and what scales the weights:
+  minimax_m2   block `e_score_correction_bias`, no scale, no shared experts
+  hy_v3        block `e_score_correction_bias`, x `router_scaling_factor`, shared experts
+  afmoe        block `expert_bias`, router linear at `router.gate`, x `route_scale`, shared experts
+  laguna       `gate.e_score_correction_bias`; logits soft-capped first (tanh(l / c) c, a
+               monotone map per expert, so pruning is unaffected); x `moe_routed_scaling_factor`
+  minimax_m3_vl_text  `gate.e_score_correction_bias`, x `routed_scaling_factor`, shared experts
+               with MiniMax's clamped gate (the experts' `_apply_gate`)
+Shared experts are added ungated. On disk MiniMax-M2 keeps Mixtral's layout
+(`block_sparse_moe`, w1/w2/w3); HY-V3 names the router `router.gate`, the bias
+`expert_bias` and the shared experts `shared_mlp`; Laguna saves the bias as
+`experts.e_score_correction_bias` and the shared experts as `shared_expert`.
 """
 
 from __future__ import annotations
 
+from operator import attrgetter
+from typing import ClassVar
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..routing import RoutingSpec
@@ -23,25 +34,65 @@ from .base import MoEAdapter
 class BiasedSigmoidAdapter(MoEAdapter):
     model_types = ("minimax_m2",)
     expert_count_keys = ("num_local_experts",)
+    bias_path: ClassVar[str] = "e_score_correction_bias"  # from the MoE block
+    scale_key: ClassVar[str | None] = None  # config key of the weight scale
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(
-            self.top_k, "sigmoid", renormalize=True, scale=getattr(self.config, "router_scaling_factor", 1.0)
-        )
+        scale = getattr(self.config, self.scale_key) if self.scale_key else 1.0
+        return RoutingSpec(self.top_k, "sigmoid", renormalize=True, scale=scale)
 
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
-        return block.e_score_correction_bias
+        return attrgetter(self.bias_path)(block)
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        shared = getattr(block, "shared_experts", None)
+        return None if shared is None else shared(x)
 
 
 class HunyuanV3Adapter(BiasedSigmoidAdapter):
     model_types = ("hy_v3",)
     expert_count_keys = ("num_experts",)
+    scale_key = "router_scaling_factor"
     checkpoint_renames = (
         (".mlp.router.gate.", ".mlp.gate."),
         (".mlp.expert_bias", ".mlp.e_score_correction_bias"),
         (".mlp.shared_mlp.", ".mlp.shared_experts."),
     )
 
-    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        return block.shared_experts(x)
+
+class AfmoeAdapter(BiasedSigmoidAdapter):
+    model_types = ("afmoe",)
+    expert_count_keys = ("num_experts",)
+    bias_path = "expert_bias"
+    scale_key = "route_scale"
+    checkpoint_renames = ()
+
+    def router_weight(self, block: nn.Module) -> torch.Tensor:
+        return block.router.gate.weight
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block.router.gate(x).float()
+
+
+class LagunaAdapter(BiasedSigmoidAdapter):
+    model_types = ("laguna",)
+    expert_count_keys = ("num_experts",)
+    bias_path = "gate.e_score_correction_bias"
+    scale_key = "moe_routed_scaling_factor"
+    checkpoint_renames = (
+        (".mlp.experts.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),
+        (".mlp.shared_expert.", ".mlp.shared_experts."),
+    )
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, block.gate.weight).float()
+        cap = self.config.moe_router_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap and cap > 0 else logits
+
+
+class MinimaxM3Adapter(BiasedSigmoidAdapter):
+    model_types = ("minimax_m3_vl_text",)
+    bias_path = "gate.e_score_correction_bias"
+    scale_key = "routed_scaling_factor"
+    checkpoint_renames = ()

@@ -12,7 +12,12 @@ and a softmax over those k, the same weights. The block lives at
 `block_sparse_moe` in memory too; on disk the experts are `input_linear` /
 `output_linear` and the router `router.layer`. Logits are divided by
 `logits_scaling`. GraniteMoeShared's `shared_mlp` sits beside the block in the
-decoder layer, so it is neither pruned nor seen by the objective.
+decoder layer, so it is neither pruned nor seen by the objective (the same in
+GraniteMoeHybrid, whose mixers alternate Mamba-2 and attention).
+
+Aria (text): top-k of the logits and a softmax over those k, with transposed
+experts (`fc1`/`fc2` on disk) and shared experts added ungated; counts in
+`moe_num_experts` / `moe_topk`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class MixtralAdapter(MoEAdapter):
 
 
 class GraniteMoeAdapter(MixtralAdapter):
-    model_types = ("granitemoe", "granitemoeshared", "granitemoe_swa")
+    model_types = ("granitemoe", "granitemoeshared", "granitemoe_swa", "granitemoehybrid")
     block_attr = "block_sparse_moe"
     router_attr = "router"
     checkpoint_renames = (
@@ -45,3 +50,20 @@ class GraniteMoeAdapter(MixtralAdapter):
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return super().final_logits(model, hidden) / self.config.logits_scaling
+
+
+class AriaTextAdapter(MixtralAdapter):
+    model_types = ("aria_text",)
+    expert_count_keys = ("moe_num_experts",)
+    router_attr = "router"
+    checkpoint_renames = (
+        (".mlp.experts.fc1.weight", ".mlp.experts.gate_up_proj"),
+        (".mlp.experts.fc2.weight", ".mlp.experts.down_proj"),
+    )
+
+    @property
+    def top_k(self) -> int:
+        return self.config.moe_topk
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return block.shared_experts(x)

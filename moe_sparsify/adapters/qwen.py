@@ -9,7 +9,8 @@ the kept logsumexp. Dense layers (`mlp_only_layers`, `decoder_sparse_step`)
 have no `experts` and are skipped. Qwen2-MoE adds a shared expert scaled by
 `sigmoid(shared_expert_gate(x))`; it is never pruned.
 
-Mellum's router and block are Qwen3-MoE's; Qwen3-Next's are Qwen2-MoE's.
+Mellum's router and block are Qwen3-MoE's; Qwen3-Next's are Qwen2-MoE's;
+Qwen3.5-MoE's too, except that it always renormalises (no `norm_topk_prob`).
 LaraMini (softmax) and Flint (sigmoid, no bias) add their `shared_expert` in
 full, without a gate, and renormalise if `norm_topk_prob`.
 
@@ -44,6 +45,14 @@ class Qwen2MoeAdapter(QwenMoeAdapter):
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+
+class Qwen35MoeAdapter(Qwen2MoeAdapter):
+    model_types = ("qwen3_5_moe_text",)
+
+    @property
+    def routing(self) -> RoutingSpec:
+        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
 
 
 class UngatedSharedExpertAdapter(MoEAdapter):
