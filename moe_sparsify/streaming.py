@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters import MoEAdapter
+from .errors import UsageError
 
 INDEX = "model.safetensors.index.json"
 _PER_EXPERT = re.compile(
@@ -100,6 +101,11 @@ class StreamedModel:
     def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if not adapter.streamable:
+            raise UsageError(
+                f"{adapter.config.model_type} checkpoints are converted on load beyond renaming tensors, so their "
+                "layers cannot be streamed from disk; run without --stream"
+            )
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

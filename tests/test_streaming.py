@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_sparsify.adapters import adapter_for
+from moe_sparsify.errors import UsageError
 from moe_sparsify.models import load_model
 from moe_sparsify.streaming import StreamedModel, streamed_logits
 
@@ -18,6 +19,10 @@ from .test_families import FAMILIES, build
 def test_streamed_layers_equal_the_loaded_model(family, tmp_path):
     model, adapter = build(family)
     source = save_with_tokenizer(model, tmp_path / "m")
+    if not adapter.streamable:
+        with pytest.raises(UsageError, match="run without --stream"):
+            StreamedModel(source, adapter, torch.float32)
+        return
     loaded, _ = load_model(source, torch.float32)
     streamed = StreamedModel(source, adapter, torch.float32)
     for index, reference in enumerate(loaded.model.layers):

@@ -6,7 +6,14 @@ from ..errors import UsageError
 from .base import MoEAdapter, TensorRule
 from .biased_sigmoid import AfmoeAdapter, BiasedSigmoidAdapter, HunyuanV3Adapter, LagunaAdapter, MinimaxM3Adapter
 from .cohere import Cohere2MoeAdapter
-from .deepseek import DeepseekAdapter, ExaoneMoeAdapter, MimoV2FlashAdapter
+from .deepseek import (
+    BeamAdapter,
+    DeepseekAdapter,
+    ExaoneMoeAdapter,
+    KimiLinearAdapter,
+    MimoV2FlashAdapter,
+    NemotronHAdapter,
+)
 from .ernie import ErnieMoeAdapter
 from .gpt_oss import GptOssAdapter
 from .hunyuan import HunyuanMoeAdapter
@@ -28,6 +35,9 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     DeepseekAdapter,
     ExaoneMoeAdapter,
     MimoV2FlashAdapter,
+    BeamAdapter,
+    KimiLinearAdapter,
+    NemotronHAdapter,
     BiasedSigmoidAdapter,
     HunyuanV3Adapter,
     AfmoeAdapter,

@@ -54,6 +54,9 @@ class MoEAdapter:
     router_attr: ClassVar[str] = "gate"
     # Legacy module names on disk -> names in the 5.x modules (what transformers' conversion mapping renames).
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ((".block_sparse_moe.", ".mlp."),)
+    # Whether a decoder layer can be read from the shards with those renames and per-expert stacking
+    # alone (`--stream`); families whose loader also splits or concatenates other tensors cannot.
+    streamable: ClassVar[bool] = True
     block_returns_tuple: ClassVar[bool] = False  # GPT-OSS's block returns (output, router scores)
     per_expert_pattern: ClassVar[re.Pattern] = re.compile(
         r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)(?P<tail>\..+)$"
@@ -63,11 +66,11 @@ class MoEAdapter:
     # correction biases wherever a family keeps them (gate.wg: Hunyuan; moe_statics: ERNIE; router.layer:
     # Granite; router.gate: HY-V3, AFMoE; experts.e_score_correction_bias: Laguna).
     stacked_pattern: ClassVar[re.Pattern] = re.compile(
-        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward|mixer)\."
         r"(?:experts\.(?:gate_up_proj|up_proj|down_proj)(?:_bias)?|(?:input|output)_linear\.weight|experts\.fc[12]\.weight)$"
     )
     router_pattern: ClassVar[re.Pattern] = re.compile(
-        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
+        r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward|mixer)\."
         r"(?:(?:gate|router)\.(?:wg\.|layer\.|gate\.)?(?:weight|bias)"
         r"|(?:gate\.|moe_statics\.|gate\.moe_statics\.|experts\.)?(?:e_score_correction_bias|expert_bias))$"
     )

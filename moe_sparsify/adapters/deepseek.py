@@ -9,7 +9,13 @@ From models/deepseek_v{2,3}/modeling_*.py, router `mlp.gate` (fp32 weight):
 Dense first layers (`first_k_dense_replace`) have no experts; the shared
 experts are added ungated and never pruned. EXAONE-MoE, Solar-Open and
 MiMo-V2-Flash carry DeepSeek-V3's router code verbatim (MiMo without shared
-experts); EXAONE keeps its correction bias beside the router on disk.
+experts); EXAONE keeps its correction bias beside the router on disk. So do
+DeepSeek-V3.2, GLM-4.7-Flash (`glm4_moe_lite`), Sarvam-MLA, dots3,
+Kimi-Linear (config keys `num_experts`, `num_expert_group`; Mixtral's
+`block_sparse_moe` w1/w2/w3 on disk; its linear-attention convolutions are
+stored split, so it cannot be streamed layer by layer) and Beam (no shared experts; the block
+scales the routed sum, which is the same as scaling the weights; final logits
+soft-capped).
 
 Group-limited routing (V2 "group_limited_greedy": groups ranked by their best
 score; V3: by the sum of their two best choice scores) first picks each token's
@@ -37,7 +43,17 @@ from .base import MoEAdapter
 
 class DeepseekAdapter(MoEAdapter):
     # dots1 and GLM-4-MoE route exactly like DeepSeek-V3 (tested from their config classes).
-    model_types = ("deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "solar_open")
+    model_types = (
+        "deepseek_v2",
+        "deepseek_v3",
+        "deepseek_v32",
+        "dots1",
+        "dots3_note_text",
+        "glm4_moe",
+        "glm4_moe_lite",
+        "sarvam_mla",
+        "solar_open",
+    )
     expert_count_keys = ("n_routed_experts", "num_experts")
 
     @property
@@ -67,7 +83,7 @@ class DeepseekAdapter(MoEAdapter):
         changes = super().pruned_config(config, keep)
         if self.routing.grouped:  # the groups stay, each one smaller
             return changes
-        for key in ("n_group", "topk_group"):
+        for key in ("n_group", "num_expert_group", "topk_group"):  # Kimi-Linear writes num_expert_group
             if config.get(key) not in (None, 1):
                 changes.append(f"{key}: {config[key]} -> 1")
                 config[key] = 1
@@ -82,3 +98,43 @@ class ExaoneMoeAdapter(DeepseekAdapter):
 class MimoV2FlashAdapter(DeepseekAdapter):
     model_types = ("mimo_v2_flash",)
     checkpoint_renames = ((".self_attn.attention_sink_bias", ".self_attn.sinks"),)
+
+
+class KimiLinearAdapter(DeepseekAdapter):
+    # Kimi-Linear's q/k/v convolutions, and Sarvam-MoE's and Bailing-Hybrid's fused attention
+    # projections, are split or concatenated on load, not renamed: no layer streaming.
+    model_types = ("kimi_linear", "sarvam_moe", "bailing_hybrid")
+    streamable = False
+
+
+class NemotronHAdapter(DeepseekAdapter):
+    """Nemotron-H: the MoE block is the layer's `mixer`; experts are not gated (relu^2 on `up_proj`),
+    optionally between latent projections: out = fc2(sum_i w_i E_i(fc1 x)) + shared(x). fc2 is linear,
+    so each expert's output is W2 E_i(fc1 x) and fc2's bias goes with the shared part. The final norm
+    is `norm_f`; on disk the prefix is `backbone.`, so no layer streaming."""
+
+    model_types = ("nemotron_h",)
+    block_attr = "mixer"
+    streamable = False
+
+    def expert_forward(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+        out = super().expert_forward(block, block.fc1_latent_proj(x), expert)
+        fc2 = block.fc2_latent_proj
+        return F.linear(out, fc2.weight) if isinstance(fc2, nn.Linear) else out
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        bias = getattr(block.fc2_latent_proj, "bias", None)
+        shared = block.shared_experts(x)
+        return shared if bias is None else shared + bias
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(model.model.norm_f(hidden))
+
+
+class BeamAdapter(DeepseekAdapter):
+    model_types = ("beam",)
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().final_logits(model, hidden)
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
