@@ -318,26 +318,33 @@ class SubsetLoss:
     def _grouped_removal_losses(self, keep: torch.Tensor, removable: torch.Tensor) -> torch.Tensor:
         """removal_losses for group-limited routing whose weights read only the selected experts: a child
         (keep minus e) differs from the parent only on the tokens for which e is relevant
-        (`routing.group_relevant`); only those (token, e) pairs are scored, each with its own keep mask."""
+        (`routing.group_relevant`); only those (token, e) pairs are scored, each with its own keep mask.
+        A token's children are stacked (tokens x children x m) so each Gram matrix is read in place."""
         s, n = self.stats, self.num_experts
-        parent_loss = torch.zeros(s.num_tokens, dtype=torch.float64)
-        relevant = torch.zeros(s.num_tokens, n + 1, dtype=torch.bool)  # column n: padding
+        total = torch.zeros(n, dtype=torch.float64)
+        parent_total = 0.0
         for start in range(0, s.num_tokens, self.token_chunk):
             tokens = slice(start, start + self.token_chunk)
             cand_kept, selected, kept_logits = self._selection(keep[None], tokens)
             weights = subset_weights(s.cand_logits[tokens], cand_kept, selected, s.spec, kept_logits)
-            parent_loss[tokens] = self._quadratic(weights, tokens)[0].double()
+            parent = self._quadratic(weights, tokens)[0].double()
+            parent_total += parent.sum().item()
             slots = group_relevant(s.cand_choice[tokens], cand_kept, selected, s.spec, s.block)[0]
-            relevant[tokens] = relevant[tokens].scatter(1, s.cand_idx[tokens], slots)
-        token_ids, experts = torch.nonzero(relevant[:, :n] & removable, as_tuple=True)
-        delta = torch.zeros(n, dtype=torch.float64)
-        for start in range(0, len(token_ids), self.token_chunk):
-            t, e = token_ids[start : start + self.token_chunk], experts[start : start + self.token_chunk]
-            child = keep.expand(len(t), n).clone()
-            child[torch.arange(len(t)), e] = False
-            child_loss = self._quadratic(self._weights(child, t, per_token=True), t)[0].double()
-            delta.index_add_(0, e, child_loss - parent_loss[t])
-        total = (parent_loss.sum() + delta) / s.num_tokens
+            relevant = torch.zeros(len(parent), n + 1, dtype=torch.bool).scatter(1, s.cand_idx[tokens], slots)
+            relevant = relevant[:, :n] & removable
+            local, experts = torch.nonzero(relevant, as_tuple=True)  # sorted by token
+            if not len(local):
+                continue
+            child = keep.expand(len(local), n).clone()
+            child[torch.arange(len(local)), experts] = False
+            child_delta = self._weights(child, local + start, per_token=True)[0] - self._base_weights[local + start]
+            counts = relevant.sum(1)
+            rank = torch.arange(len(local)) - (torch.cumsum(counts, 0) - counts)[local]
+            stacked = torch.zeros(len(parent), int(counts.max()), s.num_candidates)
+            stacked[local, rank] = child_delta
+            child_loss = torch.einsum("trm,tmn,trn->tr", stacked, s.gram[tokens], stacked)[local, rank]
+            total.index_add_(0, experts, child_loss.double() - parent[local])
+        total = (parent_total + total) / s.num_tokens
         return total.masked_fill(~removable, float("inf"))
 
     def _quadratic(self, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
