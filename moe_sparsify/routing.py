@@ -31,6 +31,7 @@ class RoutingSpec:
         token first picks the `groups_chosen` groups with the best group score
         ("max": best score in the group, V2; "top2": sum of the two best, V3)
         and then its top-k among their experts. groups=1 is plain top-k.
+    renorm_eps: added to the sum the sigmoid weights are divided by (LFM2-MoE: 1e-6).
     softmax_bias: the selection bias is added to a softmax (ERNIE-4.5), which
         the pruned model takes over the kept experts only: the ranking then
         depends on which experts are kept, not only on their order.
@@ -48,6 +49,7 @@ class RoutingSpec:
     group_score: str = "max"
     jitter: float = 0.0
     softmax_bias: bool = False
+    renorm_eps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
@@ -56,6 +58,8 @@ class RoutingSpec:
             raise ValueError(f"unknown group score {self.group_score!r}")
         if self.scoring == "sparsemixer" and (self.top_k != 2 or self.renormalize):
             raise ValueError("sparsemixer routes to exactly 2 experts and does not renormalise")
+        if self.renorm_eps and self.scoring != "sigmoid":
+            raise ValueError("renorm_eps is for sigmoid scores")
 
     @property
     def grouped(self) -> bool:
@@ -127,7 +131,7 @@ def route(
         return sparsemixer_weights(probs, indices, spec.jitter), indices
     weights = probs.gather(-1, indices)
     if spec.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
     return weights * spec.scale, indices
 
 
@@ -311,7 +315,7 @@ def subset_weights(
     else:
         weights = logits.sigmoid() * selected
         if spec.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
     return weights * spec.scale
 
 

@@ -272,6 +272,16 @@ FAMILIES = {
         moe_routed_scaling_factor=2.5,
         moe_router_logit_softcapping=3.0,  # low enough to bend the tiny model's logits
     ),
+    "lfm2_moe": dict(
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_dense_layers=1,
+        layer_types=["conv", "full_attention", "conv"],
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
     "minimax_m3_vl_text": dict(
         intermediate_size=16,
         dense_intermediate_size=64,

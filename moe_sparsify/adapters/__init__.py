@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .base import MoEAdapter, TensorRule
-from .biased_sigmoid import AfmoeAdapter, BiasedSigmoidAdapter, HunyuanV3Adapter, LagunaAdapter, MinimaxM3Adapter
+from .biased_sigmoid import (
+    AfmoeAdapter,
+    BiasedSigmoidAdapter,
+    HunyuanV3Adapter,
+    LagunaAdapter,
+    Lfm2MoeAdapter,
+    MinimaxM3Adapter,
+)
 from .cohere import Cohere2MoeAdapter
 from .deepseek import (
     BeamAdapter,
@@ -43,6 +50,7 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     AfmoeAdapter,
     LagunaAdapter,
     MinimaxM3Adapter,
+    Lfm2MoeAdapter,
     HunyuanMoeAdapter,
     ErnieMoeAdapter,
     Cohere2MoeAdapter,

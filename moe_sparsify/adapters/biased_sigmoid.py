@@ -1,5 +1,5 @@
 """Sigmoid routers with a correction bias and no groups (transformers 5.x):
-MiniMax-M2, HY-V3, AFMoE, Laguna and MiniMax-M3 (text).
+MiniMax-M2, HY-V3, AFMoE, Laguna, MiniMax-M3 (text) and LFM2-MoE.
 
 Each takes float32 sigmoid scores, chooses the top-k of scores + bias, and
 weights the chosen experts by their plain scores divided by their sum (HY-V3
@@ -12,6 +12,9 @@ family scale. Where the bias lives and what scales the weights:
                monotone map per expert, so pruning is unaffected); x `moe_routed_scaling_factor`
   minimax_m3_vl_text  `gate.e_score_correction_bias`, x `routed_scaling_factor`, shared experts
                with MiniMax's clamped gate (the experts' `_apply_gate`)
+  lfm2_moe     block `expert_bias` (only if `use_expert_bias`), block at `feed_forward`,
+               renormalised only if `norm_topk_prob`, by (sum + 1e-6), x `routed_scaling_factor`;
+               sigmoid in the model dtype; final norm `embedding_norm`
 Shared experts are added ungated. On disk MiniMax-M2 keeps Mixtral's layout
 (`block_sparse_moe`, w1/w2/w3); HY-V3 names the router `router.gate`, the bias
 `expert_bias` and the shared experts `shared_mlp`; Laguna saves the bias as
@@ -96,3 +99,24 @@ class MinimaxM3Adapter(BiasedSigmoidAdapter):
     bias_path = "gate.e_score_correction_bias"
     scale_key = "routed_scaling_factor"
     checkpoint_renames = ()
+
+
+class Lfm2MoeAdapter(BiasedSigmoidAdapter):
+    model_types = ("lfm2_moe",)
+    expert_count_keys = ("num_experts",)
+    block_attr = "feed_forward"
+    bias_path = "expert_bias"
+    scale_key = "routed_scaling_factor"
+    checkpoint_renames = ()
+
+    @property
+    def routing(self) -> RoutingSpec:
+        renormalize = bool(self.config.norm_topk_prob)
+        scale = self.config.routed_scaling_factor
+        return RoutingSpec(self.top_k, "sigmoid", renormalize, scale=scale, renorm_eps=1e-6 if renormalize else 0.0)
+
+    def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
+        return block.expert_bias if self.config.use_expert_bias else None
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(model.model.embedding_norm(hidden))
