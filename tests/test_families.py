@@ -550,3 +550,30 @@ def test_config_keys_written_for_old_and_new_loaders():
     changes = adapter.pruned_config(config, 6)
     assert config["num_experts"] == config["num_local_experts"] == 6
     assert "num_experts: 8 -> 6" in changes
+
+
+def test_group_limited_many_experts_take_greedy_and_export_exactly(tmp_path):
+    """DeepSeek-V3's shape in small: 64 experts in 8 groups, 3 chosen, top-6; keep 40 = 5 per group."""
+    from typer.testing import CliRunner
+
+    from moe_sparsify.cli import app
+
+    model, _ = build(
+        "deepseek_v3:grouped",
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=3,
+        moe_intermediate_size=8,
+    )
+    source = save_with_tokenizer(model, tmp_path / "source")
+    args = ["prune", "--model", str(source), "--keep", "40", "-o", str(tmp_path / "out"), "--json"]
+    result = CliRunner().invoke(app, [*args, "--samples", "16", "--seq-len", "64"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "greedy"
+    assert data["verified_max_abs_logit_diff"] <= 1e-4
+    for lp in data["layers"]:
+        assert [sum(e // 8 == g for e in lp["kept"]) for g in range(8)] == [5] * 8
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
+    assert (config.n_routed_experts, config.n_group, config.topk_group) == (40, 8, 3)
