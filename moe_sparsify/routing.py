@@ -273,9 +273,9 @@ def group_relevant(
     choice = cand_choice.unsqueeze(0).masked_fill(~cand_kept, float("-inf"))
     grouped = choice.reshape(*choice.shape[:-1], choice.shape[-1] // block, block)
     best = grouped.topk(GROUP_SCORES[spec.group_score], dim=-1).indices
-    readers = torch.zeros(grouped.shape, dtype=torch.bool).scatter_(-1, best, True)
+    readers = torch.zeros(grouped.shape, dtype=torch.bool, device=choice.device).scatter_(-1, best, True)
     chosen = torch.topk(group_scores(grouped, spec), spec.groups_chosen, dim=-1).indices
-    in_chosen = torch.zeros(grouped.shape[:-1], dtype=torch.bool).scatter_(-1, chosen, True)
+    in_chosen = torch.zeros(grouped.shape[:-1], dtype=torch.bool, device=choice.device).scatter_(-1, chosen, True)
     return ((readers & in_chosen.unsqueeze(-1)).reshape(choice.shape) & cand_kept) | selected
 
 
