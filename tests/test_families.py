@@ -577,3 +577,15 @@ def test_group_limited_many_experts_take_greedy_and_export_exactly(tmp_path):
         assert [sum(e // 8 == g for e in lp["kept"]) for g in range(8)] == [5] * 8
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
     assert (config.n_routed_experts, config.n_group, config.topk_group) == (40, 8, 3)
+
+
+def test_every_supported_type_is_tested_here_and_listed_in_the_readme():
+    from pathlib import Path
+
+    from moe_sparsify.adapters import supported_model_types
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    tested = {family.split(":")[0] for family in FAMILIES}
+    for model_type in supported_model_types():
+        assert model_type in tested, f"{model_type} has no tiny config in FAMILIES"
+        assert f"`{model_type}`" in readme, f"{model_type} is missing from the README support table"
