@@ -12,6 +12,7 @@ the activations, whatever the number of layers.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from pathlib import Path
@@ -24,6 +25,19 @@ from .adapters import MoEAdapter
 from .errors import UsageError
 
 INDEX = "model.safetensors.index.json"
+
+
+def _libc_malloc_trim():
+    """glibc's malloc_trim, or None off glibc. Freed activations of a few MB land in the heap once glibc
+    has raised its mmap threshold, and stay resident; trimming after each layer keeps peak memory flat
+    in the number of layers (measured: +45 MB a layer without it, none with it)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
 _PER_EXPERT = re.compile(
     r"^(?P<head>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
@@ -136,6 +150,8 @@ class StreamedModel:
 
     def release_layer(self, index: int) -> None:
         self.adapter.decoder_layers(self.model)[index].to("meta")
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
     def router_weights(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's router weight, read from the checkpoint alone (that tensor only)."""
