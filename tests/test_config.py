@@ -26,3 +26,11 @@ def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
 def test_unreadable_config_names_the_flag(tmp_path):
     with pytest.raises(UsageError, match="--config"):
         resolve_settings(tmp_path / "nope.yaml", {})
+
+
+def test_every_model_alias_resolves():
+    from moe_sparsify.models import model_aliases
+
+    for name, entry in model_aliases().items():
+        assert entry.get("path"), name
+        assert resolve_settings(None, {"model": name}).model == name
