@@ -106,7 +106,9 @@ def _write_weights(source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[
 
 def _write_config(source_dir: Path, tmp: Path, adapter: MoEAdapter, keep: int) -> list[str]:
     config = json.loads((source_dir / "config.json").read_text())
-    changes = adapter.pruned_config(config, keep)
+    section = adapter.config_section  # a multimodal checkpoint's language model config
+    changes = adapter.pruned_config(config[section] if section else config, keep)
+    changes = [f"{section}.{change}" for change in changes] if section else changes
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return changes
 

@@ -115,6 +115,11 @@ class StreamedModel:
     def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if adapter.config_section:
+            raise UsageError(
+                f"the language model of a multimodal checkpoint ({adapter.config_section}) cannot be streamed from "
+                "disk; run without --stream"
+            )
         if not adapter.streamable:
             raise UsageError(
                 f"{adapter.config.model_type} checkpoints are converted on load beyond renaming tensors, so their "

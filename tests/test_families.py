@@ -589,3 +589,40 @@ def test_every_supported_type_is_tested_here_and_listed_in_the_readme():
     for model_type in supported_model_types():
         assert model_type in tested, f"{model_type} has no tiny config in FAMILIES"
         assert f"`{model_type}`" in readme, f"{model_type} is missing from the README support table"
+
+
+def test_multimodal_checkpoint_prunes_its_language_model(tmp_path):
+    """A Qwen3.5-MoE vision-language checkpoint (text config nested, weights under
+    model.language_model, a vision tower beside them): AutoModelForCausalLM loads the language model,
+    which is pruned; the vision tower and the nesting survive the export."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+    from typer.testing import CliRunner
+
+    from moe_sparsify.cli import app
+
+    text = dict(COMMON, **FAMILIES["qwen3_5_moe_text"])
+    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3_5_moe", text_config=text, vision_config=vision)
+    source = save_with_tokenizer(AutoModelForImageTextToText.from_config(config).eval(), tmp_path / "source")
+    runner = CliRunner()
+    common = ["prune", "--model", str(source), "--keep", "6", "--samples", "8", "--seq-len", "32"]
+    streamed = runner.invoke(app, [*common, "--stream", "-o", str(tmp_path / "s")])
+    assert streamed.exit_code == 2 and "run without --stream" in streamed.stderr
+    result = runner.invoke(app, [*common, "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["config_changes"] == ["text_config.num_experts: 8 -> 6"]
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["model_type"] == "qwen3_5_moe" and exported["text_config"]["num_experts"] == 6
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
+        assert any(name.startswith("model.visual.") for name in handle.keys())
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(3))
+    kept = {lp["layer"]: lp["kept"] for lp in data["layers"]}
+    with torch.no_grad(), adapter_for(original.config).pruned_view(original, kept):
+        expected = original(input_ids=ids).logits
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-4

@@ -64,14 +64,28 @@ def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
 
+# Where multimodal configs keep their language model's config (transformers' get_text_config).
+TEXT_CONFIG_SECTIONS = ("text_config", "language_config", "llm_config")
+
+
 def adapter_for(config) -> MoEAdapter:
+    """The adapter for a config; for a multimodal checkpoint whose language model is a supported MoE
+    (AutoModelForCausalLM loads just that model), the adapter of its text config."""
     model_type = getattr(config, "model_type", None)
+    section = None
+    if model_type not in ADAPTERS and hasattr(config, "get_text_config"):
+        text = config.get_text_config()
+        nested = next((key for key in TEXT_CONFIG_SECTIONS if getattr(config, key, None) is text), None)
+        if nested is not None and getattr(text, "model_type", None) in ADAPTERS:
+            config, model_type, section = text, text.model_type, nested
     if model_type not in ADAPTERS:
         raise UsageError(
             f"model type {model_type!r} is not a supported MoE architecture (supported: "
             f"{', '.join(supported_model_types())}); add an adapter in moe_sparsify/adapters/"
         )
-    return ADAPTERS[model_type](config)
+    adapter = ADAPTERS[model_type](config)
+    adapter.config_section = section
+    return adapter
 
 
 __all__ = ["ADAPTERS", "MoEAdapter", "TensorRule", "adapter_for", "supported_model_types"]

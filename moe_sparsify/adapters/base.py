@@ -77,6 +77,8 @@ class MoEAdapter:
 
     def __init__(self, config):
         self.config = config
+        # Multimodal checkpoints: the key of config.json holding this (language) model's config.
+        self.config_section: str | None = None
 
     # --- structure -----------------------------------------------------------------------------
     @property
