@@ -31,7 +31,7 @@ from .models import load_config, load_model, load_tokenizer, pick_device, pick_d
 from .plan import ModelIdentity, Plan, load_plan
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
 from .routing import check_skip_rule, default_skip_rule
-from .skipping import skip_fractions, skipping
+from .skipping import check_skipping_supported, skip_fractions, skipping
 from .streaming import StreamedModel
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
 
@@ -380,6 +380,7 @@ def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool
     output = Path(settings.output or f"{_model_name(settings)}-thresholds.json")
     if output.exists() and not settings.overwrite:
         raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+    check_skipping_supported(job.adapter)
     rule = check_skip_rule(settings.skip_rule or default_skip_rule(job.adapter.top_k), job.adapter.top_k)
     store = _open_store(settings)
     model, tokenizer = load_model(job.model_dir, job.dtype)

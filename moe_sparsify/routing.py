@@ -32,6 +32,9 @@ class RoutingSpec:
         ("max": best score in the group, V2; "top2": sum of the two best, V3)
         and then its top-k among their experts. groups=1 is plain top-k.
     renorm_eps: added to the sum the sigmoid weights are divided by (LFM2-MoE: 1e-6).
+    input_scaled: the score scales each selected expert's input, not its output
+        (Llama 4: E_j(sigmoid(l_j) x)); the adapter's expert outputs include that
+        scaling, so every selected expert weighs 1 (times `scale`).
     softmax_bias: the selection bias is added to a softmax (ERNIE-4.5), which
         the pruned model takes over the kept experts only: the ranking then
         depends on which experts are kept, not only on their order.
@@ -50,6 +53,7 @@ class RoutingSpec:
     jitter: float = 0.0
     softmax_bias: bool = False
     renorm_eps: float = 0.0
+    input_scaled: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
@@ -60,6 +64,8 @@ class RoutingSpec:
             raise ValueError("sparsemixer routes to exactly 2 experts and does not renormalise")
         if self.renorm_eps and self.scoring != "sigmoid":
             raise ValueError("renorm_eps is for sigmoid scores")
+        if self.input_scaled and self.renormalize:
+            raise ValueError("input-scaled routing weighs every selected expert 1; it has nothing to renormalise")
 
     @property
     def grouped(self) -> bool:
@@ -129,6 +135,8 @@ def route(
     indices = torch.topk(choice, spec.top_k, dim=-1).indices
     if spec.scoring == "sparsemixer":
         return sparsemixer_weights(probs, indices, spec.jitter), indices
+    if spec.input_scaled:
+        return torch.full(indices.shape, spec.scale, device=indices.device), indices
     weights = probs.gather(-1, indices)
     if spec.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
@@ -296,6 +304,8 @@ def subset_weights(
     Returns subsets x tokens x m float32, zero off the selection.
     """
     logits = cand_logits.float().unsqueeze(0)
+    if spec.input_scaled:
+        return selected.float() * spec.scale
     if spec.needs_all_logits and kept_logits is None:
         raise ValueError(f"{spec.scoring} routing without renormalisation needs every kept logit")
     if spec.scoring == "sparsemixer":

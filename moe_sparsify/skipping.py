@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import MoEAdapter, adapter_for
+from .errors import UsageError
 from .routing import skip_keep_mask, skipped_weights
 
 IMPLEMENTATION = "moe_sparsify_skip"
@@ -113,6 +114,14 @@ def _register() -> None:
     ExpertsInterface.register(IMPLEMENTATION, skipping_experts_forward)
 
 
+def check_skipping_supported(adapter: MoEAdapter) -> None:
+    if not adapter.supports_skipping:
+        raise UsageError(
+            f"dynamic skipping is not available for {adapter.config.model_type}: its experts do not use "
+            "transformers' experts interface; prune it without skipping"
+        )
+
+
 def enable_skipping(model: nn.Module, thresholds, adapter: MoEAdapter | None = None) -> None:
     """Switch every MoE block of `model` to skipping with per-layer thresholds.
 
@@ -123,6 +132,7 @@ def enable_skipping(model: nn.Module, thresholds, adapter: MoEAdapter | None = N
     if not isinstance(thresholds, SkipThresholds):
         thresholds = load_thresholds(thresholds)
     adapter = adapter or adapter_for(model.config)
+    check_skipping_supported(adapter)
     thresholds.check_matches(model_fingerprint(model, adapter))
     _register()
     current = model.config._experts_implementation

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_sparsify.adapters import adapter_for
+from moe_sparsify.errors import UsageError
 from moe_sparsify.objective import SubsetLoss
 from moe_sparsify.prune import layer_stats
 from moe_sparsify.search import KeepSpace
@@ -382,6 +383,14 @@ FAMILIES = {
         mlp_layer_types=["dense", "sparse", "sparse"],
         final_logit_softcapping=3.0,  # low enough to bend the tiny model's logits
     ),
+    "llama4_text": dict(
+        intermediate_size=16,
+        intermediate_size_mlp=64,
+        head_dim=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        interleave_moe_layer_step=1,
+    ),
     "flex_olmo": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
     # A wider jitter band than Phi-3.5-MoE's 0.01, so weights depend on more than the selected pair.
     "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),
@@ -421,7 +430,7 @@ def test_routed_forward_is_the_stock_block_and_scores_are_exact(family):
     with torch.no_grad():
         for index in layers:
             block = adapter.moe_block(model.model.layers[index])
-            stock = _block_output(block(x))
+            stock = _block_output(block(x)).reshape(x.shape)  # Llama 4 returns (tokens, hidden)
             assert (_block_output(adapter.routed_forward(block, x, None)) - stock).abs().max() <= 1e-5
         block = adapter.moe_block(model.model.layers[layers[-1]])
         flat = x.reshape(-1, x.shape[-1])
@@ -471,6 +480,10 @@ def test_calibrate_prune_export_reload_and_skip(family, tmp_path):
         got = reloaded(input_ids=ids).logits
     assert (got - expected).abs().max() <= 1e-4
 
+    if not reloaded_adapter.supports_skipping:
+        with pytest.raises(UsageError, match="skipping is not available"):
+            enable_skipping(reloaded, SkipThresholds(model_fingerprint(reloaded, reloaded_adapter), "tail", {}, []))
+        return
     # Skipping on the pruned model: thresholds 0 are the stock model; tail thresholds run.
     weights = {i: torch.rand(64, 2).sort(descending=True).values for i in reloaded_adapter.moe_layers(reloaded)}
     rule, layers = profile(weights, "tail", {"kind": "quantile", "value": 0.5}, reloaded_adapter.top_k)
@@ -591,20 +604,45 @@ def test_every_supported_type_is_tested_here_and_listed_in_the_readme():
         assert f"`{model_type}`" in readme, f"{model_type} is missing from the README support table"
 
 
-def test_multimodal_checkpoint_prunes_its_language_model(tmp_path):
-    """A Qwen3.5-MoE vision-language checkpoint (text config nested, weights under
-    model.language_model, a vision tower beside them): AutoModelForCausalLM loads the language model,
-    which is pruned; the vision tower and the nesting survive the export."""
+MULTIMODAL = {
+    "qwen3_5_moe": (
+        "qwen3_5_moe_text",
+        "num_experts",
+        dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32),
+    ),
+    "llama4": (
+        "llama4_text",
+        "num_local_experts",
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=32,
+            image_size=28,
+            patch_size=14,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(MULTIMODAL))
+def test_multimodal_checkpoint_prunes_its_language_model(model_type, tmp_path):
+    """A vision-language checkpoint (text config nested, a vision tower beside the language model),
+    saved as the hub has it: AutoModelForCausalLM loads the language model, which is pruned; the
+    vision tower and the nesting survive the export."""
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
     from typer.testing import CliRunner
 
     from moe_sparsify.cli import app
 
-    text = dict(COMMON, **FAMILIES["qwen3_5_moe_text"])
-    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32)
+    text_family, count_key, vision = MULTIMODAL[model_type]
+    text = dict(COMMON, **FAMILIES[text_family])
     torch.manual_seed(0)
-    config = AutoConfig.for_model("qwen3_5_moe", text_config=text, vision_config=vision)
+    config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision)
     source = save_with_tokenizer(AutoModelForImageTextToText.from_config(config).eval(), tmp_path / "source")
     runner = CliRunner()
     common = ["prune", "--model", str(source), "--keep", "6", "--samples", "8", "--seq-len", "32"]
@@ -613,11 +651,11 @@ def test_multimodal_checkpoint_prunes_its_language_model(tmp_path):
     result = runner.invoke(app, [*common, "-o", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["config_changes"] == ["text_config.num_experts: 8 -> 6"]
+    assert data["config_changes"] == [f"text_config.{count_key}: 8 -> 6"]
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert exported["model_type"] == "qwen3_5_moe" and exported["text_config"]["num_experts"] == 6
+    assert exported["model_type"] == model_type and exported["text_config"][count_key] == 6
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
-        assert any(name.startswith("model.visual.") for name in handle.keys())
+        assert any("visual." in name or "vision_model." in name for name in handle.keys())
     original = AutoModelForCausalLM.from_pretrained(source).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(3))

@@ -25,6 +25,7 @@ from .ernie import ErnieMoeAdapter
 from .gpt_oss import GptOssAdapter
 from .hunyuan import HunyuanMoeAdapter
 from .jamba import JambaAdapter
+from .llama4 import Llama4Adapter
 from .mixtral import AriaTextAdapter, GraniteMoeAdapter, MixtralAdapter
 from .phimoe import PhimoeAdapter
 from .qwen import FlintAdapter, Qwen2MoeAdapter, Qwen35MoeAdapter, QwenMoeAdapter, UngatedSharedExpertAdapter
@@ -34,6 +35,7 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     GraniteMoeAdapter,
     AriaTextAdapter,
     JambaAdapter,
+    Llama4Adapter,
     Qwen2MoeAdapter,
     Qwen35MoeAdapter,
     QwenMoeAdapter,

@@ -57,6 +57,8 @@ class MoEAdapter:
     # Whether a decoder layer can be read from the shards with those renames and per-expert stacking
     # alone (`--stream`); families whose loader also splits or concatenates other tensors cannot.
     streamable: ClassVar[bool] = True
+    # Dynamic skipping registers an experts function with transformers' experts interface.
+    supports_skipping: ClassVar[bool] = True
     block_returns_tuple: ClassVar[bool] = False  # GPT-OSS's block returns (output, router scores)
     per_expert_pattern: ClassVar[re.Pattern] = re.compile(
         r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)(?P<tail>\..+)$"
