@@ -79,6 +79,9 @@ def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict
         elif rule.kind == "expert":
             if rule.expert in kept[rule.layer]:
                 out[rule.renamed(kept[rule.layer].index(rule.expert))] = handle.get_tensor(name)
+        elif rule.kind == "flat":  # each expert a block of rows, read block by block
+            view = handle.get_slice(name)
+            out[name] = torch.cat([view[e * rule.rows : (e + 1) * rule.rows] for e in kept[rule.layer]])
         else:  # stacked experts, router rows and biases
             out[name] = _gather_experts(handle, name, kept[rule.layer], adapter.num_experts)
     return out

@@ -391,6 +391,13 @@ FAMILIES = {
         num_experts_per_tok=2,
         interleave_moe_layer_step=1,
     ),
+    "dbrx": dict(
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2),
+    ),
     "flex_olmo": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
     # A wider jitter band than Phi-3.5-MoE's 0.01, so weights depend on more than the selected pair.
     "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),
@@ -405,7 +412,7 @@ def build(family: str, **overrides):
     model = AutoModelForCausalLM.from_config(config).eval()
     adapter = adapter_for(model.config)
     for index in adapter.moe_layers(model):  # a selection bias that matters, where the family has one
-        bias = adapter.selection_bias(adapter.moe_block(model.model.layers[index]))
+        bias = adapter.selection_bias(adapter.moe_block(adapter.decoder_layers(model)[index]))
         if bias is not None:
             bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(index)) * 0.2)
     return model, adapter
@@ -429,10 +436,10 @@ def test_routed_forward_is_the_stock_block_and_scores_are_exact(family):
     x = torch.randn(2, 40, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for index in layers:
-            block = adapter.moe_block(model.model.layers[index])
+            block = adapter.moe_block(adapter.decoder_layers(model)[index])
             stock = _block_output(block(x)).reshape(x.shape)  # Llama 4 returns (tokens, hidden)
             assert (_block_output(adapter.routed_forward(block, x, None)) - stock).abs().max() <= 1e-5
-        block = adapter.moe_block(model.model.layers[layers[-1]])
+        block = adapter.moe_block(adapter.decoder_layers(model)[layers[-1]])
         flat = x.reshape(-1, x.shape[-1])
         oracle = SubsetLoss(layer_stats(adapter, block, [flat], 6))
         subsets = KeepSpace(8, 6, oracle.groups).subsets()  # an equal share per group where routing is grouped

@@ -13,6 +13,7 @@ from .biased_sigmoid import (
     MinimaxM3Adapter,
 )
 from .cohere import Cohere2MoeAdapter
+from .dbrx import DbrxAdapter
 from .deepseek import (
     BeamAdapter,
     DeepseekAdapter,
@@ -36,6 +37,7 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     AriaTextAdapter,
     JambaAdapter,
     Llama4Adapter,
+    DbrxAdapter,
     Qwen2MoeAdapter,
     Qwen35MoeAdapter,
     QwenMoeAdapter,

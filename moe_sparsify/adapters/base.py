@@ -27,7 +27,8 @@ class TensorRule:
 
     kind: "expert" (one tensor per expert: drop or renumber), "stacked"
     (experts along dim 0: gather kept rows), "router" (one entry per expert along
-    its first axis of that size: gather; ERNIE's correction bias is 1 x n).
+    its first axis of that size: gather; ERNIE's correction bias is 1 x n),
+    "flat" (experts as consecutive blocks of `rows` rows: DBRX).
     """
 
     kind: str
@@ -36,6 +37,7 @@ class TensorRule:
     # Per-expert tensors are named head + expert id + tail.
     head: str = ""
     tail: str = ""
+    rows: int = 0  # "flat": rows per expert
 
     def renamed(self, new_expert: int) -> str:
         return f"{self.head}{new_expert}{self.tail}"
