@@ -88,7 +88,7 @@ class LayerStats:
         for x in (part for chunk in inputs for part in chunk.split(rows_per_pass or _rows_per_pass(chunk))):
             logits = router_logits(x).float()
             probs = scores(logits, spec)
-            choice = choice_scores(probs, None, selection_bias)
+            choice = choice_scores(probs, None, selection_bias, logits if spec.bias_on_logits else None)
             cand_idx, block = candidate_experts(choice, spec, keep, probs)
             outputs = torch.zeros(x.shape[0], cand_idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             for expert in range(num_experts):

@@ -32,6 +32,8 @@ class RoutingSpec:
         ("max": best score in the group, V2; "top2": sum of the two best, V3)
         and then its top-k among their experts. groups=1 is plain top-k.
     renorm_eps: added to the sum the sigmoid weights are divided by (LFM2-MoE: 1e-6).
+    bias_on_logits: the selection bias is added to the logits, not the scores
+        (Kolibri); the weights are still the scores.
     input_scaled: the score scales each selected expert's input, not its output
         (Llama 4: E_j(sigmoid(l_j) x)); the adapter's expert outputs include that
         scaling, so every selected expert weighs 1 (times `scale`).
@@ -54,6 +56,7 @@ class RoutingSpec:
     softmax_bias: bool = False
     renorm_eps: float = 0.0
     input_scaled: bool = False
+    bias_on_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
@@ -103,10 +106,15 @@ def scores(logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = 
 
 
 def choice_scores(
-    probs: torch.Tensor, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    probs: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """What experts are ranked by: the scores plus any selection bias; removed experts rank last."""
-    choice = probs if bias is None else probs + bias.float()
+    """What experts are ranked by: the scores (or, with `logits` given, the logits) plus any selection
+    bias; removed experts rank last."""
+    ranked = probs if logits is None else logits.float()
+    choice = ranked if bias is None else ranked + bias.float()
     return choice if keep is None else choice.masked_fill(~keep, float("-inf"))
 
 
@@ -129,7 +137,7 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices), both tokens x top_k, as the (pruned) model computes them."""
     probs = scores(logits, spec, keep)
-    choice = choice_scores(probs, keep, bias)
+    choice = choice_scores(probs, keep, bias, logits if spec.bias_on_logits else None)
     if spec.grouped:
         choice = group_limited(choice, spec)
     indices = torch.topk(choice, spec.top_k, dim=-1).indices

@@ -398,6 +398,15 @@ FAMILIES = {
         attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
         ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2),
     ),
+    "kolibri1": dict(
+        num_attention_heads=2,
+        head_dim=16,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=8,
+    ),
     "flex_olmo": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
     # A wider jitter band than Phi-3.5-MoE's 0.01, so weights depend on more than the selected pair.
     "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),

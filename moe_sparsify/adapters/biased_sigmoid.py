@@ -1,5 +1,5 @@
 """Sigmoid routers with a correction bias and no groups (transformers 5.x):
-MiniMax-M2, HY-V3, AFMoE, Laguna, MiniMax-M3 (text) and LFM2-MoE.
+MiniMax-M2, HY-V3, AFMoE, Laguna, MiniMax-M3 (text), LFM2-MoE and Kolibri.
 
 Each takes float32 sigmoid scores, chooses the top-k of scores + bias, and
 weights the chosen experts by their plain scores divided by their sum (HY-V3
@@ -15,6 +15,10 @@ family scale. Where the bias lives and what scales the weights:
   lfm2_moe     block `expert_bias` (only if `use_expert_bias`), block at `feed_forward`,
                renormalised only if `norm_topk_prob`, by (sum + 1e-6), x `routed_scaling_factor`;
                sigmoid in the model dtype; final norm `embedding_norm`
+  kolibri1     `gate.e_score_correction_bias` added to the float32 logits (not the scores)
+               to choose; weights the sigmoid of the chosen logits, renormalised only if
+               `norm_topk_prob`, no scale; shared experts; the bias is `moe.router.expert_bias`
+               on disk
 Shared experts are added ungated. On disk MiniMax-M2 keeps Mixtral's layout
 (`block_sparse_moe`, w1/w2/w3); HY-V3 names the router `router.gate`, the bias
 `expert_bias` and the shared experts `shared_mlp`; Laguna saves the bias as
@@ -23,6 +27,7 @@ Shared experts are added ungated. On disk MiniMax-M2 keeps Mixtral's layout
 
 from __future__ import annotations
 
+import re
 from operator import attrgetter
 from typing import ClassVar
 
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import RoutingSpec
-from .base import MoEAdapter
+from .base import MoEAdapter, TensorRule
 
 
 class BiasedSigmoidAdapter(MoEAdapter):
@@ -120,3 +125,28 @@ class Lfm2MoeAdapter(BiasedSigmoidAdapter):
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.embedding_norm(hidden))
+
+
+class KolibriAdapter(BiasedSigmoidAdapter):
+    model_types = ("kolibri1",)
+    expert_count_keys = ("num_local_experts", "num_experts")
+    bias_path = "gate.e_score_correction_bias"
+    checkpoint_renames = (
+        (".moe.router.expert_bias", ".mlp.gate.e_score_correction_bias"),
+        (".post_attn_norm.", ".post_self_attn_layernorm."),
+        (".post_ffn_norm.", ".post_mlp_layernorm."),
+    )
+    disk_bias_pattern: ClassVar[re.Pattern] = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.moe\.router\.expert_bias$")
+
+    @property
+    def routing(self) -> RoutingSpec:
+        renormalize = bool(self.config.norm_topk_prob)
+        return RoutingSpec(self.top_k, "sigmoid", renormalize, bias_on_logits=True)
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), block.gate.weight.float())
+
+    def tensor_rule(self, name: str) -> TensorRule | None:
+        if m := self.disk_bias_pattern.match(name):
+            return TensorRule("router", int(m["layer"]))
+        return super().tensor_rule(name)
