@@ -680,3 +680,31 @@ def test_multimodal_checkpoint_prunes_its_language_model(model_type, tmp_path):
         expected = original(input_ids=ids).logits
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "deepseek_v2:grouped",
+        "deepseek_v3:grouped",
+        "ernie4_5_moe",
+        "phimoe",
+        "llama4_text",
+        "dbrx",
+        "nemotron_h",
+        "kolibri1",
+        "gpt_oss",
+    ],
+)
+def test_each_routing_kind_prunes_in_bfloat16(family, tmp_path):
+    """Calibration and search in bf16 (routers computed as each family computes them), export verified."""
+    from typer.testing import CliRunner
+
+    from moe_sparsify.cli import app
+
+    model, _ = build(family)
+    source = save_with_tokenizer(model, tmp_path / "source")
+    args = ["prune", "--model", str(source), "--keep", "6", "-o", str(tmp_path / "out"), "--dtype", "bfloat16"]
+    result = CliRunner().invoke(app, [*args, "--samples", "8", "--seq-len", "32", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verified_max_abs_logit_diff"] <= 1e-4
