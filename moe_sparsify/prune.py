@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import MoEAdapter
-from .calibration.propagate import Resident, layer_output, propagate
+from .calibration.propagate import Resident, propagate, run_layer
 from .calibration.store import CalibrationStore
 from .config import Settings
 from .distributed import ReducedOracle, is_main, reduce_means, world
@@ -192,11 +192,13 @@ class EndToEndRescorer:
     def _log_probs(self, step, start: int) -> list[torch.Tensor]:
         """Layers start..end over the cached batches; the later layers visit the device one at a time."""
         layers = self.adapter.decoder_layers(self.model)
-        batches = step.batches[: self.batches]
+        # Each pass gets its own copies of the layer kwargs: outputs a layer hands to the next one differ
+        # between the subsets being scored.
+        batches = [(hidden, [dict(kw) for kw in kwargs]) for hidden, kwargs in step.batches[: self.batches]]
         states = [hidden.to(self.device) for hidden, _ in batches]
         for index in range(start, len(layers)):
             layer = layers[index] if index == start else self.residency.load_layer(index, self.device)
-            states = [layer_output(layer(h, **kwargs[index])) for h, (_, kwargs) in zip(states, batches)]
+            states = [run_layer(layer, h, kwargs, index, self.adapter) for h, (_, kwargs) in zip(states, batches)]
             if index != start:
                 self.residency.release_layer(index)
         return [torch.log_softmax(self.adapter.final_logits(self.model, h).float(), dim=-1) for h in states]

@@ -61,6 +61,8 @@ class MoEAdapter:
     streamable: ClassVar[bool] = True
     # Dynamic skipping registers an experts function with transformers' experts interface.
     supports_skipping: ClassVar[bool] = True
+    # A keyword argument each decoder layer receives from the previous layer's second output.
+    carried_kwarg: ClassVar[str | None] = None
     block_returns_tuple: ClassVar[bool] = False  # GPT-OSS's block returns (output, router scores)
     per_expert_pattern: ClassVar[re.Pattern] = re.compile(
         r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)(?P<tail>\..+)$"

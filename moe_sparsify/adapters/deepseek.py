@@ -131,6 +131,15 @@ class NemotronHAdapter(DeepseekAdapter):
         return model.lm_head(model.model.norm_f(hidden))
 
 
+class GlmMoeDsaAdapter(DeepseekAdapter):
+    """GLM-5 (`glm_moe_dsa`): DeepSeek-V3's router; each decoder layer returns (hidden states, its
+    attention indexer's top-k) and the model hands the latter to the next layer as
+    `prev_topk_indices`, which layer-by-layer propagation carries along."""
+
+    model_types = ("glm_moe_dsa",)
+    carried_kwarg = "prev_topk_indices"
+
+
 class BeamAdapter(DeepseekAdapter):
     model_types = ("beam",)
 

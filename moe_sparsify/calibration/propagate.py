@@ -44,6 +44,16 @@ def layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def run_layer(layer, hidden: torch.Tensor, kwargs: list[dict], index: int, adapter: MoEAdapter) -> torch.Tensor:
+    """Decoder layer `index` on one batch. Where the family hands a layer output on to the next layer
+    (GLM-MoE-DSA: the attention indexer's top-k as `prev_topk_indices`), store it in the next layer's
+    kwargs, as the model's own loop does."""
+    out = layer(hidden, **kwargs[index])
+    if adapter.carried_kwarg is not None and index + 1 < len(kwargs):
+        kwargs[index + 1][adapter.carried_kwarg] = out[1]
+    return layer_output(out)
+
+
 def catch_layer_inputs(
     model: nn.Module, adapter: MoEAdapter, token_ids: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, list[dict]]]:
@@ -64,7 +74,9 @@ def catch_layer_inputs(
             caught[-1][1].append(dict(kwargs))
             if index == len(layers) - 1:
                 raise _Caught
-            return hidden
+            # Families that hand a second output to the next layer get a placeholder: propagation fills in
+            # the real one as it runs each layer (`run_layer`).
+            return hidden if adapter.carried_kwarg is None else (hidden, None)
 
         return forward
 
@@ -148,7 +160,7 @@ def propagate(
     task = progress.add_task("layers", total=len(layers)) if progress else None
 
     def run(layer, index):
-        return [keep(layer_output(layer(hidden.to(device), **kwargs[index]))) for hidden, kwargs in batches]
+        return [keep(run_layer(layer, hidden.to(device), kwargs, index, adapter)) for hidden, kwargs in batches]
 
     for index in range(len(layers)):
         if activations is not None:
