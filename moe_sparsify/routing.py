@@ -69,6 +69,8 @@ class RoutingSpec:
             raise ValueError("renorm_eps is for sigmoid scores")
         if self.input_scaled and self.renormalize:
             raise ValueError("input-scaled routing weighs every selected expert 1; it has nothing to renormalise")
+        if self.grouped and (self.softmax_bias or self.scoring == "sparsemixer"):
+            raise ValueError("group-limited routing is combined with sigmoid or plain softmax scores only")
 
     @property
     def grouped(self) -> bool:
