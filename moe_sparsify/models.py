@@ -79,14 +79,28 @@ def load_config(model_dir: Path):
         raise UsageError(f"cannot read the model config in {model_dir}: {exc}") from None
 
 
+def auto_model_class(config):
+    """AutoModelForCausalLM, or for a vision-language checkpoint it cannot load (Qwen3-VL-MoE,
+    GLM-4.5V) AutoModelForImageTextToText: a text-only forward of those runs their language model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load_model(model_dir: Path, dtype: torch.dtype):
     """Weights on the CPU; callers move what they compute with."""
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; a loading bar per call is noise
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = auto_model_class(load_config(model_dir)).from_pretrained(model_dir, dtype=dtype)
     except Exception as exc:  # safetensors, OSError and transformers' own errors all mean "unreadable"
         raise FailedRun(
             f"cannot load the weights in {model_dir}: {str(exc).splitlines()[0]}; re-save or re-download the checkpoint"

@@ -113,7 +113,9 @@ class StreamedModel:
     """A causal LM whose decoder layers live on the meta device until `load_layer`."""
 
     def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
+
+        from .models import auto_model_class
 
         if adapter.config_section:
             raise UsageError(
@@ -127,7 +129,7 @@ class StreamedModel:
             )
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+            self.model = auto_model_class(config).from_config(config, dtype=dtype).eval()
         self.adapter, self.reader = adapter, CheckpointReader(model_dir)
         layers = adapter.decoder_layers(self.model)
         inside = {id(m) for m in layers.modules()}

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.errors import UsageError
+from moe_sparsify.models import auto_model_class
 from moe_sparsify.objective import SubsetLoss
 from moe_sparsify.prune import layer_stats
 from moe_sparsify.search import KeepSpace
@@ -409,6 +410,23 @@ FAMILIES = {
         num_experts_per_tok=2,
         sliding_window=8,
     ),
+    "glm4v_moe_text": dict(
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        head_dim=8,
+        **GROUPED_V3,
+        first_k_dense_replace=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 0, 1]},
+    ),
+    "mistral4": dict(MLA, **GROUPED_V3, first_k_dense_replace=1, routed_scaling_factor=2.0),
+    "qwen3_vl_moe_text": dict(
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    ),
     "flex_olmo": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
     # A wider jitter band than Phi-3.5-MoE's 0.01, so weights depend on more than the selected pair.
     "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),
@@ -416,11 +434,31 @@ FAMILIES = {
 }
 
 
+# Language models that exist only inside a vision-language wrapper: (wrapper type, tiny vision config).
+VISION_WRAPPERS = {
+    "glm4v_moe_text": (
+        "glm4v_moe",
+        dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, image_size=28),
+    ),
+    "qwen3_vl_moe_text": (
+        "qwen3_vl_moe",
+        dict(
+            depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, deepstack_visual_indexes=[0]
+        ),
+    ),
+}
+
+
 def build(family: str, **overrides):
     torch.manual_seed(0)
     model_type = family.split(":")[0]  # "type:variant" keys test other settings of one family
-    config = AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES[family], **overrides})
-    model = AutoModelForCausalLM.from_config(config).eval()
+    settings = {**COMMON, **FAMILIES[family], **overrides}
+    if model_type in VISION_WRAPPERS:
+        wrapper, vision = VISION_WRAPPERS[model_type]
+        config = AutoConfig.for_model(wrapper, text_config=settings, vision_config=vision)
+    else:
+        config = AutoConfig.for_model(model_type, **settings)
+    model = auto_model_class(config).from_config(config).eval()
     adapter = adapter_for(model.config)
     for index in adapter.moe_layers(model):  # a selection bias that matters, where the family has one
         bias = adapter.selection_bias(adapter.moe_block(adapter.decoder_layers(model)[index]))
@@ -444,7 +482,7 @@ def test_routed_forward_is_the_stock_block_and_scores_are_exact(family):
     model, adapter = build(family)
     layers = adapter.moe_layers(model)
     assert layers and len(layers) <= 3
-    x = torch.randn(2, 40, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 40, adapter.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for index in layers:
             block = adapter.moe_block(adapter.decoder_layers(model)[index])
@@ -487,7 +525,7 @@ def test_calibrate_prune_export_reload_and_skip(family, tmp_path):
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     assert [lp["layer"] for lp in plan["layers"]] == adapter.moe_layers(model)
-    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    reloaded = auto_model_class(model.config).from_pretrained(out).eval()
     reloaded_adapter = adapter_for(reloaded.config)
     assert reloaded_adapter.num_experts == 6
     ids = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(3))
@@ -517,8 +555,8 @@ def test_calibrate_prune_export_reload_and_skip(family, tmp_path):
         try:
             assert torch.isfinite(reloaded(input_ids=ids).logits).all()
             first = layers[0]
-            block = reloaded_adapter.moe_block(reloaded.model.layers[first.layer])
-            x = torch.randn(1, 30, reloaded.config.hidden_size, generator=torch.Generator().manual_seed(4))
+            block = reloaded_adapter.moe_block(reloaded_adapter.decoder_layers(reloaded)[first.layer])
+            x = torch.randn(1, 30, reloaded_adapter.config.hidden_size, generator=torch.Generator().manual_seed(4))
             skipped = _block_output(block(x))
         finally:
             disable_skipping(reloaded)
@@ -623,6 +661,11 @@ def test_every_supported_type_is_tested_here_and_listed_in_the_readme():
 
 
 MULTIMODAL = {
+    "minimax_m3_vl": (
+        "minimax_m3_vl_text",
+        "num_local_experts",
+        dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32),
+    ),
     "qwen3_5_moe": (
         "qwen3_5_moe_text",
         "num_experts",
@@ -662,6 +705,7 @@ def test_multimodal_checkpoint_prunes_its_language_model(model_type, tmp_path):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision)
     source = save_with_tokenizer(AutoModelForImageTextToText.from_config(config).eval(), tmp_path / "source")
+    loader = auto_model_class(config)  # AutoModelForCausalLM where it loads the language model alone
     runner = CliRunner()
     common = ["prune", "--model", str(source), "--keep", "6", "--samples", "8", "--seq-len", "32"]
     streamed = runner.invoke(app, [*common, "--stream", "-o", str(tmp_path / "s")])
@@ -673,9 +717,9 @@ def test_multimodal_checkpoint_prunes_its_language_model(model_type, tmp_path):
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported["model_type"] == model_type and exported["text_config"][count_key] == 6
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
-        assert any("visual." in name or "vision_model." in name for name in handle.keys())
-    original = AutoModelForCausalLM.from_pretrained(source).eval()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert any("visual." in name or "vision" in name for name in handle.keys())
+    original = loader.from_pretrained(source).eval()
+    reloaded = loader.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(3))
     kept = {lp["layer"]: lp["kept"] for lp in data["layers"]}
     with torch.no_grad(), adapter_for(original.config).pruned_view(original, kept):

@@ -22,6 +22,7 @@ from .deepseek import (
     GlmMoeDsaAdapter,
     KimiLinearAdapter,
     MimoV2FlashAdapter,
+    Mistral4Adapter,
     NemotronHAdapter,
 )
 from .ernie import ErnieMoeAdapter
@@ -31,7 +32,14 @@ from .jamba import JambaAdapter
 from .llama4 import Llama4Adapter
 from .mixtral import AriaTextAdapter, GraniteMoeAdapter, MixtralAdapter
 from .phimoe import PhimoeAdapter
-from .qwen import FlintAdapter, Qwen2MoeAdapter, Qwen35MoeAdapter, QwenMoeAdapter, UngatedSharedExpertAdapter
+from .qwen import (
+    FlintAdapter,
+    Qwen2MoeAdapter,
+    Qwen3VLMoeAdapter,
+    Qwen35MoeAdapter,
+    QwenMoeAdapter,
+    UngatedSharedExpertAdapter,
+)
 
 FAMILIES: tuple[type[MoEAdapter], ...] = (
     MixtralAdapter,
@@ -43,6 +51,7 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     Qwen2MoeAdapter,
     Qwen35MoeAdapter,
     QwenMoeAdapter,
+    Qwen3VLMoeAdapter,
     UngatedSharedExpertAdapter,
     FlintAdapter,
     DeepseekAdapter,
@@ -51,6 +60,7 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     BeamAdapter,
     GlmMoeDsaAdapter,
     KimiLinearAdapter,
+    Mistral4Adapter,
     NemotronHAdapter,
     BiasedSigmoidAdapter,
     HunyuanV3Adapter,

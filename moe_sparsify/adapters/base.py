@@ -20,6 +20,9 @@ from torch import nn
 
 from ..routing import RoutingSpec, route, skip_keep_mask, skipped_weights
 
+# Config keys that hold the routed-expert count in one family or another.
+COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
 
 @dataclass(frozen=True)
 class TensorRule:
@@ -108,8 +111,13 @@ class MoEAdapter:
         spec = self.routing
         return spec.groups if spec.grouped else 1
 
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack: `model.model`, or a vision-language model's `model.model.language_model`."""
+        inner = model.model
+        return getattr(inner, "language_model", inner)
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
+        return self.text_model(model).layers
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's MoE block, or None for a dense layer (no `experts`)."""
@@ -118,7 +126,7 @@ class MoEAdapter:
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """What the model does after its last decoder layer."""
-        return model.lm_head(model.model.norm(hidden))
+        return model.lm_head(self.text_model(model).norm(hidden))
 
     def moe_layers(self, model: nn.Module) -> list[int]:
         return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
@@ -224,9 +232,12 @@ class MoEAdapter:
         return None
 
     def pruned_config(self, config: dict, keep: int) -> list[str]:
-        """Rewrite the expert count in a config.json dict; returns 'key: old -> new' lines."""
+        """Rewrite the expert count in a config.json dict; returns 'key: old -> new' lines. Besides the
+        family's keys, any usual count key that holds this count is rewritten too: which of a config's
+        aliased names save_pretrained writes differs between families and versions."""
         changes = []
-        for key in self.expert_count_keys:
+        usual = [key for key in COUNT_KEYS if config.get(key) == self.num_experts]
+        for key in dict.fromkeys((*self.expert_count_keys, *usual)):
             if key in config or key in self.always_written_keys:
                 changes.append(f"{key}: {config.get(key, self.num_experts)} -> {keep}")
                 config[key] = keep

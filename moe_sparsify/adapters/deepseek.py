@@ -51,6 +51,7 @@ class DeepseekAdapter(MoEAdapter):
         "dots3_note_text",
         "glm4_moe",
         "glm4_moe_lite",
+        "glm4v_moe_text",
         "sarvam_mla",
         "solar_open",
     )
@@ -129,6 +130,31 @@ class NemotronHAdapter(DeepseekAdapter):
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.norm_f(hidden))
+
+
+class Mistral4Adapter(DeepseekAdapter):
+    """Mistral 4 (`mistral4`, loaded by AutoModelForImageTextToText as Mistral4ForCausalLM): DeepSeek-V3's
+    block, but the router's float softmax (not sigmoid, no correction bias) feeds the group rule
+    (groups ranked by their two best probabilities; excluded groups filled with 0, below any
+    probability) and the weights, renormalised if `norm_topk_prob`, times `routed_scaling_factor`."""
+
+    model_types = ("mistral4",)
+
+    @property
+    def routing(self) -> RoutingSpec:
+        config = self.config
+        return RoutingSpec(
+            self.top_k,
+            "softmax",
+            renormalize=bool(config.norm_topk_prob),
+            scale=config.routed_scaling_factor,
+            groups=config.n_group or 1,
+            groups_chosen=config.topk_group or 1,
+            group_score="top2",
+        )
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, block.gate.weight)
 
 
 class GlmMoeDsaAdapter(DeepseekAdapter):

@@ -10,7 +10,8 @@ have no `experts` and are skipped. Qwen2-MoE adds a shared expert scaled by
 `sigmoid(shared_expert_gate(x))`; it is never pruned.
 
 Mellum's router and block are Qwen3-MoE's; Qwen3-Next's are Qwen2-MoE's;
-Qwen3.5-MoE's too, except that it always renormalises (no `norm_topk_prob`).
+Qwen3.5-MoE's too, except that it always renormalises (no `norm_topk_prob`);
+Qwen3-VL-MoE's language model (`qwen3_vl_moe_text`) is Qwen3-MoE's, always renormalised.
 LaraMini (softmax) and Flint (sigmoid, no bias) add their `shared_expert` in
 full, without a gate, and renormalise if `norm_topk_prob`.
 
@@ -49,6 +50,15 @@ class Qwen2MoeAdapter(QwenMoeAdapter):
 
 class Qwen35MoeAdapter(Qwen2MoeAdapter):
     model_types = ("qwen3_5_moe_text",)
+
+    @property
+    def routing(self) -> RoutingSpec:
+        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
+
+
+class Qwen3VLMoeAdapter(MoEAdapter):
+    model_types = ("qwen3_vl_moe_text",)
+    expert_count_keys = ("num_experts",)
 
     @property
     def routing(self) -> RoutingSpec:
