@@ -299,6 +299,7 @@ FAMILIES = {
     "deepseek_v32": dict(MLA, **DSA, **GROUPED_V3, first_k_dense_replace=1),
     "glm4_moe_lite": dict(MLA, **GROUPED_V3),
     "sarvam_mla": dict(MLA, **GROUPED_V3, first_k_dense_replace=1),
+    "hy_v4": dict(MLA, **DSA, **GROUPED_V3, hc_mult=2, pad_token_id=0, bos_token_id=0, eos_token_id=1),
     # Layer 2 reuses layer 1's indexer top-k, handed over as prev_topk_indices.
     "glm_moe_dsa": dict(MLA, **DSA, **GROUPED_V3, first_k_dense_replace=1, indexer_types=["full", "full", "shared"]),
     "dots3_note_text": dict(

@@ -166,6 +166,19 @@ class GlmMoeDsaAdapter(DeepseekAdapter):
     carried_kwarg = "prev_topk_indices"
 
 
+class HYV4Adapter(GlmMoeDsaAdapter):
+    """HY-V4 (`hy_v4`): GLM-5's layout (DeepSeek-V3's router, indexer top-k handed between layers) with
+    hyper-connection streams between decoder layers (the MoE block sees them collapsed), a clamped
+    SwiGLU in the experts' `_apply_gate`, and a head of hc_head -> norm -> float32 lm_head."""
+
+    model_types = ("hy_v4",)
+    streamable = False  # attention sinks, gates and hyper-connection tensors are renamed on load
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        text = self.text_model(model)
+        return model.lm_head(text.norm(text.hc_head(hidden)).to(model.lm_head.weight.dtype))
+
+
 class BeamAdapter(DeepseekAdapter):
     model_types = ("beam",)
 
