@@ -65,6 +65,17 @@ class Qwen3VLMoeAdapter(MoEAdapter):
         return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
 
 
+class Qwen4ExpAdapter(Qwen2MoeAdapter):
+    """Qwen4-Exp (`qwen4_exp_text`): Qwen2-MoE's router and block inside a residual stream of
+    `hc_count` hyper-connection copies (the block sees them mixed down); the head reads
+    `hyper_connection_mixer(h)` and has no final norm."""
+
+    model_types = ("qwen4_exp_text",)
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(self.text_model(model).hyper_connection_mixer(hidden))
+
+
 class UngatedSharedExpertAdapter(MoEAdapter):
     model_types = ("lara_mini",)
     expert_count_keys = ("num_experts",)
