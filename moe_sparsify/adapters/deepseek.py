@@ -6,16 +6,18 @@ From models/deepseek_v{2,3}/modeling_*.py, router `mlp.gate` (fp32 weight):
   V3: fp32 logits, sigmoid; experts are chosen by sigmoid + `e_score_correction_bias`
       but weighted by the plain sigmoid, renormalised if `norm_topk_prob`, times
       `routed_scaling_factor`.
-Dense first layers (`first_k_dense_replace`) have no experts; the shared
-experts are added ungated and never pruned. EXAONE-MoE, Solar-Open and
-MiMo-V2-Flash carry DeepSeek-V3's router code verbatim (MiMo without shared
-experts); EXAONE keeps its correction bias beside the router on disk. So do
-DeepSeek-V3.2, GLM-4.7-Flash (`glm4_moe_lite`), Sarvam-MLA, dots3,
-Kimi-Linear (config keys `num_experts`, `num_expert_group`; Mixtral's
-`block_sparse_moe` w1/w2/w3 on disk; its linear-attention convolutions are
-stored split, so it cannot be streamed layer by layer) and Beam (no shared experts; the block
-scales the routed sum, which is the same as scaling the weights; final logits
-soft-capped).
+Dense first layers (`first_k_dense_replace`, `mlp_layer_types`) have no
+experts; the shared experts are added ungated and never pruned.
+
+Families carrying DeepSeek-V3's router code verbatim: dots1, dots3, GLM-4.5
+(`glm4_moe`), GLM-4.7-Flash (`glm4_moe_lite`), GLM-4.5V's language model,
+DeepSeek-V3.2, Sarvam-MLA, Solar-Open, and below, each with what differs:
+EXAONE-MoE (bias beside the router on disk), MiMo-V2-Flash (no shared
+experts), Kimi-Linear, Sarvam-MoE and Bailing-Hybrid (loaders that split or
+concatenate tensors: no streaming), Nemotron-H (`mixer` block, latent
+projections), GLM-5 and HY-V4 (indexer top-k carried between layers), Beam
+(routed sum scaled in the block, soft-capped logits) and Mistral 4 (softmax
+scores into the group rule).
 
 Group-limited routing (V2 "group_limited_greedy": groups ranked by their best
 score; V3: by the sum of their two best choice scores) first picks each token's
