@@ -132,3 +132,13 @@ def test_activations_offloaded_to_disk_give_the_same_plan(mode, tmp_path):
     assert offloaded.dumps("json") == in_memory.dumps("json")
     store.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_layers_the_forward_never_runs_are_refused():
+    from moe_sparsify.errors import FailedRun
+
+    model = random_mixtral()
+    model.config.num_hidden_layers = 1  # the forward now runs layer 0 only; layer 1 sits unused
+    tokens = torch.randint(0, 100, (2, 16))
+    with pytest.raises(FailedRun, match="ran 1 of its 2 decoder layers"):
+        propagate(model, adapter_for(model.config), tokens, lambda step: None, batch_size=2, device=CPU)

@@ -20,6 +20,7 @@ from rich.progress import Progress
 from torch import nn
 
 from ..adapters import MoEAdapter
+from ..errors import FailedRun
 
 
 @dataclass
@@ -95,6 +96,11 @@ def catch_layer_inputs(
                 del layer.forward
             else:
                 layer.forward = forward
+    if caught and len(caught[0][1]) < len(layers):
+        raise FailedRun(
+            f"the model's forward ran {len(caught[0][1])} of its {len(layers)} decoder layers (extra layers, such as "
+            "multi-token-prediction heads, are not supported); report the model type"
+        )
     return caught
 
 
