@@ -103,7 +103,7 @@ def adapter_for(config) -> MoEAdapter:
     if model_type not in ADAPTERS:
         raise UsageError(
             f"model type {model_type!r} is not a supported MoE architecture (supported: "
-            f"{', '.join(supported_model_types())}); add an adapter in moe_sparsify/adapters/"
+            f"{', '.join(supported_model_types())}); add an adapter in moe_sparsify/adapters/ (docs/adapters.md)"
         )
     adapter = ADAPTERS[model_type](config)
     adapter.config_section = section
