@@ -318,6 +318,17 @@ FAMILIES = {
     "deepseek_v32": dict(MLA, **DSA, **GROUPED_V3, first_k_dense_replace=1),
     "glm4_moe_lite": dict(MLA, **GROUPED_V3),
     "sarvam_mla": dict(MLA, **GROUPED_V3, first_k_dense_replace=1),
+    "axk2": dict(
+        MLA,
+        **DSA,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        gated_norm_rank=4,
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
     "hy_v4": dict(MLA, **DSA, **GROUPED_V3, hc_mult=2, pad_token_id=0, bos_token_id=0, eos_token_id=1),
     # Layer 2 reuses layer 1's indexer top-k, handed over as prev_topk_indices.
     "glm_moe_dsa": dict(MLA, **DSA, **GROUPED_V3, first_k_dense_replace=1, indexer_types=["full", "full", "shared"]),
@@ -582,6 +593,12 @@ def test_calibrate_prune_export_reload_and_skip(family, tmp_path):
             disable_skipping(reloaded)
         reference = _block_output(reloaded_adapter.routed_forward(block, x, None, (first.beta, rule)))
     assert (skipped - reference).abs().max() <= 1e-5
+
+
+def test_axk2_with_groups_is_refused():
+    config = AutoConfig.for_model("axk2", **{**COMMON, **FAMILIES["axk2"], "n_group": 2, "topk_group": 1})
+    with pytest.raises(UsageError, match="fills excluded groups with 0.0"):
+        adapter_for(config)
 
 
 def test_group_limited_keep_must_split_equally_and_the_groups_stay(tmp_path):

@@ -16,6 +16,7 @@ from .biased_sigmoid import (
 from .cohere import Cohere2MoeAdapter
 from .dbrx import DbrxAdapter
 from .deepseek import (
+    Axk2Adapter,
     BeamAdapter,
     DeepseekAdapter,
     ExaoneMoeAdapter,
@@ -61,6 +62,7 @@ FAMILIES: tuple[type[MoEAdapter], ...] = (
     ExaoneMoeAdapter,
     MimoV2FlashAdapter,
     BeamAdapter,
+    Axk2Adapter,
     GlmMoeDsaAdapter,
     HYV4Adapter,
     KimiLinearAdapter,

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..routing import RoutingSpec
 from .base import MoEAdapter
 
@@ -179,6 +180,24 @@ class HYV4Adapter(GlmMoeDsaAdapter):
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         text = self.text_model(model)
         return model.lm_head(text.norm(text.hc_head(hidden)).to(model.lm_head.weight.dtype))
+
+
+class Axk2Adapter(DeepseekAdapter):
+    """AXK2 (`axk2`): DeepSeek-V3.2's block. Without groups (`n_group` unset, the released default) its
+    router is DeepSeek-V3's. With groups it fills the excluded groups' choice scores with 0.0 instead
+    of -inf, so a token whose biased scores are negative picks excluded experts: not a rule the
+    search models, refused. Its gated norms are renamed on load: no streaming."""
+
+    model_types = ("axk2",)
+    streamable = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        if self.routing.grouped:
+            raise UsageError(
+                "axk2 with group-limited routing is not supported: it fills excluded groups with 0.0, not -inf, "
+                "so negative biased scores lose to excluded experts"
+            )
 
 
 class BeamAdapter(DeepseekAdapter):
