@@ -149,8 +149,9 @@ class SubsetLoss:
         self.groups = stats.spec.groups if stats.spec.grouped else 1  # keep sets take equally from each
         self.token_chunk = token_chunk
         everything = torch.ones(1, stats.num_experts, dtype=torch.bool)
-        self._base_selected = self._selection(everything, slice(None))[1][0]  # tokens x m
-        self._base_weights = self._weights(everything, slice(None))[0]
+        cand_kept, selected, kept_logits = self._selection(everything, slice(None))
+        self._base_selected = selected[0]  # tokens x m
+        self._base_weights = subset_weights(stats.cand_logits, cand_kept, selected, stats.spec, kept_logits)[0]
         m, k = stats.num_candidates, stats.spec.top_k
         self._patterns = None
         plain = not stats.spec.grouped and not stats.spec.needs_all_logits
@@ -278,7 +279,7 @@ class SubsetLoss:
             cand, gram = s.cand_idx[tokens], s.gram[tokens].double()
             base = self._base_weights[tokens].double()
             kept = keep[cand]  # tokens x m
-            selected = kept & (torch.cumsum(kept.int(), -1) <= k)
+            selected = select(s.cand_choice[tokens], kept[None], s.spec)[0]
             kept_logits = None
             if s.logits is not None:
                 kept_logits = s.logits[tokens].masked_fill(~keep, float("-inf"))
@@ -304,7 +305,7 @@ class SubsetLoss:
             for j in range(k):
                 without = kept.clone()
                 without.scatter_(1, slots[:, j : j + 1], False)
-                new_selected = without & (torch.cumsum(without.int(), -1) <= k)
+                new_selected = select(s.cand_choice[tokens], without[None], s.spec)[0]
                 new_logits = None
                 if kept_logits is not None:  # masked afresh, not lse + log(1 - p): p can be ~1 for a selected expert
                     new_logits = kept_logits.scatter(1, chosen[:, j : j + 1], float("-inf"))

@@ -129,9 +129,13 @@ def group_limited(choice: torch.Tensor, spec: RoutingSpec, groups: int | None = 
     """Choice scores (... x n) with the experts outside each token's chosen groups set to -inf.
     `groups` overrides the spec's count where the columns are candidate blocks, not all experts."""
     grouped = choice.reshape(*choice.shape[:-1], groups or spec.groups, -1)
+    return grouped.masked_fill(~chosen_groups(grouped, spec).unsqueeze(-1), float("-inf")).reshape(choice.shape)
+
+
+def chosen_groups(grouped: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """... x groups bool: the `groups_chosen` groups with the best group scores."""
     chosen = torch.topk(group_scores(grouped, spec), spec.groups_chosen, dim=-1).indices
-    in_chosen = torch.zeros(grouped.shape[:-1], dtype=torch.bool, device=choice.device).scatter_(-1, chosen, True)
-    return grouped.masked_fill(~in_chosen.unsqueeze(-1), float("-inf")).reshape(choice.shape)
+    return torch.zeros(grouped.shape[:-1], dtype=torch.bool, device=grouped.device).scatter_(-1, chosen, True)
 
 
 def route(
@@ -292,9 +296,8 @@ def group_relevant(
     grouped = choice.reshape(*choice.shape[:-1], choice.shape[-1] // block, block)
     best = grouped.topk(GROUP_SCORES[spec.group_score], dim=-1).indices
     readers = torch.zeros(grouped.shape, dtype=torch.bool, device=choice.device).scatter_(-1, best, True)
-    chosen = torch.topk(group_scores(grouped, spec), spec.groups_chosen, dim=-1).indices
-    in_chosen = torch.zeros(grouped.shape[:-1], dtype=torch.bool, device=choice.device).scatter_(-1, chosen, True)
-    return ((readers & in_chosen.unsqueeze(-1)).reshape(choice.shape) & cand_kept) | selected
+    in_chosen = chosen_groups(grouped, spec).unsqueeze(-1)
+    return ((readers & in_chosen).reshape(choice.shape) & cand_kept) | selected
 
 
 def subset_weights(
