@@ -12,6 +12,15 @@ only G (tokens x m x m); `SubsetLoss` then scores any number of subsets
 without touching a hidden vector again. The (a - a0) form avoids the
 cancellation of expanding ||y||^2 - 2 a.b + a^T G a.
 
+The paper's progressive target: where the layer sees the pruned model's
+inputs x' but must reproduce the original model's output F(x) (so it also
+compensates the error of the layers before it), the target differs from the
+full layer on x' by d = F(x) - F(x'), and per token
+
+    ||sum_j (a_j - a0_j) o_j - d||^2 = (a - a0)^T G (a - a0) - 2 (a - a0).c + ||d||^2,  c = o d,
+
+so the statistics gain c (tokens x m) and ||d||^2 (tokens), still scalars.
+
 Where the weights depend only on which candidates are selected (renormalised
 top-k, sigmoid scores), a token's loss takes one of C(m, k) values, one per
 selection pattern. Those are computed once per token; scoring a subset is
@@ -57,6 +66,9 @@ class LayerStats:
     logits: torch.Tensor | None  # tokens x n, kept only where weights need all kept logits
     block: int | None = None  # group-limited routing: candidate slots per group block
     bias: torch.Tensor | None = None  # n, the selection bias, where the ranking depends on the kept set
+    # Compensating target (see the module docstring): c = o d and ||d||^2 per token, else None (d = 0).
+    offset_cross: torch.Tensor | None = None  # tokens x m, float32
+    offset_sq: torch.Tensor | None = None  # tokens, float32
 
     @property
     def num_tokens(self) -> int:
@@ -77,15 +89,26 @@ class LayerStats:
         keep: int,
         selection_bias: torch.Tensor | None = None,
         rows_per_pass: int | None = None,
+        offsets: Iterable[torch.Tensor] | None = None,
     ) -> LayerStats:
         """inputs: chunks of MoE-block inputs (tokens x hidden) on the compute device.
+        offsets: chunks (aligned with inputs) of d = target - F(inputs), the part of the target the full
+        layer misses on these inputs (the paper's progressive target); None: the target is F(inputs).
         Candidates are every expert some subset of at least `keep` experts can route a token to
         (`routing.candidate_experts`), ranked as the router ranks them (scores plus any selection bias).
         rows_per_pass bounds the candidate-output buffer (rows x m x hidden floats): small on CPUs,
         where it keeps the expert matmuls in cache, large on GPUs; default by device."""
-        parts: dict[str, list[torch.Tensor]] = {"idx": [], "logits": [], "choice": [], "gram": [], "all": []}
+        parts: dict[str, list[torch.Tensor]] = {
+            "idx": [],
+            "logits": [],
+            "choice": [],
+            "gram": [],
+            "all": [],
+            "cross": [],
+            "sq": [],
+        }
         block = None
-        for x in (part for chunk in inputs for part in chunk.split(rows_per_pass or _rows_per_pass(chunk))):
+        for x, d in _split_aligned(inputs, offsets, rows_per_pass):
             logits = router_logits(x).float()
             probs = scores(logits, spec)
             choice = choice_scores(probs, None, selection_bias, logits if spec.bias_on_logits else None)
@@ -101,6 +124,10 @@ class LayerStats:
             parts["logits"].append(torch.gather(logits, 1, safe).masked_fill(padding, float("-inf")).cpu())
             parts["choice"].append(torch.gather(choice, 1, safe).masked_fill(padding, float("-inf")).cpu())
             parts["gram"].append(torch.bmm(outputs, outputs.transpose(1, 2)).cpu())
+            if d is not None:
+                d = d.to(outputs)
+                parts["cross"].append(torch.bmm(outputs, d.unsqueeze(-1)).squeeze(-1).cpu())
+                parts["sq"].append((d * d).sum(-1).cpu())
             if spec.needs_all_logits:
                 parts["all"].append(logits.cpu())
         # Group-limited chunks may differ in width (blocks of groups no token there can reach are left out).
@@ -116,7 +143,21 @@ class LayerStats:
             logits=torch.cat(parts["all"]) if spec.needs_all_logits else None,
             block=block,
             bias=selection_bias.float().cpu() if spec.choice_depends_on_kept else None,
+            offset_cross=_cat_padded(parts["cross"], width, 0.0) if parts["cross"] else None,
+            offset_sq=torch.cat(parts["sq"]) if parts["sq"] else None,
         )
+
+
+def _split_aligned(inputs, offsets, rows_per_pass):
+    """(rows of inputs, the same rows of offsets or None), in passes of at most rows_per_pass rows."""
+    offsets = iter(offsets) if offsets is not None else None
+    for chunk in inputs:
+        rows = rows_per_pass or _rows_per_pass(chunk)
+        d_chunk = next(offsets) if offsets is not None else None
+        if d_chunk is not None and d_chunk.shape[0] != chunk.shape[0]:
+            raise ValueError(f"an offset chunk has {d_chunk.shape[0]} rows for {chunk.shape[0]} inputs")
+        d_parts = d_chunk.split(rows) if d_chunk is not None else [None] * -(-chunk.shape[0] // rows)
+        yield from zip(chunk.split(rows), d_parts)
 
 
 def _cat_padded(parts: list[torch.Tensor], width: int, fill) -> torch.Tensor:
@@ -285,8 +326,7 @@ class SubsetLoss:
                 kept_logits = s.logits[tokens].masked_fill(~keep, float("-inf"))
             a = subset_weights(s.cand_logits[tokens], kept[None], selected[None], s.spec, _batch(kept_logits))[0]
             a = a.double()
-            delta = a - base
-            loss = torch.einsum("tm,tmn,tn->t", delta, gram, delta)
+            loss = self._token_loss(a - base, tokens, "tm,tmn,tn->t")
             # Tokens that do not select e: unchanged, or rescaled by c.
             if kept_logits is None:
                 unselected = loss[:, None].expand(-1, n)
@@ -295,7 +335,10 @@ class SubsetLoss:
                 p = torch.exp(s.logits[tokens].double() - lse[:, None].double()).masked_fill(~keep, 0.0)
                 c = 1.0 / (1.0 - p).clamp_min(1e-300)
                 q1 = torch.einsum("tm,tmn,tn->t", a, gram, a)[:, None]
-                q2 = torch.einsum("tm,tmn,tn->t", a, gram, base)[:, None]
+                q2 = torch.einsum("tm,tmn,tn->t", a, gram, base)
+                if s.offset_cross is not None:  # the compensating target's linear term rescales with a
+                    q2 = q2 + (a * s.offset_cross[tokens].double()).sum(-1)
+                q2 = q2[:, None]
                 unselected = loss[:, None] + (c - 1.0) * ((c + 1.0) * q1 - 2.0 * q2)
             total += unselected.sum(0)
             # Tokens that select e: swap in their next kept candidate and score the new selection.
@@ -312,7 +355,7 @@ class SubsetLoss:
                 new = subset_weights(
                     s.cand_logits[tokens], without[None], new_selected[None], s.spec, _batch(new_logits)
                 )[0].double()
-                total.index_add_(0, chosen[:, j], torch.einsum("tm,tmn,tn->t", new - base, gram, new - base))
+                total.index_add_(0, chosen[:, j], self._token_loss(new - base, tokens, "tm,tmn,tn->t"))
         total = total / s.num_tokens
         return total.masked_fill(~removable, float("inf"))
 
@@ -343,15 +386,29 @@ class SubsetLoss:
             rank = torch.arange(len(local)) - (torch.cumsum(counts, 0) - counts)[local]
             stacked = torch.zeros(len(parent), int(counts.max()), s.num_candidates)
             stacked[local, rank] = child_delta
-            child_loss = torch.einsum("trm,tmn,trn->tr", stacked, s.gram[tokens], stacked)[local, rank]
+            child_loss = self._token_loss(stacked, tokens, "trm,tmn,trn->tr")[local, rank]
             total.index_add_(0, experts, child_loss.double() - parent[local])
         total = (parent_total + total) / s.num_tokens
         return total.masked_fill(~removable, float("inf"))
 
     def _quadratic(self, weights: torch.Tensor, tokens: slice) -> torch.Tensor:
-        """(a - a0)^T G (a - a0) per subset and token."""
+        """The loss per subset and token: (a - a0)^T G (a - a0), minus 2 (a - a0).c plus ||d||^2 where the
+        target is compensating."""
         delta = weights - self._base_weights[tokens].unsqueeze(0)
-        return torch.einsum("stm,tmn,stn->st", delta, self.stats.gram[tokens], delta)
+        return self._token_loss(delta, tokens, "stm,tmn,stn->st")
+
+    def _token_loss(self, delta: torch.Tensor, tokens, contraction: str) -> torch.Tensor:
+        """The loss of weight changes `delta` (any leading subset dimensions, then tokens x m; or
+        tokens x children x m), in the dtype of delta. contraction: einsum of delta, the Gram tensor, delta."""
+        s = self.stats
+        loss = torch.einsum(contraction, delta, s.gram[tokens].to(delta.dtype), delta)
+        if s.offset_cross is None:
+            return loss
+        cross = s.offset_cross[tokens].to(delta.dtype)
+        sq = s.offset_sq[tokens].to(delta.dtype)
+        if contraction.startswith("trm"):  # tokens x children x m
+            return loss - 2 * torch.einsum("trm,tm->tr", delta, cross) + sq[:, None]
+        return loss - 2 * (delta * cross).sum(-1) + sq
 
     def selection_counts(self) -> torch.Tensor:
         """How often each expert is among a token's originally selected experts."""

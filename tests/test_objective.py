@@ -215,3 +215,79 @@ def test_removal_losses_keep_each_group_at_its_share(spec):
                 assert losses[e] == float("inf")
     with pytest.raises(ValueError, match="2 in each of 4 groups"):
         oracle(_mask([0, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14], 16).unsqueeze(0))
+
+
+COMPENSATING_SPECS = [
+    (RoutingSpec(top_k=2), 8, 4),
+    (RoutingSpec(top_k=3, scoring="softmax", renormalize=False, scale=1.5), 9, 5),  # weights read every kept logit
+    (RoutingSpec(top_k=2, scoring="sigmoid", renormalize=True, scale=2.5), 8, 5),
+    (V3_GROUPED, 16, 8),
+]
+
+
+def _compensating_case(spec, n, keep, seed):
+    """A linear layer seen on the pruned model's inputs x', whose target is the original output F(x)."""
+    router_w, experts, x, bias = _linear_layer(n, 16, seed)
+    bias = bias if spec.scoring == "sigmoid" else None
+    x_pruned = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+
+    def forward(inputs, keep_mask):
+        weights, idx = route(inputs @ router_w.T, spec, keep_mask, bias)
+        return (weights.unsqueeze(-1) * torch.einsum("td,tkod->tko", inputs, experts[idx])).sum(1)
+
+    target = forward(x, None)
+    offsets = target - forward(x_pruned, None)
+    stats = LayerStats.collect(
+        x_pruned.split(37),
+        lambda h: h @ router_w.T,
+        lambda h, e: h @ experts[e].T,
+        spec,
+        n,
+        keep,
+        bias,
+        rows_per_pass=16,  # passes smaller than the chunks: offsets must stay aligned with their rows
+        offsets=offsets.split(37),
+    )
+    return stats, forward, x_pruned, target
+
+
+@pytest.mark.parametrize("spec, n, keep", COMPENSATING_SPECS)
+def test_compensating_target_scores_equal_a_masked_forward_against_the_original_output(spec, n, keep):
+    """The paper's progressive loss ||F(x) - F'(x', C)||^2 from scalars equals the masked forward."""
+    from moe_sparsify.search import KeepSpace
+
+    stats, forward, x_pruned, target = _compensating_case(spec, n, keep, seed=11)
+    oracle = SubsetLoss(stats, token_chunk=50)
+    subsets = KeepSpace(n, keep, oracle.groups).subsets()
+    fast = oracle(torch.stack([_mask(s, n) for s in subsets]))
+    brute = torch.tensor(
+        [((forward(x_pruned, _mask(s, n)) - target).double() ** 2).sum().item() / len(x_pruned) for s in subsets],
+        dtype=torch.float64,
+    )
+    assert torch.allclose(fast, brute, rtol=1e-5, atol=1e-7)
+    # The full layer on x' still misses the target: the loss of keeping everything is ||d||^2, not 0.
+    everything = oracle(torch.ones(1, n, dtype=torch.bool))[0]
+    assert everything.item() == pytest.approx(stats.offset_sq.double().mean().item(), rel=1e-6)
+    assert everything > 0.01
+
+
+@pytest.mark.parametrize("spec, n, keep", COMPENSATING_SPECS)
+def test_compensating_removal_losses_equal_scoring_each_smaller_subset(spec, n, keep):
+    stats, *_ = _compensating_case(spec, n, keep, seed=12)
+    oracle = SubsetLoss(stats, token_chunk=50)
+    keep_mask = torch.ones(n, dtype=torch.bool)
+    losses = oracle.removal_losses(keep_mask)
+    for e in torch.nonzero(oracle.removable(keep_mask)).flatten().tolist():
+        expected = oracle((keep_mask & ~_mask([e], n)).unsqueeze(0))[0]
+        assert losses[e].item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-12)
+
+
+def test_a_wrong_offset_is_caught_by_the_masked_forward():
+    """The check above can fail: offsets from a shifted target do not match the original output."""
+    spec, n, keep = RoutingSpec(top_k=2), 8, 4
+    stats, forward, x_pruned, target = _compensating_case(spec, n, keep, seed=13)
+    wrong = replace(stats, offset_cross=stats.offset_cross * 0.5)
+    subset = _mask(range(keep), n)
+    brute = ((forward(x_pruned, subset) - target).double() ** 2).sum().item() / len(x_pruned)
+    assert SubsetLoss(stats)(subset[None])[0].item() == pytest.approx(brute, rel=1e-5)
+    assert SubsetLoss(wrong)(subset[None])[0].item() != pytest.approx(brute, rel=1e-3)
