@@ -155,17 +155,32 @@ class MoEAdapter:
         """One expert on rows x, honouring the experts module's layout flags (transposed weights,
         biases, custom gating such as GPT-OSS's clamped, interleaved SwiGLU)."""
         experts = block.experts
+        out = F.linear(self.expert_hidden(block, x, expert), self.down_projection(block, expert))
+        if experts.has_bias:
+            out = out + experts.down_proj_bias[expert]
+        return out
+
+    def expert_hidden(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's activations on rows x, before its down projection (rows x intermediate)."""
+        experts = block.experts
         gated = getattr(experts, "has_gate", True)
         up = (experts.gate_up_proj if gated else experts.up_proj)[expert]
         h = x @ up if experts.is_transposed else F.linear(x, up)
         if experts.has_bias:
             h = h + (experts.gate_up_proj_bias if gated else experts.up_proj_bias)[expert]
-        h = experts._apply_gate(h) if gated else experts.act_fn(h)
-        down = experts.down_proj[expert]
-        out = h @ down if experts.is_transposed else F.linear(h, down)
-        if experts.has_bias:
-            out = out + experts.down_proj_bias[expert]
-        return out
+        return experts._apply_gate(h) if gated else experts.act_fn(h)
+
+    def down_projection(self, block: nn.Module, expert: int) -> torch.Tensor:
+        """One expert's down projection as a hidden x intermediate view of the parameter (writing into it
+        changes the model), whichever way the experts module stores it."""
+        down = block.experts.down_proj[expert]
+        return down.T if block.experts.is_transposed else down
+
+    @property
+    def refittable(self) -> bool:
+        """Whether expert outputs are the down projection of `expert_hidden` (families that compute
+        experts their own way override `expert_forward`; re-fitting is refused for them)."""
+        return type(self).expert_forward is MoEAdapter.expert_forward
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Experts every token uses (never pruned); None where the family has none."""

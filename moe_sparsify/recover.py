@@ -1,0 +1,328 @@
+"""Recover quality after pruning, without training: re-calibrate the router, re-fit the kept experts.
+
+Once a layer's kept set C is chosen, its kept weights are still tuned for the full layer. Both
+methods here change them so that the pruned layer's output F'(x', C) comes closer to the target y
+(the original layer's output; with the paper's progressive target, on the original model's inputs,
+so the layer also compensates the error of the pruned layers before it), minimising the same
+exact loss sum_t ||F'(x'_t, C) - y_t||^2 the search scores:
+
+- router re-calibration: gradient steps on the kept router rows (and the router's bias where it has
+  one) through the model's own routing rule. The loss of a token is a^T G a - 2 a.b + ||y||^2 over
+  its kept experts' outputs o (G = o o^T, b = o y), held as scalars: no backward pass through any
+  expert. A selection bias used only to choose experts (DeepSeek-V3's correction bias) has no
+  gradient and is left as it is.
+- expert re-fitting: least squares for each kept expert's down projection D_e, block by block
+  (Gauss-Seidel over the experts, since a token mixes several): with h the expert's activations and
+  w its routing weight on the tokens routed to it and r the current residual,
+  dD_e = (sum_t w r h^T) (sum_t w^2 h h^T + lambda I)^-1, dampened as SparseGPT/GPTQ do
+  (lambda = damp x the mean diagonal). Each block step cannot raise the loss of the tokens it is fitted on.
+
+Both are guarded: fitted on the calibration tokens minus a held-back tail of whole sequences,
+and kept only where the held-back loss falls and the fitted tokens' loss does not rise; else the
+layer keeps its weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import MoEAdapter
+
+METHODS = ("router", "refit")
+ROUTER_MAX_KEPT = 16  # router re-calibration holds every kept expert's outputs per token (tokens x r x r scalars)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How to recover: which methods (applied in the order of METHODS) and their guard."""
+
+    methods: tuple[str, ...]
+    holdout: float = 0.125  # share of the calibration sequences held back to accept or refuse a change
+    router_steps: int = 200
+    router_lr: float = 0.01  # Adam step, relative to the RMS of the kept router rows
+    router_patience: int = 20  # steps without a better held-back loss before stopping
+    refit_damp: float = 0.01
+    refit_sweeps: int = 2
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """One method on one layer: mean per-token losses before and after, on fitted and held-back tokens."""
+
+    method: str
+    accepted: bool
+    fit_before: float
+    fit_after: float
+    held_before: float
+    held_after: float
+    steps: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerData:
+    """One MoE layer's calibration tokens: the block's inputs x' and the target y of its whole output
+    (shared experts included), in chunks of rows; `fit` and `held` split them by whole sequences."""
+
+    fit: list[tuple[torch.Tensor, torch.Tensor]]
+    held: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def split(cls, inputs: list[torch.Tensor], targets: list[torch.Tensor], seq_len: int, holdout: float) -> LayerData:
+        """Hold back the last round(holdout x sequences) sequences (at least one, and at least one fitted)."""
+        total = sum(len(x) for x in inputs)
+        sequences = max(total // seq_len, 1)
+        held_rows = min(max(round(holdout * sequences), 1), sequences - 1) * seq_len if sequences > 1 else 0
+        fit, held, start = [], [], 0
+        for x, y in zip(inputs, targets, strict=True):
+            cut = min(max(total - held_rows - start, 0), len(x))
+            if cut:
+                fit.append((x[:cut], y[:cut]))
+            if cut < len(x):
+                held.append((x[cut:], y[cut:]))
+            start += len(x)
+        if not held:
+            raise ValueError("recovery needs at least two calibration sequences: one to fit, one to hold back")
+        return cls(fit, held)
+
+
+def layer_loss(adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, chunks) -> float:
+    """Mean per-token ||F'(x', C) - y||^2 through the reference routed forward (float64 sums)."""
+    total, count = 0.0, 0
+    for x, y in chunks:
+        out = _block_output(adapter, block, x, keep)
+        total += ((out.float() - y.float()) ** 2).sum().double().item()
+        count += len(x)
+    return total / max(count, 1)
+
+
+def _block_output(adapter: MoEAdapter, block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    out = adapter.routed_forward(block, x, None if keep is None else keep.to(x.device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def recover_layer(
+    adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, data: LayerData, recovery: Recovery
+) -> list[RecoveryReport]:
+    """Apply each method of `recovery` to the block in place, in METHODS order, each guarded."""
+    reports = []
+    for method in METHODS:
+        if method in recovery.methods:
+            step = recalibrate_router if method == "router" else refit_experts
+            reports.append(step(adapter, block, keep, data, recovery))
+    return reports
+
+
+# --- router re-calibration -----------------------------------------------------------------------------
+
+
+def _router_parameters(adapter: MoEAdapter, block: nn.Module) -> list[nn.Parameter]:
+    """The router weight and, where the router has one, its bias: what re-calibration changes."""
+    weight = adapter.router_weight(block)
+    bias = getattr(adapter.router(block), "bias", None)
+    return [weight] + ([bias] if isinstance(bias, nn.Parameter) else [])
+
+
+@dataclass
+class _KeptOutputs:
+    """Per token of one chunk: the block's inputs, and the Gram scalars of every kept expert's output
+    against each other (G) and against the routed target y - shared (b, ||.||^2)."""
+
+    x: torch.Tensor
+    gram: torch.Tensor  # tokens x r x r
+    cross: torch.Tensor  # tokens x r
+    target_sq: torch.Tensor  # tokens
+
+
+def _kept_outputs(adapter, block, kept: list[int], chunks) -> list[_KeptOutputs]:
+    result = []
+    for x, y in chunks:
+        routed_target = y.float()
+        shared = adapter.shared_output(block, x)
+        if shared is not None:
+            routed_target = routed_target - shared.float()
+        outputs = torch.stack([adapter.expert_forward(block, x, e).float() for e in kept], dim=1)  # t x r x h
+        result.append(
+            _KeptOutputs(
+                x,
+                torch.bmm(outputs, outputs.transpose(1, 2)),
+                torch.bmm(outputs, routed_target.unsqueeze(-1)).squeeze(-1),
+                (routed_target * routed_target).sum(-1),
+            )
+        )
+    return result
+
+
+def _routed_loss(adapter, block, keep: torch.Tensor, position: torch.Tensor, chunks: list[_KeptOutputs]):
+    """Mean per-token loss a^T G a - 2 a.b + ||y||^2 with (a, selection) as the block routes now."""
+    total, count = 0.0, 0
+    for c in chunks:
+        weights, indices = adapter.route(block, c.x, keep.to(c.x.device))
+        slots = position.to(indices.device)[indices]  # tokens x k, into the kept experts
+        gram = c.gram.gather(1, slots.unsqueeze(-1).expand(-1, -1, c.gram.shape[-1]))
+        gram = gram.gather(2, slots.unsqueeze(1).expand(-1, slots.shape[1], -1))
+        a = weights.float()
+        per_token = torch.einsum("tk,tkl,tl->t", a, gram, a) - 2 * (a * c.cross.gather(1, slots)).sum(-1) + c.target_sq
+        total = total + per_token.sum()
+        count += len(c.x)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def recalibrate_router(
+    adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, data: LayerData, recovery: Recovery
+) -> RecoveryReport:
+    kept = torch.nonzero(keep).flatten().tolist()
+    if len(kept) > ROUTER_MAX_KEPT:
+        raise ValueError(f"router re-calibration holds every kept expert per token; at most {ROUTER_MAX_KEPT} kept")
+    position = torch.zeros(len(keep), dtype=torch.long)
+    position[kept] = torch.arange(len(kept))
+    fit, held = _kept_outputs(adapter, block, kept, data.fit), _kept_outputs(adapter, block, kept, data.held)
+    params = _router_parameters(adapter, block)
+    originals = [p.detach().clone() for p in params]
+    rows = keep.to(params[0].device)
+
+    def losses() -> tuple[float, float]:
+        return (
+            _routed_loss(adapter, block, keep, position, fit).item(),
+            _routed_loss(adapter, block, keep, position, held).item(),
+        )
+
+    fit_before, held_before = losses()
+    scale = originals[0][rows].float().pow(2).mean().sqrt().item() or 1.0
+    best_held, best, since, steps = held_before, None, 0, 0
+    saved = [(p.data, p.requires_grad) for p in params]
+    try:
+        # Optimise the parameters themselves in float32 (the model may hold bf16), restored below.
+        for p in params:
+            p.data = p.data.float().clone()
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=recovery.router_lr * scale)
+        fit32, held32 = _as_float(fit), _as_float(held)
+        while steps < recovery.router_steps:
+            steps += 1
+            optimizer.zero_grad()
+            with torch.enable_grad():
+                _routed_loss(adapter, block, keep, position, fit32).backward()
+            for p in params:
+                p.grad[~rows] = 0  # removed experts' rows are not exported; Adam leaves zero-gradient rows alone
+            optimizer.step()
+            held_now = _routed_loss(adapter, block, keep, position, held32).item()
+            if held_now < best_held:
+                best_held, best, since = held_now, [p.detach().clone() for p in params], 0
+            else:
+                since += 1
+                if since >= recovery.router_patience:
+                    break
+    finally:
+        for p, (data, requires_grad) in zip(params, saved):
+            p.data, p.grad = data, None
+            p.requires_grad_(requires_grad)
+    if best is not None:
+        for p, value in zip(params, best):
+            p.data = value.to(p.dtype)
+    fit_after, held_after = losses()
+    accepted = best is not None and held_after < held_before and fit_after <= fit_before
+    if not accepted:
+        for p, original in zip(params, originals):
+            p.data = original
+        fit_after, held_after = fit_before, held_before
+    return RecoveryReport("router", accepted, fit_before, fit_after, held_before, held_after, steps)
+
+
+def _as_float(chunks: list[_KeptOutputs]) -> list[_KeptOutputs]:
+    """The chunks with float32 inputs, to route through the router while it is optimised in float32."""
+    return [_KeptOutputs(c.x.float(), c.gram, c.cross, c.target_sq) for c in chunks]
+
+
+# --- expert re-fitting ---------------------------------------------------------------------------------
+
+
+def _routed_rows(indices: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.nonzero(indices == expert, as_tuple=True)
+
+
+def _chunks_with_routes(adapter, block, keep, chunks) -> Iterator:
+    for x, y in chunks:
+        weights, indices = adapter.route(block, x, keep.to(x.device))
+        yield x, y, weights, indices
+
+
+@torch.no_grad()
+def refit_experts(
+    adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, data: LayerData, recovery: Recovery
+) -> RecoveryReport:
+    if not adapter.refittable:
+        raise ValueError(f"{type(adapter).__name__} computes its experts its own way; re-fitting is not supported")
+    kept = torch.nonzero(keep).flatten().tolist()
+    # Routing does not change while down projections are re-fitted: route once, keep the residuals.
+    fit = [list(c) for c in _chunks_with_routes(adapter, block, keep, data.fit)]
+    held = [list(c) for c in _chunks_with_routes(adapter, block, keep, data.held)]
+    for chunk in fit + held:
+        x, y = chunk[0], chunk[1]
+        chunk[1] = y.float() - _block_output(adapter, block, x, keep).float()  # residual r = y - F'(x')
+
+    def mean_sq(chunks) -> float:
+        return sum((c[1] ** 2).sum().double().item() for c in chunks) / sum(len(c[0]) for c in chunks)
+
+    originals = {e: adapter.down_projection(block, e).detach().clone() for e in kept}
+    fit_before, held_before = mean_sq(fit), mean_sq(held)
+    best_held, best, sweeps = held_before, None, 0
+    while sweeps < recovery.refit_sweeps:
+        sweeps += 1
+        for expert in kept:
+            _refit_one(adapter, block, expert, fit, held, recovery.refit_damp)
+        held_now = mean_sq(held)
+        if held_now < best_held:
+            best_held, best = held_now, {e: adapter.down_projection(block, e).detach().clone() for e in kept}
+        else:
+            break
+    chosen = best if best is not None else originals
+    for e, value in chosen.items():
+        adapter.down_projection(block, e).copy_(value)
+    fit_after, held_after = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
+    accepted = best is not None and held_after < held_before and fit_after <= fit_before
+    if not accepted and best is not None:
+        for e, value in originals.items():
+            adapter.down_projection(block, e).copy_(value)
+    if not accepted:
+        fit_after, held_after = fit_before, held_before
+    return RecoveryReport("refit", accepted, fit_before, fit_after, held_before, held_after, sweeps)
+
+
+def _refit_one(adapter, block, expert: int, fit, held, damp: float) -> None:
+    """One Gauss-Seidel step: the least-squares change of one expert's down projection against the
+    current residuals of the fitted tokens; then every residual it touches is updated."""
+    down = adapter.down_projection(block, expert)
+    hessian = torch.zeros(down.shape[1], down.shape[1], dtype=torch.float64, device=down.device)
+    cross = torch.zeros(down.shape, dtype=torch.float64, device=down.device)
+    for x, residual, weights, indices in fit:
+        token, slot = _routed_rows(indices, expert)
+        if not len(token):
+            continue
+        h = adapter.expert_hidden(block, x[token], expert).double()
+        w = weights[token, slot].double().unsqueeze(-1)
+        hessian += (h * w * w).T @ h
+        cross += (residual[token].double() * w).T @ h
+    if not hessian.any():
+        return  # no fitted token routed to this expert
+    diagonal = hessian.diagonal()
+    hessian += torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device) * damp * diagonal.mean()
+    dead = diagonal == 0  # activations that never fire: leave those columns alone
+    hessian[dead, dead] = 1.0
+    change = torch.linalg.solve(hessian, cross.T).T  # cross H^-1 (H symmetric)
+    before = down.detach().float().clone()
+    down.copy_((down.double() + change).to(down.dtype))
+    applied = (down.float() - before).double()  # what the weights really changed by, after rounding
+    for x, residual, weights, indices in fit + held:
+        token, slot = _routed_rows(indices, expert)
+        if len(token):
+            h = adapter.expert_hidden(block, x[token], expert).double()
+            w = weights[token, slot].double().unsqueeze(-1)
+            residual[token] -= (w * (h @ applied.T)).float()
