@@ -131,15 +131,14 @@ def verify_export(
     The in-memory model serves as the reference when it already is float32 on the CPU; otherwise
     (bf16 search, GPU) the source is reloaded in float32 so rounding is not mistaken for a bug.
     """
-    from .models import auto_model_class, load_config
+    from .models import load_pretrained
 
-    model_class = auto_model_class(load_config(source_dir))
-    exported = model_class.from_pretrained(exported_dir, dtype=torch.float32).eval()
+    exported = load_pretrained(exported_dir, torch.float32)
     first = next(original.parameters()) if original is not None else None
     if first is not None and first.dtype == torch.float32 and first.device.type == "cpu":
         reference = original
     else:
-        reference = model_class.from_pretrained(source_dir, dtype=torch.float32).eval()
+        reference = load_pretrained(source_dir, torch.float32)
     with adapter.pruned_view(reference, plan.kept()):
         expected = reference(input_ids=token_ids, use_cache=False).logits
     got = exported(input_ids=token_ids, use_cache=False).logits

@@ -11,6 +11,18 @@ import yaml
 from .errors import FailedRun, UsageError
 
 BUNDLED_PREFIX = "bundled:"
+# Flags a trained checkpoint's config.json may keep that change what a forward does or returns, not what
+# the model computes. Every model built here runs with these values; an export writes config.json from
+# the source file, so the user's values travel unchanged. Training-only randomness (router jitter,
+# dropout) is off because every model is in eval mode; PhiMoE's router_jitter_noise is an inference-time
+# routing constant and is deliberately not listed.
+INFERENCE_FLAGS = {
+    "output_router_logits": False,  # its load-balancing loss reads router logits our routers never record
+    "output_attentions": False,  # would force eager attention and materialise every attention map
+    "output_hidden_states": False,  # would keep every layer's hidden states alive through the forward
+    "return_dict": True,  # results are read by name (.logits, .last_hidden_state)
+    "use_cache": True,  # generation decodes with a KV cache as served; plain forwards pass use_cache=False
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,12 +83,29 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_config(model_dir: Path):
+    """The checkpoint's config as every forward here runs it: INFERENCE_FLAGS applied."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"cannot read the model config in {model_dir}: {exc}") from None
+    return for_inference(config)
+
+
+def for_inference(config):
+    """INFERENCE_FLAGS set on `config` and its nested configs (a multimodal model's text config), in place.
+    A config read with output_attentions true has already picked eager attention: that choice is undone."""
+    for name, value in INFERENCE_FLAGS.items():
+        if name == "output_attentions" and getattr(config, name, False):
+            config._attn_implementation = None  # let from_pretrained choose, as for any other checkpoint
+        if hasattr(config, name):
+            setattr(config, name, value)
+    for key in getattr(config, "sub_configs", {}) or {}:
+        nested = getattr(config, key, None)
+        if nested is not None and hasattr(nested, "to_dict"):
+            for_inference(nested)
+    return config
 
 
 def auto_model_class(config):
@@ -100,13 +129,18 @@ def load_model(model_dir: Path, dtype: torch.dtype):
 
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; a loading bar per call is noise
     try:
-        model = auto_model_class(load_config(model_dir)).from_pretrained(model_dir, dtype=dtype)
+        model = load_pretrained(model_dir, dtype)
     except Exception as exc:  # safetensors, OSError and transformers' own errors all mean "unreadable"
         raise FailedRun(
             f"cannot load the weights in {model_dir}: {str(exc).splitlines()[0]}; re-save or re-download the checkpoint"
         ) from None
-    model.eval()
     return model, load_tokenizer(model_dir)
+
+
+def load_pretrained(model_dir: Path, dtype: torch.dtype):
+    """Stock transformers' load of a checkpoint, in eval mode, under `load_config`'s flags."""
+    config = load_config(model_dir)
+    return auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype).eval()
 
 
 def load_tokenizer(model_dir: Path):

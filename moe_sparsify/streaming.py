@@ -113,9 +113,7 @@ class StreamedModel:
     """A causal LM whose decoder layers live on the meta device until `load_layer`."""
 
     def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype):
-        from transformers import AutoConfig
-
-        from .models import auto_model_class
+        from .models import auto_model_class, load_config
 
         if adapter.config_section:
             raise UsageError(
@@ -127,7 +125,7 @@ class StreamedModel:
                 f"{adapter.config.model_type} checkpoints are converted on load beyond renaming tensors, so their "
                 "layers cannot be streamed from disk; run without --stream"
             )
-        config = AutoConfig.from_pretrained(model_dir)
+        config = load_config(model_dir)
         with torch.device("meta"):
             self.model = auto_model_class(config).from_config(config, dtype=dtype).eval()
         self.adapter, self.reader = adapter, CheckpointReader(model_dir)
