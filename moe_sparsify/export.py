@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
+from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
 from .plan import Plan
 
 INDEX = "model.safetensors.index.json"
@@ -34,6 +36,7 @@ PLAN_FILE = "moe_sparsify_plan.yaml"
 PROVENANCE_FILE = "moe_sparsify_provenance.json"
 THRESHOLDS_FILE = "moe_sparsify_thresholds.json"
 VERIFY_TOLERANCE = 1e-4
+_EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")
 # Files of the source directory that describe weights this export rewrites.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 # A source's own plan or thresholds describe the source, not the export.
@@ -70,9 +73,11 @@ def _gather_experts(handle, name: str, kept: list[int], num_experts: int) -> tor
     return handle.get_tensor(name).index_select(axis, torch.tensor(kept)).contiguous()
 
 
-def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]], dropped) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name in handle.keys():
+        if dropped(name):
+            continue
         rule = adapter.tensor_rule(name)
         if rule is None or rule.layer not in kept:
             out[name] = handle.get_tensor(name)
@@ -87,14 +92,29 @@ def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]]) -> dict
     return out
 
 
-def _write_weights(source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[int, list[int]]) -> None:
+def _text_config(source_dir: Path, adapter: MoEAdapter) -> dict:
+    config = json.loads((source_dir / "config.json").read_text())
+    return config[adapter.config_section] if adapter.config_section else config
+
+
+def _write_weights(source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[int, list[int]]) -> int:
+    """Returns the number of MTP tensors dropped (see mtp.py)."""
     shards = source_shards(source_dir)
+    is_mtp = mtp_tensor_filter(_text_config(source_dir, adapter))
+    dropped: list[str] = []
+
+    def drop(name: str) -> bool:
+        if is_mtp(name):
+            dropped.append(name)
+            return True
+        return False
+
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards):
         try:
             with safe_open(source_dir / shard, framework="pt") as handle:
-                tensors = _slim_shard(handle, adapter, kept)
+                tensors = _slim_shard(handle, adapter, kept, drop)
                 metadata = handle.metadata() or {"format": "pt"}
         except (SafetensorError, OSError) as exc:
             raise FailedRun(f"cannot read {source_dir / shard}: {exc}; re-download or re-save the checkpoint") from None
@@ -105,12 +125,29 @@ def _write_weights(source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return len(dropped)
+
+
+def check_expert_ids(directory: Path, keep: int) -> None:
+    """Every per-expert tensor written names an expert below `keep`. Read back from the files, by name
+    alone, so it also covers tensors stock transformers ignores on load (which logit verification
+    cannot see), such as MTP layers' experts."""
+    for shard in source_shards(directory):
+        with safe_open(directory / shard, framework="pt") as handle:
+            for name in handle.keys():
+                match = _EXPERT_ID.search(name)
+                if match and int(match[1]) >= keep:
+                    raise FailedRun(
+                        f"exported tensor {name} names expert {match[1]} but the config keeps {keep}; this is a bug: "
+                        "report it with the plan"
+                    )
 
 
 def _write_config(source_dir: Path, tmp: Path, adapter: MoEAdapter, keep: int) -> list[str]:
     config = json.loads((source_dir / "config.json").read_text())
     section = adapter.config_section  # a multimodal checkpoint's language model config
-    changes = adapter.pruned_config(config[section] if section else config, keep)
+    text = config[section] if section else config
+    changes = adapter.pruned_config(text, keep) + drop_mtp_config(text)
     changes = [f"{section}.{change}" for change in changes] if section else changes
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return changes
@@ -156,6 +193,17 @@ def verify_streamed(source_dir: Path, adapter: MoEAdapter, plan: Plan, exported_
     return (exported - expected).abs().max().item()
 
 
+def _mtp_record(source_dir: Path, adapter: MoEAdapter, tensors: int) -> dict:
+    layers = mtp_layer_count(_text_config(source_dir, adapter))
+    if not layers and not tensors:
+        return {"source_layers": 0, "action": "none"}
+    return {
+        "source_layers": layers,
+        "tensors_dropped": tensors,
+        "action": "dropped: transformers has no forward to search or verify them on; count set to 0",
+    }
+
+
 def export_checkpoint(
     source_dir: Path,
     output: Path,
@@ -178,7 +226,8 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_weights(source_dir, tmp, adapter, plan.kept())
+        mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept())
+        check_expert_ids(tmp, keep)
         changes = _write_config(source_dir, tmp, adapter, keep)
         _copy_side_files(source_dir, tmp)
         plan.save(tmp / PLAN_FILE)
@@ -198,6 +247,7 @@ def export_checkpoint(
             "source_dir": str(source_dir),
             "plan_sha256": plan.sha256(),
             "config_changes": changes,
+            "mtp_layers": _mtp_record(source_dir, adapter, mtp_tensors),
             "verified_max_abs_logit_diff": diff,
             "verified_on_tokens": int(verify_tokens.numel()),
             "moe_sparsify": __version__,
