@@ -89,9 +89,9 @@ def progress_bar(enabled: bool):
         yield progress
 
 
-def _calibration_tokens(job: Job, tokenizer) -> tuple[torch.Tensor, dict]:
-    s = job.settings
-    return sample_windows(tokenizer, parse_sources(s.calibration), s.samples, s.seq_len, s.seed)
+def _calibration_tokens(settings: Settings, tokenizer, samples: int) -> tuple[torch.Tensor, dict]:
+    """`samples` windows of the calibration text (a separate argument: export verifies on fewer)."""
+    return sample_windows(tokenizer, parse_sources(settings.calibration), samples, settings.seq_len, settings.seed)
 
 
 def _check_sources(settings: Settings) -> None:
@@ -125,7 +125,7 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     writer = CalibrationWriter(output, settings.overwrite)
     start = time.perf_counter()
     model, tokenizer, residency, router_weights = _open_model(job)
-    token_ids, manifest = _calibration_tokens(job, tokenizer)
+    token_ids, manifest = _calibration_tokens(settings, tokenizer, settings.samples)
     identity = model_identity(model, job.adapter, router_weights)
     fingerprint = {"tokens": manifest["token_ids_sha256"], "model": identity.router_sha256, "dtype": str(job.dtype)}
     resumed = writer.begin(fingerprint)  # an interrupted run's layers are kept; the rest is written now
@@ -188,9 +188,8 @@ def _tokens_from(
         )
         token_ids = store.token_ids()
         manifest = {k: v for k, v in store.manifest.items() if k not in ("kind", "model")}
-        job.settings.seq_len = token_ids.shape[1]
     else:
-        token_ids, manifest = _calibration_tokens(job, tokenizer)
+        token_ids, manifest = _calibration_tokens(job.settings, tokenizer, job.settings.samples)
     manifest["sha256"] = manifest_sha256(manifest)
     return token_ids, manifest
 
@@ -309,8 +308,7 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     plan.check_matches(model_identity(model, job.adapter))
     thresholds = _thresholds_for(thresholds_path, model, job.adapter, plan.kept())
     extra = {THRESHOLDS_FILE: thresholds.dumps("json")} if thresholds else None
-    settings.samples = settings.verify_samples
-    token_ids, _ = _calibration_tokens(job, tokenizer)
+    token_ids, _ = _calibration_tokens(settings, tokenizer, settings.verify_samples)
     provenance = export_checkpoint(
         job.model_dir, output, plan, job.adapter, model, token_ids, overwrite=settings.overwrite, extra_files=extra
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,8 @@ from torch import nn
 
 from . import __version__
 from .adapters import MoEAdapter
-from .calibration.propagate import Resident, propagate, run_layer
+from .calibration.layer_inputs import LayerInputs, PropagatedInputs, StoredInputs
+from .calibration.propagate import LayerStep, Resident, run_layer
 from .calibration.store import CalibrationStore
 from .config import Settings
 from .distributed import ReducedOracle, is_main, reduce_means, world
@@ -219,6 +220,69 @@ class EndToEndRescorer:
         return rescore
 
 
+class LayerDecider:
+    """Decides one MoE layer at a time, whichever source its inputs come from.
+
+    Called with each MoE layer's `LayerStep`; returns the experts to keep (the source may run the
+    layer pruned to them before the next one). A layer the journal holds is taken from it (an
+    interrupted run resumes); the others get Gram statistics, then the strategy's search, and are
+    journaled. Decisions and timings accumulate in layer order.
+    """
+
+    def __init__(
+        self,
+        adapter: MoEAdapter,
+        strategy: str,
+        keep: int,
+        context: SearchContext,
+        *,
+        journal: ProgressJournal | None = None,
+        rescorer: EndToEndRescorer | None = None,
+    ):
+        self.adapter, self.strategy, self.keep, self.context = adapter, strategy, keep, context
+        self.journal, self.rescorer = journal, rescorer
+        self.decisions: list[LayerPlan] = []
+        self.timings: list[LayerTiming] = []
+
+    def __call__(self, step: LayerStep) -> list[int]:
+        decision, timing = self._resumed(step) or self._searched(step)
+        self.decisions.append(decision)
+        self.timings.append(timing)
+        return list(decision.kept)
+
+    def _resumed(self, step: LayerStep) -> tuple[LayerPlan, LayerTiming] | None:
+        if self.journal is None or step.index not in self.journal.layers:
+            return None
+        if self.rescorer is not None:
+            self.rescorer.for_layer(step)  # the reference distribution is taken at the first MoE layer
+        return self.journal.layers[step.index], LayerTiming(step.index, 0.0, 0.0)
+
+    def _searched(self, step: LayerStep) -> tuple[LayerPlan, LayerTiming]:
+        start = time.perf_counter()
+        stats = layer_stats(self.adapter, step.block, step.inputs, self.keep)
+        mid = time.perf_counter()
+        rescore = self.rescorer.for_layer(step) if self.rescorer else None
+        oracle = SubsetLoss(stats)
+        result = run_strategy(
+            self.strategy,
+            ReducedOracle(oracle) if world()[1] > 1 else oracle,
+            self.keep,
+            replace(self.context, layer=step.index, rescore=rescore),
+        )
+        timing = LayerTiming(step.index, mid - start, time.perf_counter() - mid)
+        decision = LayerPlan(
+            layer=step.index,
+            kept=list(result.kept),
+            loss=result.loss,
+            runner_up_loss=result.runner_up_loss,
+            subsets_scored=result.subsets_scored,
+            divergence=result.divergence,
+        )
+        if self.journal is not None:
+            self.journal.record(decision)
+        return decision, timing
+
+
 def plan_pruning(
     model: nn.Module,
     adapter: MoEAdapter,
@@ -234,90 +298,55 @@ def plan_pruning(
     identity: ModelIdentity | None = None,
     activations=None,
 ) -> tuple[Plan, list[LayerTiming]]:
-    """residency: how decoder layers reach the device (default: held in memory; `StreamedModel` reads
+    """token_ids: this process's calibration sequences (with `store`, the stored calibration's).
+    residency: how decoder layers reach the device (default: held in memory; `StreamedModel` reads
     them from disk one at a time)."""
     residency = residency or Resident(model, adapter)
     keep = check_keep(adapter, settings.keep)
     strategy = resolve_strategy(
         settings.strategy, adapter.num_experts, keep, settings.max_subsets, adapter.routing_groups
     )
-    layers_out: list[LayerPlan] = []
-    timings: list[LayerTiming] = []
-
     end_to_end = strategy == "e2e"
+    mode = "progressive" if end_to_end else settings.mode  # e2e scores each layer with the earlier ones pruned
     rescorer = None
     if end_to_end:
         rescorer = EndToEndRescorer(
             model, adapter, settings.e2e_samples, settings.batch_size, device, settings.e2e_divergence, residency
         )
-    mode = "progressive" if end_to_end else settings.mode  # e2e scores each layer with the earlier ones pruned
-
-    def decide(index: int, block: nn.Module, inputs: list[torch.Tensor], step=None) -> list[int]:
-        if journal is not None and index in journal.layers:  # finished before an interruption
-            if rescorer is not None:
-                rescorer.for_layer(step)  # the reference distribution is taken at the first MoE layer
-            layers_out.append(journal.layers[index])
-            timings.append(LayerTiming(index, 0.0, 0.0))
-            return list(journal.layers[index].kept)
-        start = time.perf_counter()
-        stats = layer_stats(adapter, block, inputs, keep)
-        mid = time.perf_counter()
-        ctx = SearchContext(
-            layer=index,
-            seed=settings.seed,
-            max_subsets=settings.max_subsets,
-            beam=settings.beam,
-            shortlist=settings.e2e_shortlist,
-            rescore=rescorer.for_layer(step) if rescorer else None,
+    context = SearchContext(
+        layer=-1,  # set per layer by the decider
+        seed=settings.seed,
+        max_subsets=settings.max_subsets,
+        beam=settings.beam,
+        shortlist=settings.e2e_shortlist,
+    )
+    decider = LayerDecider(adapter, strategy, keep, context, journal=journal, rescorer=rescorer)
+    inputs: LayerInputs
+    if store is not None and mode == "layerwise":
+        inputs = StoredInputs(
+            store,
+            model,
+            adapter,
+            seq_len=token_ids.shape[1],
+            batch_size=settings.batch_size,
+            device=device,
+            residency=residency,
+            progress=progress,
         )
-        oracle = SubsetLoss(stats)
-        result = run_strategy(strategy, ReducedOracle(oracle) if world()[1] > 1 else oracle, keep, ctx)
-        timings.append(LayerTiming(index, mid - start, time.perf_counter() - mid))
-        decision = LayerPlan(
-            layer=index,
-            kept=list(result.kept),
-            loss=result.loss,
-            runner_up_loss=result.runner_up_loss,
-            subsets_scored=result.subsets_scored,
-            divergence=result.divergence,
+    else:
+        inputs = PropagatedInputs(
+            model,
+            adapter,
+            token_ids,
+            feed_forward=mode == "progressive",
+            batch_size=settings.batch_size,
+            device=device,
+            residency=residency,
+            activations=activations,
+            progress=progress,
         )
-        layers_out.append(decision)
-        if journal is not None:
-            journal.record(decision)
-        return decision.kept
-
     with torch.no_grad():
-        if store is not None and mode == "layerwise":
-            layers = adapter.decoder_layers(model)
-            task = progress.add_task("layers", total=len(layers)) if progress else None
-            for index in adapter.moe_layers(model):
-                layer = residency.load_layer(index, device)
-                stored = store.layer_inputs(index)
-                rank, size = world()  # this rank's share of the sequences, as with sampled tokens
-                stored = stored.view(-1, settings.seq_len, stored.shape[-1])[rank::size].reshape(-1, stored.shape[-1])
-                inputs = stored.to(device=device, dtype=next(layer.parameters()).dtype)
-                decide(index, adapter.moe_block(layer), list(inputs.split(settings.batch_size * settings.seq_len)))
-                residency.release_layer(index)
-                if progress:
-                    progress.advance(task)
-        else:
-            progressive = mode == "progressive"
-
-            def on_layer(step):
-                kept = decide(step.index, step.block, step.inputs, step)
-                return kept if progressive else None
-
-            propagate(
-                model,
-                adapter,
-                token_ids,
-                on_layer,
-                batch_size=settings.batch_size,
-                device=device,
-                progress=progress,
-                residency=residency,
-                activations=activations,
-            )
+        inputs.walk(decider)
 
     plan = Plan(
         source=settings.model,
@@ -327,7 +356,7 @@ def plan_pruning(
         seed=settings.seed,
         calibration=manifest,
         versions=library_versions(),
-        layers=layers_out,
+        layers=decider.decisions,
         options={
             "keep": keep,
             "candidates_per_token": max_candidate_count(adapter.num_experts, adapter.routing, keep),
@@ -343,4 +372,4 @@ def plan_pruning(
             ),
         },
     )
-    return plan, timings
+    return plan, decider.timings

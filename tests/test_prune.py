@@ -142,3 +142,22 @@ def test_layers_the_forward_never_runs_are_refused():
     tokens = torch.randint(0, 100, (2, 16))
     with pytest.raises(FailedRun, match="ran 1 of its 2 decoder layers"):
         propagate(model, adapter_for(model.config), tokens, lambda step: None, batch_size=2, device=CPU)
+
+
+def test_stored_calibration_gives_the_propagated_layerwise_plan_whatever_the_seq_len_setting(tmp_path):
+    """The stored source takes its sequence length from the stored tokens, not from settings."""
+    from moe_sparsify.calibration.store import CalibrationStore, CalibrationWriter
+
+    model = random_mixtral(layers=3)
+    adapter = adapter_for(model.config)
+    tokens = torch.randint(0, 2048, (4, 16), generator=torch.Generator().manual_seed(5))
+    writer = CalibrationWriter(tmp_path / "calib", overwrite=False)
+    writer.begin({})
+    writer.add_tokens(tokens)
+    propagate(model, adapter, tokens, lambda step: writer.add_layer(step.index, step.inputs), batch_size=2, device=CPU)
+    store = CalibrationStore(writer.commit({}))
+    settings = Settings(model="test", keep=5, mode="layerwise", batch_size=2, seq_len=999)
+    stored = plan_pruning(model, adapter, settings, store.token_ids(), {}, device=CPU, store=store)[0]
+    propagated = plan_pruning(model, adapter, settings, tokens, {}, device=CPU)[0]
+    assert stored.layers[0].loss > 0
+    assert stored.dumps("json") == propagated.dumps("json")
