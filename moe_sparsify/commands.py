@@ -119,8 +119,8 @@ def _activation_store(settings: Settings, device: torch.device) -> ActivationSto
 
 
 def calibrate(settings: Settings, show_progress: bool) -> dict:
+    _check_sources(settings)  # before the model is resolved: a hub alias may download it
     job = open_job(settings)
-    _check_sources(settings)
     output = Path(settings.output or f"{_model_name(settings)}-calibration")
     writer = CalibrationWriter(output, settings.overwrite)
     start = time.perf_counter()
@@ -196,6 +196,7 @@ def _tokens_from(
 
 def prune(settings: Settings, show_progress: bool) -> dict:
     start = time.perf_counter()
+    store = _open_store(settings)  # before the model is resolved: a hub alias may download it
     job = open_job(settings)
     init_from_env(job.device)
     keep = check_keep(job.adapter, settings.keep)
@@ -206,7 +207,6 @@ def prune(settings: Settings, show_progress: bool) -> dict:
             raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
     else:
         check_target(job.model_dir, output, settings.overwrite)
-    store = _open_store(settings)
     model, tokenizer, residency, router_weights = _open_model(job)
     identity = model_identity(model, job.adapter, router_weights)
     token_ids, manifest = _tokens_from(store, job, model, tokenizer, identity)
@@ -298,12 +298,12 @@ def _thresholds_for(path: Path | None, model, adapter: MoEAdapter, kept: dict) -
 def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = None) -> dict:
     start = time.perf_counter()
     plan = load_plan(plan_path)
+    _check_sources(settings)
     job = open_job(settings)
     output = Path(settings.output or f"{_model_name(settings)}-keep{plan.uniform_keep() or 'mixed'}")
     check_target(job.model_dir, output, settings.overwrite)
     for lp in plan.layers:
         check_kept(job.adapter, lp.kept)
-    _check_sources(settings)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     plan.check_matches(model_identity(model, job.adapter))
     thresholds = _thresholds_for(thresholds_path, model, job.adapter, plan.kept())
@@ -317,8 +317,8 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
 
 def evaluate(settings: Settings, plan_path: Path | None, thresholds_path: Path | None = None) -> dict:
     start = time.perf_counter()
-    job = open_job(settings)
     check_source(settings.eval_text)
+    job = open_job(settings)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     model.to(job.device)
     stream = token_stream(tokenizer, load_documents(settings.eval_text))
@@ -374,13 +374,13 @@ def _harness(settings: Settings, model, tokenizer, device: torch.device) -> dict
 
 def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool) -> dict:
     start = time.perf_counter()
-    job = open_job(settings)
     output = Path(settings.output or f"{_model_name(settings)}-thresholds.json")
     if output.exists() and not settings.overwrite:
         raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+    store = _open_store(settings)  # before the model is resolved: a hub alias may download it
+    job = open_job(settings)
     check_skipping_supported(job.adapter)
     rule = check_skip_rule(settings.skip_rule or default_skip_rule(job.adapter.top_k), job.adapter.top_k)
-    store = _open_store(settings)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     kept = {}
     if plan_path:

@@ -2,8 +2,10 @@
 
 bundled                 the package's calib split of the offline corpus (default)
 bundled:heldout         its held-out split (the default for `eval`)
+c4, math, code          a named hub dataset, pinned (presets.py; the hub aliases default to c4)
 path/to/file.txt        plain text
 path/to/file.jsonl      one JSON object per line, field "text"
+path/to/file.json.gz    the same, gzip-compressed (C4's own shard format; also .jsonl.gz)
 path/to/file.json       a list of strings, or of objects with "text"
 path/to/file.parquet    a "text" column (needs pyarrow)
 hf:NAME[:CONFIG][@SPLIT]  a Hugging Face dataset (needs `datasets` and a network)
@@ -12,15 +14,18 @@ a=0.7,b=0.3             a mix: comma-separated SOURCE=WEIGHT
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..corpus import DOCUMENT_SEPARATOR, bundled_text
 from ..errors import UsageError
+from .presets import PRESETS, is_preset, preset_documents
 
 TEXT_FIELD = "text"
-FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".json.gz", ".jsonl.gz")
+_GZIP_LINES = (".json.gz", ".jsonl.gz")
 
 
 @dataclass(frozen=True)
@@ -44,23 +49,31 @@ def parse_sources(spec: str | list) -> list[SourceSpec]:
                     f"calibration weight {weight!r} in {part!r} is not a number; write SOURCE=0.5"
                 ) from None
     if not items or any(not i.source for i in items):
-        raise UsageError("empty calibration source; pass --calibration bundled, a file, or hf:NAME")
+        raise UsageError(f"empty calibration source; pass --calibration bundled, {_preset_names()}, a file, or hf:NAME")
     if any(i.weight <= 0 for i in items):
         raise UsageError("calibration weights must be positive; write e.g. a.txt=0.7,b.txt=0.3")
     return items
 
 
+def _preset_names() -> str:
+    return ", ".join(PRESETS)
+
+
 def check_source(source: str) -> None:
-    """Cheap validation before any heavy work."""
+    """Validation before any weights are read. A preset is fetched now (then cached), so that being
+    offline fails here rather than after loading the model."""
     if source in ("bundled", "bundled:calib", "bundled:heldout") or source.startswith("hf:"):
+        return
+    if is_preset(source):
+        preset_documents(source)
         return
     path = Path(source)
     if not path.is_file():
         raise UsageError(
-            f"calibration source {source!r} is not a file; "
-            "pass bundled, a local .txt/.jsonl/.json/.parquet file, or hf:NAME"
+            f"calibration source {source!r} is not a file; pass bundled, a preset ({_preset_names()}), "
+            "a local .txt/.jsonl/.json/.json.gz/.parquet file, or hf:NAME"
         )
-    if path.suffix not in FILE_SUFFIXES:
+    if not path.name.endswith(FILE_SUFFIXES):
         raise UsageError(
             f"calibration file {source!r} has suffix {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}"
         )
@@ -73,7 +86,12 @@ def load_documents(source: str) -> list[str]:
         return bundled_text(split).split(DOCUMENT_SEPARATOR)
     if source.startswith("hf:"):
         return _hf_documents(source[3:])
+    if is_preset(source):
+        return list(preset_documents(source))
     path = Path(source)
+    if path.name.endswith(_GZIP_LINES):
+        with gzip.open(path, "rt", encoding="utf-8") as lines:
+            return [_text_of(json.loads(line), source) for line in lines if line.strip()]
     if path.suffix == ".txt":
         return [path.read_text(encoding="utf-8")]
     if path.suffix == ".jsonl":

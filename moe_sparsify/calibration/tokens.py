@@ -7,6 +7,7 @@ import hashlib
 import torch
 
 from ..errors import UsageError
+from .presets import PRESETS, is_preset
 from .sources import SourceSpec, load_documents
 
 
@@ -52,15 +53,16 @@ def sample_windows(
             )
         starts = torch.randperm(available, generator=gen)[:count].sort().values * seq_len
         chunks.append(torch.stack([stream[s : s + seq_len] for s in starts.tolist()]) if count else None)
-        described.append(
-            {
-                "source": spec.source,
-                "weight": spec.weight,
-                "samples": count,
-                "source_tokens": len(stream),
-                "text_sha256": hashlib.sha256("\x00".join(documents).encode()).hexdigest(),
-            }
-        )
+        entry = {
+            "source": spec.source,
+            "weight": spec.weight,
+            "samples": count,
+            "source_tokens": len(stream),
+            "text_sha256": hashlib.sha256("\x00".join(documents).encode()).hexdigest(),
+        }
+        if is_preset(spec.source):  # what the name stood for when this ran
+            entry["preset"] = PRESETS[spec.source].describe()
+        described.append(entry)
     token_ids = torch.cat([c for c in chunks if c is not None])
     manifest = {
         "sources": described,
