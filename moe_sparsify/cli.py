@@ -257,6 +257,9 @@ def eval_(
     prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", help="With --compare: prompt tokens.")] = None,
     new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="With --compare: tokens generated.")] = None,
     repeats: Annotated[Optional[int], typer.Option("--repeats", help="With --compare: timed rounds.")] = None,
+    card: Annotated[
+        bool, typer.Option("--card", help="Record the result in the exported model's README.md (model card).")
+    ] = False,
 ):
     """Perplexity of a model (original, exported, or with a plan applied, with or without expert
     skipping) on a text source; with --compare, quality, speed and memory of several variants."""
@@ -265,11 +268,11 @@ def eval_(
     harness = {"tasks": tasks, "task_dirs": task_dir, "num_fewshot": num_fewshot, "task_limit": limit}
     settings = _settings(config, {**flags, "eval_stride": stride, **speed, **harness})
     if compare or variants:
-        if not compare or plan or thresholds or model:
+        if not compare or plan or thresholds or model or card:
             raise typer.BadParameter("use --compare with variants as arguments (MODEL, MODEL+skip, MODEL+FILE) only")
         _emit(commands.compare(settings, variants or [], report, _show_progress(json_out)), json_out, _compare_table)
         return
-    result = commands.evaluate(settings, plan, thresholds)
+    result = commands.evaluate(settings, plan, thresholds, card)
     _emit(
         result,
         json_out,

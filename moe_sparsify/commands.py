@@ -27,6 +27,7 @@ from .distributed import init_from_env, is_main, shard, world
 from .errors import UsageError
 from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
+from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from .plan import ModelIdentity, Plan, load_plan
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
@@ -315,10 +316,16 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     return {"output": str(output), "plan": str(plan_path), "seconds": time.perf_counter() - start, **provenance}
 
 
-def evaluate(settings: Settings, plan_path: Path | None, thresholds_path: Path | None = None) -> dict:
+def evaluate(
+    settings: Settings, plan_path: Path | None, thresholds_path: Path | None = None, card: bool = False
+) -> dict:
     start = time.perf_counter()
     check_source(settings.eval_text)
     job = open_job(settings)
+    if card:
+        if plan_path:
+            raise UsageError("--card records results of the exported checkpoint itself; drop --plan (or --card)")
+        check_card_target(job.model_dir)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     model.to(job.device)
     stream = token_stream(tokenizer, load_documents(settings.eval_text))
@@ -354,6 +361,8 @@ def evaluate(settings: Settings, plan_path: Path | None, thresholds_path: Path |
             result["skip_fraction"] = skip_fractions(model, job.adapter)
     result["seconds"] = time.perf_counter() - start
     result["peak_memory"] = peak_memory_bytes(job.device)
+    if card:
+        result["card"] = record_eval(job.model_dir, result)
     return result
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
+from .model_card import CARD_FILE, EVALS_FILE, render_card
 from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
 from .plan import Plan
 
@@ -40,7 +41,17 @@ _EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")
 # Files of the source directory that describe weights this export rewrites.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 # A source's own plan or thresholds describe the source, not the export.
-_NOT_COPIED_NAMES = {"config.json", INDEX, "pytorch_model.bin.index.json", PLAN_FILE, PROVENANCE_FILE, THRESHOLDS_FILE}
+# The source's README.md is not copied over the export's card: model_card.py keeps it as a section.
+_NOT_COPIED_NAMES = {
+    "config.json",
+    INDEX,
+    "pytorch_model.bin.index.json",
+    PLAN_FILE,
+    PROVENANCE_FILE,
+    THRESHOLDS_FILE,
+    CARD_FILE,
+    EVALS_FILE,
+}
 
 
 def check_target(source_dir: Path, output: Path, overwrite: bool) -> None:
@@ -250,9 +261,11 @@ def export_checkpoint(
             "mtp_layers": _mtp_record(source_dir, adapter, mtp_tensors),
             "verified_max_abs_logit_diff": diff,
             "verified_on_tokens": int(verify_tokens.numel()),
+            "verify_tolerance": VERIFY_TOLERANCE,
             "moe_sparsify": __version__,
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(render_card(source_dir, plan, provenance))
         if output.exists():
             shutil.rmtree(output)
         output.parent.mkdir(parents=True, exist_ok=True)
