@@ -246,8 +246,10 @@ def export_checkpoint(
             (tmp / name).write_text(text)
         if streamed:
             diff = verify_streamed(source_dir, adapter, plan, tmp, verify_tokens)
+            verified_by = "both checkpoints run one decoder layer at a time from their files (streamed), float32"
         else:
             diff = verify_export(source_dir, original_model, adapter, plan, tmp, verify_tokens)
+            verified_by = "stock transformers' load of the export vs the source routed without the removed experts"
         if not diff <= VERIFY_TOLERANCE:
             raise FailedRun(
                 f"exported checkpoint disagrees with the pruned source model (max logit diff {diff:.3g} > "
@@ -262,6 +264,7 @@ def export_checkpoint(
             "verified_max_abs_logit_diff": diff,
             "verified_on_tokens": int(verify_tokens.numel()),
             "verify_tolerance": VERIFY_TOLERANCE,
+            "verified_by": verified_by,
             "moe_sparsify": __version__,
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")

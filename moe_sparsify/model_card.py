@@ -81,7 +81,7 @@ def _record(plan: Plan, provenance: dict, base: str | None) -> str:
     lines = [
         f"# {Path(name).name}: {keep} of {n} experts per MoE layer",
         "",
-        f"Experts pruned from `{name}` with [moe-sparsify](https://pypi.org/project/moe-sparsify/) "
+        f"Experts pruned from `{name}` with moe-sparsify "
         "(layer-wise exact reconstruction search, Lu et al. 2024, *Not All Experts are Equal*). "
         "The checkpoint loads in stock transformers; kept experts are renumbered 0..r-1 in their original order.",
         "",
@@ -105,8 +105,8 @@ def _record(plan: Plan, provenance: dict, base: str | None) -> str:
         "",
         "### Verification",
         "",
-        f"Reloaded with `AutoModelForCausalLM.from_pretrained` and compared in float32 with the source model "
-        f"routed as if the removed experts were gone: max abs logit difference "
+        f"Logits of this checkpoint compared in float32 with the source model routed as if the removed experts "
+        f"were gone ({provenance.get('verified_by', 'see moe_sparsify_provenance.json')}): max abs logit difference "
         f"**{provenance['verified_max_abs_logit_diff']:.3g}** on {provenance['verified_on_tokens']} tokens "
         f"(must be <= {provenance.get('verify_tolerance', 1e-4)}).",
         "",
