@@ -76,10 +76,10 @@ def render_card(source_dir: Path, plan: Plan, provenance: dict) -> str:
 
 def _record(plan: Plan, provenance: dict, base: str | None) -> str:
     keep, n = plan.uniform_keep(), plan.model.num_experts
-    name = base or plan.source
+    name = base or _public_name(plan.source)
     calib = plan.calibration
     lines = [
-        f"# {Path(name).name}: {keep} of {n} experts per MoE layer",
+        f"# {name.rpartition('/')[2]}: {keep} of {n} experts per MoE layer",
         "",
         f"Experts pruned from `{name}` with moe-sparsify "
         "(layer-wise exact reconstruction search, Lu et al. 2024, *Not All Experts are Equal*). "
@@ -97,8 +97,10 @@ def _record(plan: Plan, provenance: dict, base: str | None) -> str:
         lines.append(f"- multi-token-prediction layers: {mtp['source_layers']} in the source, {mtp['action']}")
     lines += ["", "### Calibration", ""]
     for source in calib.get("sources", []):
-        what = source.get("preset") or source["source"]
-        lines.append(f"- `{source['source']}` ({what}): {source['samples']} sequences, weight {source['weight']}")
+        what = f" ({source['preset']})" if source.get("preset") else ""
+        lines.append(
+            f"- `{_public_name(source['source'])}`{what}: {source['samples']} sequences, weight {source['weight']}"
+        )
     lines += [
         f"- {calib.get('samples')} x {calib.get('seq_len')} tokens, seed {calib.get('seed')}; "
         f"token ids sha256 `{calib.get('token_ids_sha256')}`; manifest sha256 `{calib.get('sha256')}`",
@@ -121,6 +123,11 @@ def _record(plan: Plan, provenance: dict, base: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _public_name(spec: str) -> str:
+    """A local path shown by its last component: a public card should not carry the author's directories."""
+    return Path(spec).name if Path(spec).is_absolute() or Path(spec).exists() else spec
+
+
 def _evaluation(runs: list[dict]) -> str:
     if not runs:
         return (
@@ -131,9 +138,10 @@ def _evaluation(runs: list[dict]) -> str:
     lines += ["| text | window / stride | perplexity | tasks | skipping | dtype | moe-sparsify |", "|---" * 7 + "|"]
     for run in runs:
         tasks = ", ".join(f"{t}: {json.dumps(v, sort_keys=True)}" for t, v in (run.get("tasks") or {}).items())
+        skipping = _public_name(run["thresholds"]) if run.get("thresholds") else "off"
         lines.append(
-            f"| {run['text']} | {run['window']} / {run['stride']} | {run['perplexity']:.4f} | {tasks or '-'} | "
-            f"{run.get('thresholds') or 'off'} | {run['dtype']} | {run['moe_sparsify']} |"
+            f"| {_public_name(run['text'])} | {run['window']} / {run['stride']} | {run['perplexity']:.4f} | "
+            f"{tasks or '-'} | {skipping} | {run['dtype']} | {run['moe_sparsify']} |"
         )
     return "\n".join(lines) + "\n"
 

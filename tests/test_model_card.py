@@ -57,6 +57,7 @@ def test_card_has_hub_metadata_and_the_pruning_record(export):
     assert provenance["plan_sha256"] in body and plan["calibration"]["sha256"] in body
     assert f"**{provenance['verified_max_abs_logit_diff']:.3g}**" in body and "num_local_experts: 8 -> 6" in body
     assert "Not evaluated yet" in body
+    assert str(export) not in body, "no local directories of the author in a public card"
     # The source card is kept below, folded and labelled, not copied over the export's card.
     assert body.index("## Pruning record") < body.index("## The source model's card") < body.index("MMLU 99.9")
 
@@ -72,7 +73,8 @@ def test_eval_card_appends_results_and_keeps_the_rest(export):
     assert [r["perplexity"] for r in runs] == [json.loads(r.stdout)["perplexity"] for r in (first, second)]
     after = card.read_text()
     assert "Not evaluated yet" not in after
-    assert after.count(f"| {runs[0]['perplexity']:.4f} |") == 2
+    assert after.count(f"| {runs[0]['perplexity']:.4f} |") == 2 and "| eval.txt | 32 / 16 |" in after
+    assert str(export) not in after
     head = before.split("<!-- moe-sparsify:evaluation -->")[0]
     tail = before.split("<!-- /moe-sparsify:evaluation -->")[1]
     assert after.startswith(head) and after.endswith(tail)
