@@ -23,7 +23,7 @@ from .calibration.sources import check_source, load_documents, parse_sources
 from .calibration.store import CalibrationStore, CalibrationWriter, manifest_sha256
 from .calibration.tokens import sample_windows, token_stream
 from .config import Settings
-from .distributed import init_from_env, is_main, shard, world
+from .distributed import is_main, process_group, shard, world
 from .errors import UsageError
 from .evaluate import perplexity
 from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
@@ -199,7 +199,12 @@ def prune(settings: Settings, show_progress: bool) -> dict:
     start = time.perf_counter()
     store = _open_store(settings)  # before the model is resolved: a hub alias may download it
     job = open_job(settings)
-    init_from_env(job.device)
+    with process_group(job.device):  # under torchrun; the ranks leave it together
+        return _prune(job, store, show_progress, start)
+
+
+def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start: float) -> dict:
+    settings = job.settings
     keep = check_keep(job.adapter, settings.keep)
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)

@@ -12,18 +12,34 @@ the same numbers and takes the same decision. Rank 0 writes the outputs.
 
 from __future__ import annotations
 
-import atexit
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 
-def init_from_env(device: torch.device) -> None:
-    """Join the process group torchrun describes in the environment (no-op when run alone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Inside: joined to the process group torchrun describes in the environment (no-op when run alone).
+
+    Ranks finish at different times (rank 0 alone writes the outputs). The group used to be torn down
+    by an atexit hook, each rank on its own: a rank closing its connections while a peer was still
+    running, or destroying the group while the interpreter shut down, is how a rank can die of
+    SIGABRT in gloo. So a run that ends normally first waits at a barrier for every rank, then
+    destroys the group while Python is fully alive; a failing one destroys it at once (its peers get
+    an error, not a hang).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
@@ -33,7 +49,8 @@ def world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    return world()[0] == 0
+    """Rank 0 of the launch (torchrun sets RANK): also true after the group is left, when results print."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def shard(token_ids: torch.Tensor) -> torch.Tensor:
