@@ -52,3 +52,28 @@ def test_unknown_architecture_lists_the_supported_ones():
 
     with pytest.raises(UsageError, match="supported: .*mixtral"):
         adapter_for(LlamaConfig())
+
+
+def test_adapters_register_where_defined_and_a_claimed_type_is_refused():
+    from moe_sparsify.adapters import ADAPTERS, MoEAdapter
+    from moe_sparsify.adapters.mixtral import MixtralAdapter
+
+    class Probe(MoEAdapter):
+        model_types = ("probe_moe", "probe_moe_2")
+
+    try:
+        assert ADAPTERS["probe_moe"] is Probe and ADAPTERS["probe_moe_2"] is Probe
+
+        class Unnamed(Probe):  # declares no types: claims none of its parent's
+            pass
+
+        assert ADAPTERS["probe_moe"] is Probe
+        with pytest.raises(TypeError, match="both claim 'mixtral'"):
+
+            class Clash(MoEAdapter):
+                model_types = ("probe_moe_3", "mixtral")
+
+        assert ADAPTERS["mixtral"] is MixtralAdapter and "probe_moe_3" not in ADAPTERS
+    finally:
+        for name in ("probe_moe", "probe_moe_2"):
+            ADAPTERS.pop(name, None)

@@ -3,85 +3,23 @@
 from __future__ import annotations
 
 from ..errors import UsageError
-from .base import MoEAdapter, TensorRule
-from .biased_sigmoid import (
-    AfmoeAdapter,
-    BiasedSigmoidAdapter,
-    HunyuanV3Adapter,
-    KolibriAdapter,
-    LagunaAdapter,
-    Lfm2MoeAdapter,
-    MinimaxM3Adapter,
-)
-from .cohere import Cohere2MoeAdapter
-from .dbrx import DbrxAdapter
-from .deepseek import (
-    Axk2Adapter,
-    BeamAdapter,
-    DeepseekAdapter,
-    ExaoneMoeAdapter,
-    GlmMoeDsaAdapter,
-    HYV4Adapter,
-    KimiLinearAdapter,
-    MimoV2FlashAdapter,
-    Mistral4Adapter,
-    NemotronHAdapter,
-)
-from .ernie import ErnieMoeAdapter
-from .gpt_oss import GptOssAdapter
-from .hunyuan import HunyuanMoeAdapter
-from .jamba import JambaAdapter
-from .llama4 import Llama4Adapter
-from .mixtral import AriaTextAdapter, GraniteMoeAdapter, MixtralAdapter
-from .phimoe import PhimoeAdapter
-from .qwen import (
-    FlintAdapter,
-    Qwen2MoeAdapter,
-    Qwen3VLMoeAdapter,
-    Qwen4ExpAdapter,
-    Qwen35MoeAdapter,
-    QwenMoeAdapter,
-    UngatedSharedExpertAdapter,
-)
 
-FAMILIES: tuple[type[MoEAdapter], ...] = (
-    MixtralAdapter,
-    GraniteMoeAdapter,
-    AriaTextAdapter,
-    JambaAdapter,
-    Llama4Adapter,
-    DbrxAdapter,
-    Qwen2MoeAdapter,
-    Qwen35MoeAdapter,
-    QwenMoeAdapter,
-    Qwen3VLMoeAdapter,
-    Qwen4ExpAdapter,
-    UngatedSharedExpertAdapter,
-    FlintAdapter,
-    DeepseekAdapter,
-    ExaoneMoeAdapter,
-    MimoV2FlashAdapter,
-    BeamAdapter,
-    Axk2Adapter,
-    GlmMoeDsaAdapter,
-    HYV4Adapter,
-    KimiLinearAdapter,
-    Mistral4Adapter,
-    NemotronHAdapter,
-    BiasedSigmoidAdapter,
-    HunyuanV3Adapter,
-    AfmoeAdapter,
-    LagunaAdapter,
-    MinimaxM3Adapter,
-    Lfm2MoeAdapter,
-    KolibriAdapter,
-    HunyuanMoeAdapter,
-    ErnieMoeAdapter,
-    Cohere2MoeAdapter,
-    GptOssAdapter,
-    PhimoeAdapter,
+# Each family module registers its adapters as it defines them (MoEAdapter.__init_subclass__).
+from . import (  # noqa: F401
+    biased_sigmoid,
+    cohere,
+    dbrx,
+    deepseek,
+    ernie,
+    gpt_oss,
+    hunyuan,
+    jamba,
+    llama4,
+    mixtral,
+    phimoe,
+    qwen,
 )
-ADAPTERS: dict[str, type[MoEAdapter]] = {t: cls for cls in FAMILIES for t in cls.model_types}
+from .base import ADAPTERS, MoEAdapter, TensorRule
 
 
 def supported_model_types() -> list[str]:

@@ -20,6 +20,9 @@ from torch import nn
 
 from ..routing import RoutingSpec, route, skip_keep_mask, skipped_weights
 
+# model_type -> adapter class, filled as adapter classes are defined (see `MoEAdapter.__init_subclass__`).
+ADAPTERS: dict[str, type[MoEAdapter]] = {}
+
 # Config keys that hold the routed-expert count in one family or another.
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -48,7 +51,10 @@ class TensorRule:
 
 class MoEAdapter:
     """Defaults fit the transformers 5.x MoE blocks: `layer.mlp` holding a router (`gate`) and an
-    `@use_experts_implementation` experts module with fused, stacked tensors; families override."""
+    `@use_experts_implementation` experts module with fused, stacked tensors, a top-k renormalised
+    softmax, and shared experts (if any) at `mlp.shared_experts` added ungated; families override.
+
+    A subclass is registered for the model types it declares itself (`model_types` in its own body)."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
     # Config keys that may hold the routed-expert count: the first present is read, every present
@@ -58,7 +64,9 @@ class MoEAdapter:
     block_attr: ClassVar[str] = "mlp"  # the decoder layer's attribute holding the MoE block
     router_attr: ClassVar[str] = "gate"
     # Legacy module names on disk -> names in the 5.x modules (what transformers' conversion mapping renames).
-    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ((".block_sparse_moe.", ".mlp."),)
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Routers that compute their logits in float32 whatever the model dtype (DeepSeek, ERNIE, Kolibri).
+    router_in_float32: ClassVar[bool] = False
     # Whether a decoder layer can be read from the shards with those renames and per-expert stacking
     # alone (`--stream`); families whose loader also splits or concatenates other tensors cannot.
     streamable: ClassVar[bool] = True
@@ -84,6 +92,14 @@ class MoEAdapter:
         r"|(?:gate\.|moe_statics\.|gate\.moe_statics\.|experts\.)?(?:e_score_correction_bias|expert_bias))$"
     )
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("model_types", ())  # not the parent's: a subclass claims its own
+        for model_type in declared:
+            if model_type in ADAPTERS:
+                raise TypeError(f"{cls.__name__} and {ADAPTERS[model_type].__name__} both claim {model_type!r}")
+        ADAPTERS.update(dict.fromkeys(declared, cls))
+
     def __init__(self, config):
         self.config = config
         # Multimodal checkpoints: the key of config.json holding this (language) model's config.
@@ -103,7 +119,8 @@ class MoEAdapter:
 
     @property
     def routing(self) -> RoutingSpec:
-        raise NotImplementedError
+        """A softmax over all experts, top-k, the k weights divided by their sum (Mixtral's rule)."""
+        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
 
     @property
     def routing_groups(self) -> int:
@@ -139,7 +156,10 @@ class MoEAdapter:
 
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         router = self.router(block)
-        return F.linear(x, router.weight, getattr(router, "bias", None))
+        weight, bias = router.weight, getattr(router, "bias", None)
+        if self.router_in_float32:
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return F.linear(x, weight, bias)
 
     def route(
         self, block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None
@@ -183,8 +203,9 @@ class MoEAdapter:
         return type(self).expert_forward is MoEAdapter.expert_forward
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """Experts every token uses (never pruned); None where the family has none."""
-        return None
+        """Experts every token uses (never pruned), added ungated; None where the block has none."""
+        shared = getattr(block, "shared_experts", None)
+        return None if shared is None else shared(x)
 
     # --- exact routed forward --------------------------------------------------------------------
     def routed_forward(

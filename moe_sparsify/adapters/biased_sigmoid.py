@@ -53,10 +53,6 @@ class BiasedSigmoidAdapter(MoEAdapter):
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return attrgetter(self.bias_path)(block)
 
-    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        shared = getattr(block, "shared_experts", None)
-        return None if shared is None else shared(x)
-
 
 class HunyuanV3Adapter(BiasedSigmoidAdapter):
     model_types = ("hy_v3",)
@@ -74,7 +70,6 @@ class AfmoeAdapter(BiasedSigmoidAdapter):
     expert_count_keys = ("num_experts",)
     bias_path = "expert_bias"
     scale_key = "route_scale"
-    checkpoint_renames = ()
 
     def router_weight(self, block: nn.Module) -> torch.Tensor:
         return block.router.gate.weight
@@ -103,7 +98,6 @@ class MinimaxM3Adapter(BiasedSigmoidAdapter):
     model_types = ("minimax_m3_vl_text",)
     bias_path = "gate.e_score_correction_bias"
     scale_key = "routed_scaling_factor"
-    checkpoint_renames = ()
 
 
 class Lfm2MoeAdapter(BiasedSigmoidAdapter):
@@ -112,7 +106,6 @@ class Lfm2MoeAdapter(BiasedSigmoidAdapter):
     block_attr = "feed_forward"
     bias_path = "expert_bias"
     scale_key = "routed_scaling_factor"
-    checkpoint_renames = ()
 
     @property
     def routing(self) -> RoutingSpec:
@@ -131,6 +124,7 @@ class KolibriAdapter(BiasedSigmoidAdapter):
     model_types = ("kolibri1",)
     expert_count_keys = ("num_local_experts", "num_experts")
     bias_path = "gate.e_score_correction_bias"
+    router_in_float32 = True
     checkpoint_renames = (
         (".moe.router.expert_bias", ".mlp.gate.e_score_correction_bias"),
         (".post_attn_norm.", ".post_self_attn_layernorm."),
@@ -142,9 +136,6 @@ class KolibriAdapter(BiasedSigmoidAdapter):
     def routing(self) -> RoutingSpec:
         renormalize = bool(self.config.norm_topk_prob)
         return RoutingSpec(self.top_k, "sigmoid", renormalize, bias_on_logits=True)
-
-    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), block.gate.weight.float())
 
     def tensor_rule(self, name: str) -> TensorRule | None:
         if m := self.disk_bias_pattern.match(name):

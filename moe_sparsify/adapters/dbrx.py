@@ -29,7 +29,6 @@ from .base import MoEAdapter, TensorRule
 class DbrxAdapter(MoEAdapter):
     model_types = ("dbrx",)
     block_attr = "ffn"
-    checkpoint_renames = ()
     streamable = False
     supports_skipping = False
     flat_pattern: ClassVar[re.Pattern] = re.compile(r"^.*\.blocks\.(?P<layer>\d+)\.ffn\.experts\.mlp\.(?:w1|v1|w2)$")

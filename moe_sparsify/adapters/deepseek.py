@@ -47,7 +47,6 @@ from .base import MoEAdapter
 class DeepseekAdapter(MoEAdapter):
     # dots1 and GLM-4-MoE route exactly like DeepSeek-V3 (tested from their config classes).
     model_types = (
-        "deepseek_v2",
         "deepseek_v3",
         "deepseek_v32",
         "dots1",
@@ -60,28 +59,17 @@ class DeepseekAdapter(MoEAdapter):
     )
     expert_count_keys = ("n_routed_experts", "num_experts")
 
+    router_in_float32 = True
+
     @property
     def routing(self) -> RoutingSpec:
         config = self.config
-        v2 = config.model_type == "deepseek_v2"
-        groups = {}
-        if not v2 or getattr(config, "topk_method", "greedy") == "group_limited_greedy":
-            groups = dict(groups=config.n_group or 1, groups_chosen=config.topk_group or 1)
-            groups["group_score"] = "max" if v2 else "top2"
-        if v2:
-            return RoutingSpec(self.top_k, "softmax", renormalize=False, scale=config.routed_scaling_factor, **groups)
+        groups = dict(groups=config.n_group or 1, groups_chosen=config.topk_group or 1, group_score="top2")
         renormalize = bool(config.norm_topk_prob)
         return RoutingSpec(self.top_k, "sigmoid", renormalize, scale=config.routed_scaling_factor, **groups)
 
-    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), block.gate.weight.float())
-
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return getattr(block.gate, "e_score_correction_bias", None)
-
-    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        shared = getattr(block, "shared_experts", None)
-        return None if shared is None else shared(x)
 
     def pruned_config(self, config: dict, keep: int) -> list[str]:
         changes = super().pruned_config(config, keep)
@@ -92,6 +80,21 @@ class DeepseekAdapter(MoEAdapter):
                 changes.append(f"{key}: {config[key]} -> 1")
                 config[key] = 1
         return changes
+
+
+class DeepseekV2Adapter(DeepseekAdapter):
+    """DeepSeek-V2: a softmax over all experts, not renormalised, scaled; groups only with
+    `topk_method: group_limited_greedy`, ranked by their best expert."""
+
+    model_types = ("deepseek_v2",)
+
+    @property
+    def routing(self) -> RoutingSpec:
+        config = self.config
+        groups = {}
+        if getattr(config, "topk_method", "greedy") == "group_limited_greedy":
+            groups = dict(groups=config.n_group or 1, groups_chosen=config.topk_group or 1, group_score="max")
+        return RoutingSpec(self.top_k, "softmax", renormalize=False, scale=config.routed_scaling_factor, **groups)
 
 
 class ExaoneMoeAdapter(DeepseekAdapter):

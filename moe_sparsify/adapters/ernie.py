@@ -26,6 +26,7 @@ class ErnieMoeAdapter(MoEAdapter):
     model_types = ("ernie4_5_moe",)
     expert_count_keys = ("moe_num_experts",)
     checkpoint_renames = ((".mlp.moe_statics.", ".mlp.gate.moe_statics."),)
+    router_in_float32 = True
 
     @property
     def top_k(self) -> int:
@@ -35,11 +36,5 @@ class ErnieMoeAdapter(MoEAdapter):
     def routing(self) -> RoutingSpec:
         return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True, softmax_bias=True)
 
-    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.float(), block.gate.weight.float())
-
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return block.gate.moe_statics.e_score_correction_bias.squeeze(0)
-
-    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        return None if block.shared_experts is None else block.shared_experts(x)

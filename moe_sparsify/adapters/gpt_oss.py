@@ -11,7 +11,6 @@ Router bias and both expert biases are sliced with the experts on export.
 
 from __future__ import annotations
 
-from ..routing import RoutingSpec
 from .base import MoEAdapter
 
 
@@ -20,7 +19,3 @@ class GptOssAdapter(MoEAdapter):
     expert_count_keys = ("num_local_experts",)
     router_attr = "router"
     block_returns_tuple = True
-
-    @property
-    def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)

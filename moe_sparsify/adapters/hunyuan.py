@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..routing import RoutingSpec
 from .base import MoEAdapter
 
 
@@ -30,10 +29,6 @@ class HunyuanMoeAdapter(MoEAdapter):
     @property
     def top_k(self) -> int:
         return self.config.moe_topk
-
-    @property
-    def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
 
     def router_weight(self, block: nn.Module) -> torch.Tensor:
         return block.gate.wg.weight

@@ -21,7 +21,6 @@ class JambaAdapter(MoEAdapter):
     expert_count_keys = ("num_experts",)
     block_attr = "feed_forward"
     router_attr = "router"
-    checkpoint_renames = ()
 
     @property
     def routing(self) -> RoutingSpec:

@@ -32,7 +32,6 @@ class Llama4Adapter(MoEAdapter):
     router_attr = "router"
     block_returns_tuple = True
     supports_skipping = False
-    checkpoint_renames = ()
 
     @property
     def routing(self) -> RoutingSpec:

@@ -25,17 +25,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..routing import RoutingSpec
 from .base import MoEAdapter
 
 
 class MixtralAdapter(MoEAdapter):
     model_types = ("mixtral", "minimax")
     expert_count_keys = ("num_local_experts",)
-
-    @property
-    def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
+    checkpoint_renames = ((".block_sparse_moe.", ".mlp."),)  # the hub's original layout
 
 
 class GraniteMoeAdapter(MixtralAdapter):
@@ -64,6 +60,3 @@ class AriaTextAdapter(MixtralAdapter):
     @property
     def top_k(self) -> int:
         return self.config.moe_topk
-
-    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        return block.shared_experts(x)

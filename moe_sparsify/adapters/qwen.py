@@ -22,6 +22,8 @@ written; OLMoE stores `num_experts` (alias `num_local_experts`), both written.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -36,7 +38,11 @@ class QwenMoeAdapter(MoEAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=bool(self.config.norm_topk_prob))
+        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=self.renormalizes)
+
+    @property
+    def renormalizes(self) -> bool:
+        return bool(self.config.norm_topk_prob)
 
 
 class Qwen2MoeAdapter(QwenMoeAdapter):
@@ -51,18 +57,12 @@ class Qwen2MoeAdapter(QwenMoeAdapter):
 class Qwen35MoeAdapter(Qwen2MoeAdapter):
     model_types = ("qwen3_5_moe_text",)
 
-    @property
-    def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
+    renormalizes = True  # always: its config has no norm_topk_prob
 
 
 class Qwen3VLMoeAdapter(MoEAdapter):
     model_types = ("qwen3_vl_moe_text",)
     expert_count_keys = ("num_experts",)
-
-    @property
-    def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
 
 
 class Qwen4ExpAdapter(Qwen2MoeAdapter):
@@ -80,10 +80,11 @@ class UngatedSharedExpertAdapter(MoEAdapter):
     model_types = ("lara_mini",)
     expert_count_keys = ("num_experts",)
 
+    scoring: ClassVar[str] = "softmax"
+
     @property
     def routing(self) -> RoutingSpec:
-        scoring = "sigmoid" if self.config.model_type == "flint" else "softmax"
-        return RoutingSpec(top_k=self.top_k, scoring=scoring, renormalize=bool(self.config.norm_topk_prob))
+        return RoutingSpec(top_k=self.top_k, scoring=self.scoring, renormalize=bool(self.config.norm_topk_prob))
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return block.shared_expert(x)
@@ -91,4 +92,5 @@ class UngatedSharedExpertAdapter(MoEAdapter):
 
 class FlintAdapter(UngatedSharedExpertAdapter):
     model_types = ("flint",)
+    scoring = "sigmoid"
     checkpoint_renames = ((".self_attn.softmax_offset", ".self_attn.sinks"),)
