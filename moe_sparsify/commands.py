@@ -31,8 +31,7 @@ from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from .plan import ModelIdentity, Plan, load_plan
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
-from .routing import check_skip_rule, default_skip_rule
-from .skipping import check_skipping_supported, skip_fractions, skipping
+from .skipping import check_skip_rule, check_skipping_supported, default_skip_rule, skip_fractions, skipping
 from .streaming import StreamedModel
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
 

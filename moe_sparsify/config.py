@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
+from .divergence import DIVERGENCES
 from .errors import UsageError
-from .evaluate import DIVERGENCES
 from .models import DTYPES, model_aliases
-from .routing import SKIP_RULES
 from .search import DEFAULT_MAX_SUBSETS, STRATEGIES
+from .skipping import SKIP_RULES
 
 MODES = ("layerwise", "progressive")
 DEVICES = ("auto", "cpu", "cuda")

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .divergence import mean_divergence
+
 
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, window: int, stride: int, device: torch.device) -> dict:
@@ -50,26 +52,7 @@ def next_token_log_probs(model, windows: torch.Tensor, device: torch.device, bat
     ]
 
 
-DIVERGENCES = ("kl", "reverse_kl", "js")
-
-
-def _divergence_sum(p: torch.Tensor, q: torch.Tensor, kind: str) -> float:
-    """Summed over tokens; p and q are log-probabilities over the vocabulary (last dim)."""
-    if kind == "kl":  # KL(p || q): mass the original puts where the pruned model does not
-        return (p.exp() * (p - q)).sum().item()
-    if kind == "reverse_kl":
-        return (q.exp() * (q - p)).sum().item()
-    mid = torch.logaddexp(p, q) - torch.log(torch.tensor(2.0))  # Jensen-Shannon
-    return 0.5 * (_divergence_sum(p, mid, "kl") + _divergence_sum(q, mid, "kl"))
-
-
-def mean_kl_of(reference: list[torch.Tensor], log_probs: list[torch.Tensor], kind: str = "kl") -> float:
-    """Mean per token of a divergence (default KL(reference || other)) between batches of log-probabilities."""
-    total = sum(_divergence_sum(ref, got, kind) for ref, got in zip(reference, log_probs))
-    return total / sum(ref[..., 0].numel() for ref in reference)
-
-
 @torch.no_grad()
 def mean_kl(model, windows: torch.Tensor, reference: list[torch.Tensor], device: torch.device, batch_size: int = 8):
     """Mean per token of KL(reference || model) over next-token distributions of token windows."""
-    return mean_kl_of(reference, next_token_log_probs(model, windows, device, batch_size))
+    return mean_divergence(reference, next_token_log_probs(model, windows, device, batch_size), "kl")

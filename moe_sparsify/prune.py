@@ -25,8 +25,8 @@ from .calibration.propagate import LayerStep, Resident, run_layer
 from .calibration.store import CalibrationStore
 from .config import Settings
 from .distributed import ReducedOracle, is_main, reduce_means, world
+from .divergence import mean_divergence
 from .errors import FailedRun, UsageError
-from .evaluate import mean_kl_of
 from .files import dumps, load_mapping, write_atomically
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
@@ -213,7 +213,7 @@ class EndToEndRescorer:
             for subset in subsets:
                 with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
                     pruned = self._log_probs(step, step.index)
-                divergences.append(mean_kl_of(self.reference, pruned, self.divergence))
+                divergences.append(mean_divergence(self.reference, pruned, self.divergence))
             # Under torchrun each rank scored its own sequences: weight their means by token counts.
             return reduce_means(divergences, sum(ref[..., 0].numel() for ref in self.reference))
 

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
-
 
 @dataclass(frozen=True)
 class RoutingSpec:
@@ -345,53 +343,3 @@ def subset_weights(
 def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """How often each expert is among a token's chosen experts (int64, n)."""
     return torch.bincount(indices.reshape(-1), minlength=num_experts)
-
-
-# --- dynamic skipping rules (ALGORITHM.md section 2) -------------------------------------------------
-
-SKIP_RULES = ("ratio", "tail")
-
-
-def default_skip_rule(top_k: int) -> str:
-    """The paper's ratio rule for top-2 models, the appendix's tail rule otherwise."""
-    return "ratio" if top_k == 2 else "tail"
-
-
-def check_skip_rule(rule: str, top_k: int) -> str:
-    if rule not in SKIP_RULES:
-        raise UsageError(f"unknown skip rule {rule!r}; choose one of {', '.join(SKIP_RULES)}")
-    if rule == "ratio" and top_k != 2:
-        raise UsageError(f"the ratio rule is for top-2 models; this one routes to {top_k}: use --rule tail")
-    return rule
-
-
-def skip_keep_mask(weights: torch.Tensor, beta: float, rule: str) -> torch.Tensor:
-    """tokens x k bool: which of each token's routed pairs survive. The top expert always does."""
-    if rule == "ratio":
-        if weights.shape[-1] != 2:
-            raise UsageError(f"the ratio rule is for top-2 models; this one routes to {weights.shape[-1]}: use tail")
-        # No sort needed for two: keep what reaches beta x the larger (the larger itself, as beta <= 1).
-        return weights >= min(beta, 1.0) * weights.max(dim=-1, keepdim=True).values
-    order = torch.argsort(weights, dim=-1, descending=True, stable=True)
-    ranked = torch.gather(weights.float(), -1, order)
-    if rule == "tail":
-        total = ranked.sum(-1, keepdim=True)
-        # tail[i] = mass after the top-(i+1); keep rank r while no shorter prefix already leaves tail <= beta.
-        tail = total - torch.cumsum(ranked, dim=-1)
-        prefix_ok = tail <= beta * total
-        first_ok = torch.argmax(prefix_ok.int(), dim=-1, keepdim=True)  # the last column is always ok
-        keep_ranked = torch.arange(ranked.shape[-1], device=weights.device) <= first_ok
-    else:
-        raise UsageError(f"unknown skip rule {rule!r}; choose one of {', '.join(SKIP_RULES)}")
-    return torch.zeros_like(keep_ranked).scatter(-1, order, keep_ranked)
-
-
-def skipped_weights(weights: torch.Tensor, keep: torch.Tensor, renormalize: bool) -> torch.Tensor:
-    """Zero the skipped pairs; for models that renormalise their top-k, rescale the survivors to the
-    row's original total (1, or DeepSeek's routed_scaling_factor). Rows that lost no pair keep the
-    router's weights bit for bit."""
-    kept = weights * keep
-    if not renormalize:
-        return kept
-    rescaled = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
-    return torch.where(keep.all(-1, keepdim=True), weights, rescaled)

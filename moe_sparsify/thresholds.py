@@ -28,7 +28,7 @@ from torch import nn
 from .adapters import MoEAdapter
 from .errors import UsageError
 from .files import Document
-from .routing import check_skip_rule, default_skip_rule, skip_keep_mask
+from .skipping import check_skip_rule, default_skip_rule, skip_keep_mask
 
 KIND = "moe-sparsify-thresholds"
 SCHEMA_VERSION = 1

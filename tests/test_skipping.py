@@ -7,8 +7,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.errors import UsageError
 from moe_sparsify.models import load_model
-from moe_sparsify.routing import skip_keep_mask
-from moe_sparsify.skipping import disable_skipping, enable_skipping, skip_fractions
+from moe_sparsify.skipping import disable_skipping, enable_skipping, skip_fractions, skip_keep_mask
 from moe_sparsify.thresholds import (
     LayerThreshold,
     SkipThresholds,
