@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from .plan import Plan, load_plan
 from .skipping import skip_fractions, skipping
 from .thresholds import SkipThresholds, load_thresholds
 from .timing import timed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -54,7 +58,8 @@ def parse_variant(spec: str) -> Variant:
     return Variant(spec, model_dir, thresholds)
 
 
-def load_variant(variant: Variant, dtype: torch.dtype, device: torch.device) -> None:
+def load_variant(variant: Variant, dtype: torch.dtype, device: torch.device) -> PreTrainedTokenizerBase:
+    """Load the variant's model (onto `device`), plan and thresholds into it; returns its tokenizer."""
     variant.model, tokenizer = load_model(variant.model_dir, dtype)
     variant.model.to(device)
     variant.adapter = adapter_for(variant.model.config)

@@ -15,7 +15,7 @@ import yaml
 from .divergence import DIVERGENCES
 from .errors import UsageError
 from .models import DTYPES, model_aliases
-from .search import DEFAULT_MAX_SUBSETS, STRATEGIES
+from .search import DEFAULT_E2E_SHORTLIST, DEFAULT_MAX_SUBSETS, STRATEGIES
 from .skipping import SKIP_RULES
 
 MODES = ("layerwise", "progressive")
@@ -37,7 +37,7 @@ class Settings:
     batch_size: int = 8  # sequences per forward during calibration
     max_subsets: int = DEFAULT_MAX_SUBSETS  # exhaustive refuses above this many subsets per layer
     beam: int = 1  # greedy beam width
-    e2e_shortlist: int = 16  # e2e: subsets per layer re-scored end to end
+    e2e_shortlist: int = DEFAULT_E2E_SHORTLIST  # e2e: subsets per layer re-scored end to end
     e2e_samples: int = 64  # e2e: calibration sequences the divergence is measured on (whole batches)
     e2e_divergence: str = "kl"  # e2e: kl = KL(original || pruned), reverse_kl, or js
     output: str | None = None

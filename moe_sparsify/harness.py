@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -61,6 +63,20 @@ def bundled_task_dir(directory: Path) -> Path:
     return directory
 
 
+@contextmanager
+def _datasets_offline() -> Iterator[None]:
+    """HF_DATASETS_OFFLINE=1 while the harness runs, unless the caller set it (local tasks must not reach
+    for the hub; users online set it to 0); the environment is left as it was."""
+    if "HF_DATASETS_OFFLINE" in os.environ:
+        yield
+        return
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["HF_DATASETS_OFFLINE"]
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -77,9 +93,7 @@ def run_tasks(
     for task_dir in task_dirs:
         if not Path(task_dir).is_dir():
             raise UsageError(f"--task-dir {task_dir} is not a directory of lm-eval task YAML files")
-    # Local tasks must not reach for the hub; users online can unset this themselves.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    with tempfile.TemporaryDirectory() as bundled:
+    with _datasets_offline(), tempfile.TemporaryDirectory() as bundled:
         include = [str(bundled_task_dir(Path(bundled)))] + [str(Path(d).resolve()) for d in task_dirs]
         manager = TaskManager(include_path=include)
         unknown = [t for t in tasks if t not in manager.all_tasks]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -123,13 +125,26 @@ def auto_model_class(config):
     return AutoModelForCausalLM
 
 
-def load_model(model_dir: Path, dtype: torch.dtype):
-    """Weights on the CPU; callers move what they compute with."""
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' weight-loading bar off for one load (our own progress goes to stderr; a bar per
+    load is noise), then back as the caller had it: the switch is process-wide."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress goes to stderr; a loading bar per call is noise
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        model = load_pretrained(model_dir, dtype)
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(model_dir: Path, dtype: torch.dtype):
+    """Weights on the CPU; callers move what they compute with."""
+    try:
+        with _no_loading_bar():
+            model = load_pretrained(model_dir, dtype)
     except Exception as exc:  # safetensors, OSError and transformers' own errors all mean "unreadable"
         raise FailedRun(
             f"cannot load the weights in {model_dir}: {str(exc).splitlines()[0]}; re-save or re-download the checkpoint"

@@ -17,6 +17,7 @@ import torch
 from .errors import UsageError
 
 DEFAULT_MAX_SUBSETS = 100_000
+DEFAULT_E2E_SHORTLIST = 16  # e2e: subsets per layer re-scored end to end
 _SCORE_BATCH = 512
 
 
@@ -39,7 +40,7 @@ class SearchContext:
     seed: int = 0
     max_subsets: int = DEFAULT_MAX_SUBSETS
     beam: int = 1
-    shortlist: int = 8  # e2e: subsets re-scored end to end
+    shortlist: int = DEFAULT_E2E_SHORTLIST
     rescore: Rescorer | None = None  # e2e: supplied by the caller that has the model
 
 
