@@ -97,10 +97,11 @@ def load_config(model_dir: Path):
 
 def for_inference(config):
     """INFERENCE_FLAGS set on `config` and its nested configs (a multimodal model's text config), in place.
-    A config read with output_attentions true has already picked eager attention: that choice is undone."""
+    The attention kernel is left to from_pretrained's default: a training run's saved choice
+    (`attn_implementation: flash_attention_2`) may name a package not installed here, and a config
+    read with output_attentions true has already switched to eager attention."""
+    config._attn_implementation = None
     for name, value in INFERENCE_FLAGS.items():
-        if name == "output_attentions" and getattr(config, name, False):
-            config._attn_implementation = None  # let from_pretrained choose, as for any other checkpoint
         if hasattr(config, name):
             setattr(config, name, value)
     for key in getattr(config, "sub_configs", {}) or {}:

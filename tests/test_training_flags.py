@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from moe_sparsify.cli import app
 from moe_sparsify.models import INFERENCE_FLAGS, load_config, load_pretrained
+from moe_sparsify.mtp import MTP_COUNT_KEYS
 
 from .conftest import save_with_tokenizer
 from .test_families import build
@@ -30,10 +31,10 @@ FAMILIES = ["mixtral", "qwen2_moe", "phimoe", "gpt_oss", "deepseek_v3:grouped", 
 ARGS = ["--keep", "6", "--samples", "8", "--seq-len", "32", "--json"]
 
 
-def _with_trained_flags(directory):
+def _with_trained_flags(directory, flags=TRAINED_FLAGS):
     config = json.loads((directory / "config.json").read_text())
     for section in [config] + [config[k] for k in ("text_config",) if k in config]:
-        section.update(TRAINED_FLAGS)
+        section.update(flags)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return config
 
@@ -55,14 +56,14 @@ def test_trained_flags_prune_export_and_verify_like_the_plain_checkpoint(family,
     assert got["verified_max_abs_logit_diff"] <= 1e-4
     assert [lp["kept"] for lp in got["layers"]] == [lp["kept"] for lp in expected["layers"]]
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert _without_expert_counts(exported) == _without_expert_counts(written), "only the expert count may change"
+    assert _without_counts(exported) == _without_counts(written), "only the expert and MTP counts may change"
     for section in [exported] + [exported[k] for k in ("text_config",) if k in exported]:
         assert {k: section[k] for k in TRAINED_FLAGS} == TRAINED_FLAGS, "the user's flags travel unchanged"
 
 
-def _without_expert_counts(config: dict) -> dict:
-    counts = ("num_experts", "num_local_experts", "n_routed_experts")
-    return {k: _without_expert_counts(v) if isinstance(v, dict) else v for k, v in config.items() if k not in counts}
+def _without_counts(config: dict) -> dict:
+    counts = ("num_experts", "num_local_experts", "n_routed_experts", *MTP_COUNT_KEYS)
+    return {k: _without_counts(v) if isinstance(v, dict) else v for k, v in config.items() if k not in counts}
 
 
 def test_trained_flags_stream_eval_and_skip_profile(tmp_path):
@@ -129,3 +130,16 @@ def test_output_attentions_in_config_does_not_switch_attention_kernels(tmp_path)
     with torch.no_grad():
         out = loaded(input_ids=ids)
     assert out.attentions is None and out.hidden_states is None and out.logits.shape == (2, 16, 2048)
+
+
+def test_a_saved_flash_attention_choice_does_not_stop_the_run(tmp_path):
+    """Training runs save attn_implementation: flash_attention_2 (transformers refuses it together with
+    output_attentions, so it is tested on its own); the package is not installed here."""
+    model, _ = build("mixtral")
+    flagged = save_with_tokenizer(model, tmp_path / "flagged")
+    flags = {"attn_implementation": "flash_attention_2", "output_router_logits": True}
+    _with_trained_flags(flagged, flags)
+    got = _run("prune", "--model", flagged, *ARGS, "-o", tmp_path / "out")
+    assert got["verified_max_abs_logit_diff"] <= 1e-4
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: exported[k] for k in flags} == flags
