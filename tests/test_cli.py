@@ -1,6 +1,7 @@
 """The command line end to end on the bundled model, and every bad input it must refuse."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -15,6 +16,16 @@ from .conftest import save_with_tokenizer
 
 runner = CliRunner()
 FAST = ["--samples", "16", "--seq-len", "128"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """A slice of the held-out split for `eval`: enough tokens to compare perplexities, a fraction of the time."""
+    from moe_sparsify.corpus import bundled_text
+
+    path = tmp_path_factory.mktemp("text") / "heldout.txt"
+    path.write_text(bundled_text("heldout")[:12_000], encoding="utf-8")
+    return ["--text", path]
 
 
 def run(*args):
@@ -52,16 +63,16 @@ def test_same_inputs_give_byte_identical_plans_and_tensors(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_plan_only_then_export_then_eval(tmp_path):
+def test_plan_only_then_export_then_eval(tmp_path, text):
     plan = tmp_path / "plan.json"
     assert run("prune", "--model", "tiny", "--keep", 4, "--plan-only", "--output", plan, *FAST).exit_code == 0
     assert json.loads(plan.read_text())["kind"] == "moe-sparsify-plan"
     result = run("export", "--plan", plan, "--output", tmp_path / "out", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["config_changes"] == ["num_local_experts: 8 -> 4"]
-    in_memory = json.loads(run("eval", "--model", "tiny", "--plan", plan, "--json").stdout)
-    exported = json.loads(run("eval", "--model", tmp_path / "out", "--json").stdout)
-    original = json.loads(run("eval", "--model", "tiny", "--json").stdout)
+    in_memory = json.loads(run("eval", "--model", "tiny", "--plan", plan, "--json", *text).stdout)
+    exported = json.loads(run("eval", "--model", tmp_path / "out", "--json", *text).stdout)
+    original = json.loads(run("eval", "--model", "tiny", "--json", *text).stdout)
     assert in_memory["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-5)
     assert exported["perplexity"] > original["perplexity"]
 
@@ -187,15 +198,20 @@ def test_bfloat16_search_still_verifies_in_float32(tmp_path):
 
 
 def test_shipped_configs_are_valid():
+    import yaml
+
     from moe_sparsify.config import resolve_settings
     from moe_sparsify.models import configs_dir
 
-    for path in sorted(configs_dir().glob("*.yaml")):
-        if path.name != "models.yaml":
-            assert resolve_settings(path, {}).keep is not None
+    shipped = [path for path in sorted(configs_dir().glob("*.yaml")) if path.name != "models.yaml"]
+    assert shipped
+    for path in shipped:
+        written = yaml.safe_load(path.read_text())
+        resolved = resolve_settings(path, {}).to_dict()
+        assert {key: resolved[key] for key in written} == written, path.name  # every value taken as written
 
 
-def test_skip_profile_eval_and_export_with_thresholds(tmp_path):
+def test_skip_profile_eval_and_export_with_thresholds(tmp_path, text):
     result = run("skip-profile", "--model", "tiny", "--output", tmp_path / "t.json", "--json", *FAST)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
@@ -205,7 +221,7 @@ def test_skip_profile_eval_and_export_with_thresholds(tmp_path):
     assert again.exit_code == 0
     assert (tmp_path / "t.json").read_bytes() == (tmp_path / "t2.json").read_bytes()
 
-    skipped = json.loads(run("eval", "--model", "tiny", "--thresholds", tmp_path / "t.json", "--json").stdout)
+    skipped = json.loads(run("eval", "--model", "tiny", "--thresholds", tmp_path / "t.json", "--json", *text).stdout)
     assert set(skipped["skip_fraction"]) == {"0", "1", "2", "3"}
 
     plan = tmp_path / "plan.yaml"
@@ -220,8 +236,10 @@ def test_skip_profile_eval_and_export_with_thresholds(tmp_path):
     ok = run("export", "--plan", plan, "--thresholds", pruned_t, "--output", tmp_path / "out")
     assert ok.exit_code == 0, ok.stderr
     assert (tmp_path / "out" / "moe_sparsify_thresholds.json").is_file()
-    in_memory = json.loads(run("eval", "--model", "tiny", "--plan", plan, "--thresholds", pruned_t, "--json").stdout)
-    exported = json.loads(run("eval", "--model", tmp_path / "out", "--thresholds", pruned_t, "--json").stdout)
+    in_memory = json.loads(
+        run("eval", "--model", "tiny", "--plan", plan, "--thresholds", pruned_t, "--json", *text).stdout
+    )
+    exported = json.loads(run("eval", "--model", tmp_path / "out", "--thresholds", pruned_t, "--json", *text).stdout)
     assert in_memory["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-4)
 
 
@@ -233,7 +251,7 @@ def test_skip_profile_bad_statistics(tmp_path):
     assert not (tmp_path / "t.json").exists()
 
 
-def test_eval_compare_table_json_and_report(tmp_path):
+def test_eval_compare_table_json_and_report(tmp_path, text):
     out = tmp_path / "keep6"
     assert run("prune", "--model", "tiny", "--keep", 6, "--output", out, *FAST).exit_code == 0
     assert run("skip-profile", "--model", out, "-o", out / "moe_sparsify_thresholds.json", *FAST).exit_code == 0
@@ -251,17 +269,23 @@ def test_eval_compare_table_json_and_report(tmp_path):
         16,
         "--batch",
         "1,2",
+        *text,
     ]
     result = run(*args, "--report", tmp_path / "report", "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert [v["experts"] for v in data["variants"]] == [8, 6, 6]
-    assert data["variants"][0]["decode_speedup"] == 1.0
+    base, pruned = data["variants"][:2]
+    # One round: a speed-up is the ratio of the variant's rate to the baseline's in that round.
+    assert pruned["decode_speedup"] == pytest.approx(pruned["decode_tokens_per_s"] / base["decode_tokens_per_s"])
     assert data["variants"][1]["perplexity"] > data["variants"][0]["perplexity"]
     assert set(data["variants"][2]["skip_fraction"]) == {"0", "1", "2", "3"}
     assert data["setup"]["device"] == "cpu" and data["setup"]["repeats"] == 1
     assert all(set(v["speed"]) == {"1", "2"} for v in data["variants"])
-    assert data["variants"][0]["speed"]["2"]["prefill_speedup"] == 1.0
+    base2, skipped2 = data["variants"][0]["speed"]["2"], data["variants"][2]["speed"]["2"]
+    assert skipped2["prefill_speedup"] == pytest.approx(
+        skipped2["prefill_tokens_per_s"] / base2["prefill_tokens_per_s"]
+    )
     for name in (
         "comparison.json",
         "quality_vs_parameters.png",
@@ -279,19 +303,21 @@ def test_eval_compare_bad_variants(tmp_path):
     assert missing.exit_code == 2 and "no threshold file" in _error_line(missing)
 
 
-def test_lm_eval_task_runs_offline_through_the_harness(tmp_path):
+def test_lm_eval_task_runs_offline_through_the_harness(tmp_path, text, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     plan = tmp_path / "plan.yaml"
     assert run("prune", "--model", "tiny", "--keep", 4, "--plan-only", "-o", plan, *FAST).exit_code == 0
     scores = {}
     for extra in ([], ["--plan", plan]):
-        result = run("eval", "--model", "tiny", "--tasks", "pydoc_cloze", "--limit", 100, "--json", *extra)
+        result = run("eval", "--model", "tiny", "--tasks", "pydoc_cloze", "--limit", 100, "--json", *text, *extra)
         assert result.exit_code == 0, result.stderr
         harness = json.loads(result.stdout)["harness"]
         assert harness["limit"] == 100 and harness["lm_eval"]
         scores[bool(extra)] = harness["tasks"]["pydoc_cloze"]["acc"]
     assert scores[False] > 0.35  # four choices: chance is 0.25
     assert scores[False] != scores[True]  # the harness scored the pruned in-memory model
+    assert "HF_DATASETS_OFFLINE" not in os.environ  # offline for the harness only, not the rest of the process
 
 
 def test_unknown_task_is_refused(tmp_path):
