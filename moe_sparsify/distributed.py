@@ -24,12 +24,11 @@ import torch.distributed as dist
 def process_group(device: torch.device) -> Iterator[None]:
     """Inside: joined to the process group torchrun describes in the environment (no-op when run alone).
 
-    Ranks finish at different times (rank 0 alone writes the outputs). The group used to be torn down
-    by an atexit hook, each rank on its own: a rank closing its connections while a peer was still
-    running, or destroying the group while the interpreter shut down, is how a rank can die of
-    SIGABRT in gloo. So a run that ends normally first waits at a barrier for every rank, then
-    destroys the group while Python is fully alive; a failing one destroys it at once (its peers get
-    an error, not a hang).
+    Ranks finish at different times (rank 0 alone writes the outputs). Each rank tearing the group
+    down on its own (an atexit hook) lets one close its connections while a peer still runs, or
+    destroy the group while the interpreter shuts down: ways a gloo rank dies of SIGABRT. So a run
+    that ends normally first waits at a barrier for every rank, then destroys the group while Python
+    is fully alive; a failing one destroys it at once (its peers get an error, not a hang).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield
@@ -37,7 +36,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield
-        dist.barrier()
+        all_sum(torch.zeros(1))  # the barrier, on the device every other collective uses
     finally:
         dist.destroy_process_group()
 
