@@ -54,3 +54,14 @@ def tiny_dir() -> Path:
 @pytest.fixture
 def token_ids() -> torch.Tensor:
     return torch.randint(0, 2048, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def text(tmp_path_factory):
+    """`--text` with a slice of the held-out split, for CLI `eval` runs: enough tokens to compare
+    perplexities, a fraction of the time of the whole split."""
+    from moe_sparsify.corpus import bundled_text
+
+    path = tmp_path_factory.mktemp("text") / "heldout.txt"
+    path.write_text(bundled_text("heldout")[:12_000], encoding="utf-8")
+    return ["--text", path]

@@ -18,16 +18,6 @@ runner = CliRunner()
 FAST = ["--samples", "16", "--seq-len", "128"]
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    """A slice of the held-out split for `eval`: enough tokens to compare perplexities, a fraction of the time."""
-    from moe_sparsify.corpus import bundled_text
-
-    path = tmp_path_factory.mktemp("text") / "heldout.txt"
-    path.write_text(bundled_text("heldout")[:12_000], encoding="utf-8")
-    return ["--text", path]
-
-
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 

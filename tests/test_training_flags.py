@@ -66,7 +66,7 @@ def _without_counts(config: dict) -> dict:
     return {k: _without_counts(v) if isinstance(v, dict) else v for k, v in config.items() if k not in counts}
 
 
-def test_trained_flags_stream_eval_and_skip_profile(tmp_path):
+def test_trained_flags_stream_eval_and_skip_profile(tmp_path, text):
     model, _ = build("mixtral")
     flagged = save_with_tokenizer(model, tmp_path / "flagged")
     _with_trained_flags(flagged)
@@ -88,7 +88,7 @@ def test_trained_flags_stream_eval_and_skip_profile(tmp_path):
         thresholds,
         "--json",
     )
-    pruned_in_memory = _run("eval", "--model", flagged, "--plan", plan, "--thresholds", thresholds, "--json")
+    pruned_in_memory = _run("eval", "--model", flagged, "--plan", plan, "--thresholds", thresholds, "--json", *text)
     assert pruned_in_memory["perplexity"] > 0
     _run(
         "skip-profile",
@@ -102,7 +102,7 @@ def test_trained_flags_stream_eval_and_skip_profile(tmp_path):
         tmp_path / "t2.json",
         "--json",
     )
-    skipped = _run("eval", "--model", tmp_path / "out", "--thresholds", tmp_path / "t2.json", "--json")
+    skipped = _run("eval", "--model", tmp_path / "out", "--thresholds", tmp_path / "t2.json", "--json", *text)
     assert skipped["perplexity"] > 0
 
 
