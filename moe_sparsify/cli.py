@@ -10,20 +10,55 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import commands
 from .config import Settings, resolve_settings
 from .distributed import is_main
-from .errors import MoeSparsifyError
+from .errors import FailedRun, MoeSparsifyError, UsageError
 from .plan import load_plan
 
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (a bad flag value, an unknown option) as one `error:` line and exit 2, like every
+    other error, instead of typer's boxed panel. Help (--help, no arguments) prints as usual."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            code = _fail_line("aborted", 1)
+        except Exception as exc:
+            # typer keeps click private; its usage errors are the exceptions with these two members.
+            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()
+                code = exc.exit_code
+            else:
+                context = getattr(exc, "ctx", None)
+                where = f"; see {context.command_path} --help" if context is not None else ""
+                code = _fail_line(" ".join(exc.format_message().split()) + where, exc.exit_code)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail_line(message: str, code: int) -> int:
+    typer.echo(f"error: {message}", err=True)
+    return code
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Slim Mixture-of-Experts language models: prune experts exactly, skip experts at run time, compare.",
@@ -54,8 +89,38 @@ ThresholdsOpt = Annotated[
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    raise typer.Exit(_fail_line(message, code))
+
+
+class Terminated(FailedRun):
+    """SIGTERM or SIGHUP, raised where the program is so that every `finally` removes its temporaries."""
+
+
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum, frame) -> None:
+    for sig in _TERMINATING:  # a second signal must not interrupt the cleanup the first one started
+        signal.signal(sig, signal.SIG_IGN)
+    name = signal.Signals(signum).name
+    error = Terminated(f"stopped by {name}; temporary files were removed, and rerunning resumes where it can")
+    error.exit_code = 128 + signum
+    raise error
+
+
+@contextmanager
+def _signals_unwind():
+    """A terminating signal unwinds the stack like an exception instead of killing the process mid-write."""
+    try:
+        previous = {sig: signal.signal(sig, _terminate) for sig in _TERMINATING}
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def reporting_errors(fn):
@@ -64,13 +129,14 @@ def reporting_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _signals_unwind():
+                return fn(*args, **kwargs)
         except MoeSparsifyError as exc:
             if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
                 raise
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; no output was written", 130)
+            _fail("interrupted; temporary files were removed, and rerunning resumes where it can", 130)
         except Exception as exc:
             if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
                 raise
@@ -269,7 +335,10 @@ def eval_(
     settings = _settings(config, {**flags, "eval_stride": stride, **speed, **harness})
     if compare or variants:
         if not compare or plan or thresholds or model or card:
-            raise typer.BadParameter("use --compare with variants as arguments (MODEL, MODEL+skip, MODEL+FILE) only")
+            raise UsageError(
+                "variants as arguments go with --compare only (MODEL, MODEL+skip, MODEL+FILE), and --compare "
+                "takes no --plan, --thresholds, --model or --card; see moe-sparsify eval --help"
+            )
         _emit(commands.compare(settings, variants or [], report, _show_progress(json_out)), json_out, _compare_table)
         return
     result = commands.evaluate(settings, plan, thresholds, card)

@@ -26,13 +26,15 @@ from .config import Settings
 from .distributed import is_main, process_group, shard, world
 from .errors import UsageError
 from .evaluate import perplexity
-from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, export_checkpoint
+from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, estimated_output_bytes, export_checkpoint
 from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
-from .plan import ModelIdentity, Plan, load_plan
+from .outputs import check_output, holding_outputs, lock_output, writing
+from .plan import ModelIdentity, load_plan
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
 from .skipping import check_skip_rule, check_skipping_supported, default_skip_rule, skip_fractions, skipping
 from .streaming import StreamedModel
+from .system import proc_bytes
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
 
 stderr = Console(stderr=True)
@@ -56,6 +58,22 @@ def open_job(settings: Settings) -> Job:
     return Job(settings, model_dir, adapter, device, pick_dtype(settings.dtype, device))
 
 
+def check_length(job: Job, tokens: int, flag: str) -> None:
+    """Refuse sequences longer than the model's position embeddings before any text is tokenised."""
+    limit = getattr(job.adapter.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens > limit:
+        raise UsageError(f"{flag} {tokens} exceeds the model's max_position_embeddings {limit}; pass at most {limit}")
+
+
+def _calibration_bytes(job: Job) -> int:
+    """Estimated size of the stored MoE inputs: one hidden vector per calibration token for every
+    decoder layer past the leading dense ones."""
+    config, s = job.adapter.config, job.settings
+    hidden = getattr(config, "hidden_size", None) or 0
+    layers = (getattr(config, "num_hidden_layers", None) or 0) - (getattr(config, "first_k_dense_replace", None) or 0)
+    return s.samples * s.seq_len * int(hidden) * max(int(layers), 0) * job.dtype.itemsize
+
+
 def _model_name(settings: Settings) -> str:
     return Path(settings.model.rstrip("/")).name
 
@@ -63,13 +81,7 @@ def _model_name(settings: Settings) -> str:
 def _peak_rss_bytes() -> int:
     """This program's peak resident set size. Linux's VmHWM starts afresh at exec; ru_maxrss keeps the
     high-water mark of whatever process forked us (a benchmark holding a model, say)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return proc_bytes("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_memory_bytes(device: torch.device) -> dict:
@@ -118,10 +130,14 @@ def _activation_store(settings: Settings, device: torch.device) -> ActivationSto
     return ActivationStore(device, device_bytes, cpu_bytes, settings.offload_dir)
 
 
+@holding_outputs
 def calibrate(settings: Settings, show_progress: bool) -> dict:
     _check_sources(settings)  # before the model is resolved: a hub alias may download it
     job = open_job(settings)
+    check_length(job, settings.seq_len, "--seq-len")
     output = Path(settings.output or f"{_model_name(settings)}-calibration")
+    check_output(output, "directory", settings.overwrite, _calibration_bytes(job), inputs=(job.model_dir,))
+    lock_output(output)
     writer = CalibrationWriter(output, settings.overwrite)
     start = time.perf_counter()
     model, tokenizer, residency, router_weights = _open_model(job)
@@ -194,6 +210,7 @@ def _tokens_from(
     return token_ids, manifest
 
 
+@holding_outputs
 def prune(settings: Settings, show_progress: bool) -> dict:
     start = time.perf_counter()
     store = _open_store(settings)  # before the model is resolved: a hub alias may download it
@@ -208,10 +225,15 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
     if settings.plan_only:
-        if output.exists() and not settings.overwrite:
-            raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+        check_output(output, "file", settings.overwrite, inputs=(job.model_dir,))
     else:
+        needed = estimated_output_bytes(job.model_dir, keep, job.adapter.num_experts)
+        check_output(output, "directory", settings.overwrite, needed, inputs=(job.model_dir,))
         check_target(job.model_dir, output, settings.overwrite)
+    if store is None:
+        check_length(job, settings.seq_len, "--seq-len")
+    if is_main():  # rank 0 writes the outputs (and the journal) for every process
+        lock_output(output)
     model, tokenizer, residency, router_weights = _open_model(job)
     identity = model_identity(model, job.adapter, router_weights)
     token_ids, manifest = _tokens_from(store, job, model, tokenizer, identity)
@@ -291,27 +313,30 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     return result
 
 
-def _thresholds_for(path: Path | None, model, adapter: MoEAdapter, kept: dict) -> SkipThresholds | None:
-    """A thresholds file checked against the model as `kept` leaves it."""
-    if path is None:
-        return None
-    thresholds = load_thresholds(path)
-    thresholds.check_matches(model_fingerprint(model, adapter, kept))
-    return thresholds
+def _check_thresholds(thresholds: SkipThresholds | None, model, adapter: MoEAdapter, kept: dict) -> None:
+    """Thresholds (loaded before the model, so a malformed file fails fast) checked against the model
+    as `kept` leaves it."""
+    if thresholds is not None:
+        thresholds.check_matches(model_fingerprint(model, adapter, kept), adapter.moe_layers(model))
 
 
+@holding_outputs
 def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = None) -> dict:
     start = time.perf_counter()
     plan = load_plan(plan_path)
     _check_sources(settings)
     job = open_job(settings)
     output = Path(settings.output or f"{_model_name(settings)}-keep{plan.uniform_keep() or 'mixed'}")
+    needed = estimated_output_bytes(job.model_dir, plan.uniform_keep() or 0, job.adapter.num_experts)
+    check_output(output, "directory", settings.overwrite, needed, inputs=(job.model_dir, plan_path))
     check_target(job.model_dir, output, settings.overwrite)
+    lock_output(output)
     for lp in plan.layers:
         check_kept(job.adapter, lp.kept)
+    thresholds = load_thresholds(thresholds_path) if thresholds_path else None
     model, tokenizer = load_model(job.model_dir, job.dtype)
     plan.check_matches(model_identity(model, job.adapter))
-    thresholds = _thresholds_for(thresholds_path, model, job.adapter, plan.kept())
+    _check_thresholds(thresholds, model, job.adapter, plan.kept())
     extra = {THRESHOLDS_FILE: thresholds.dumps("json")} if thresholds else None
     token_ids, _ = _calibration_tokens(settings, tokenizer, settings.verify_samples)
     provenance = export_checkpoint(
@@ -326,10 +351,13 @@ def evaluate(
     start = time.perf_counter()
     check_source(settings.eval_text)
     job = open_job(settings)
+    check_length(job, settings.eval_window, "--window")
     if card:
         if plan_path:
             raise UsageError("--card records results of the exported checkpoint itself; drop --plan (or --card)")
         check_card_target(job.model_dir)
+    plan = load_plan(plan_path) if plan_path else None
+    thresholds = load_thresholds(thresholds_path) if thresholds_path else None
     model, tokenizer = load_model(job.model_dir, job.dtype)
     model.to(job.device)
     stream = token_stream(tokenizer, load_documents(settings.eval_text))
@@ -342,11 +370,10 @@ def evaluate(
         "thresholds": str(thresholds_path) if thresholds_path else None,
     }
     kept = {}
-    if plan_path:
-        plan: Plan = load_plan(plan_path)
+    if plan is not None:
         plan.check_matches(model_identity(model, job.adapter))
         kept = plan.kept()
-    thresholds = _thresholds_for(thresholds_path, model, job.adapter, kept)
+    _check_thresholds(thresholds, model, job.adapter, kept)
 
     def score() -> dict:
         scores = perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device)
@@ -385,19 +412,22 @@ def _harness(settings: Settings, model, tokenizer, device: torch.device) -> dict
     )
 
 
+@holding_outputs
 def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool) -> dict:
     start = time.perf_counter()
     output = Path(settings.output or f"{_model_name(settings)}-thresholds.json")
-    if output.exists() and not settings.overwrite:
-        raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
     store = _open_store(settings)  # before the model is resolved: a hub alias may download it
     job = open_job(settings)
+    check_output(output, "file", settings.overwrite, inputs=(job.model_dir,))
     check_skipping_supported(job.adapter)
     rule = check_skip_rule(settings.skip_rule or default_skip_rule(job.adapter.top_k), job.adapter.top_k)
+    if store is None:
+        check_length(job, settings.seq_len, "--seq-len")
+    plan = load_plan(plan_path) if plan_path else None
+    lock_output(output)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     kept = {}
-    if plan_path:
-        plan = load_plan(plan_path)
+    if plan is not None:
         plan.check_matches(model_identity(model, job.adapter))
         kept = plan.kept()
     token_ids, manifest = _tokens_from(store, job, model, tokenizer)
@@ -433,12 +463,16 @@ def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool
     }
 
 
+@holding_outputs
 def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_progress: bool) -> dict:
     from . import compare as cmp
 
     if len(specs) < 2:
         raise UsageError("eval --compare needs at least two variants, e.g. tiny tiny-keep6 tiny-keep6+skip")
     check_source(settings.eval_text)
+    if report_dir is not None:  # an existing report directory is written into again
+        check_output(report_dir, "directory", overwrite=True, flag="--report")
+        lock_output(report_dir)
     variants = [cmp.parse_variant(spec) for spec in specs]
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -487,5 +521,6 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
     if report_dir is not None:
         from .report import write_report
 
-        result["report"] = write_report(result, Path(report_dir))
+        with writing(report_dir):
+            result["report"] = write_report(result, Path(report_dir))
     return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-DIVERGENCES = ("kl", "reverse_kl", "js")
+from .choices import DIVERGENCES
 
 
 def _divergence_sum(p: torch.Tensor, q: torch.Tensor, kind: str) -> float:

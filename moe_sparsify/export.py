@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
 from .model_card import CARD_FILE, EVALS_FILE, render_card
 from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
+from .outputs import replacing, writing
 from .plan import Plan
 
 INDEX = "model.safetensors.index.json"
@@ -60,6 +60,13 @@ def check_target(source_dir: Path, output: Path, overwrite: bool) -> None:
         raise UsageError(f"output {output} is inside the source model {source_dir}; choose a directory outside it")
     if output.exists() and not overwrite:
         raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
+
+
+def estimated_output_bytes(source_dir: Path, keep: int, num_experts: int) -> int:
+    """A lower bound of the export's size: the source weights scaled by the share of experts kept
+    (experts dominate an MoE checkpoint; the rest is copied whole, so the export is at least this)."""
+    weights = sum(p.stat().st_size for p in Path(source_dir).glob("*.safetensors"))
+    return weights * keep // max(num_experts, 1)
 
 
 def source_shards(source_dir: Path) -> list[str]:
@@ -233,10 +240,8 @@ def export_checkpoint(
     keep = plan.uniform_keep()
     if keep is None:
         raise UsageError("the plan keeps different expert counts per layer; stock transformers configs hold one count")
-    tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing(output, overwrite) as tmp, writing(output):
+        tmp.mkdir()
         mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept())
         check_expert_ids(tmp, keep)
         changes = _write_config(source_dir, tmp, adapter, keep)
@@ -269,10 +274,4 @@ def export_checkpoint(
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(render_card(source_dir, plan, provenance))
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(output)
-        return provenance
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return provenance

@@ -1,15 +1,44 @@
-"""Small files people read and pipes parse: YAML or JSON by suffix, written atomically."""
+"""Small files people read and pipes parse: YAML or JSON by suffix, written atomically, validated on load."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from .errors import UsageError
+from .outputs import write_atomically
+
+# Documents are dataclasses validated by pydantic on load: unknown keys refused, and strict types
+# written into the annotations (StrictInt, StrictStr, ...), since pydantic's strict mode would also
+# refuse the plain mappings a YAML file holds for the nested dataclasses.
+DOCUMENT_CONFIG = ConfigDict(extra="forbid")
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Every validation error on one line: `where: what (got value)`."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "top level"
+        if error["type"] == "literal_error":  # a name outside its list
+            parts.append(f"{where}: {error['input']!r} is not one of {error['ctx']['expected']}")
+        elif error["type"] == "value_error":  # a validator's own message, without pydantic's "Value error, "
+            parts.append(f"{where}: {error['ctx']['error']}")
+        elif error["type"] == "missing":
+            parts.append(f"{where}: {error['msg']}")
+        else:
+            parts.append(f"{where}: {error['msg']} (got {error['input']!r})")
+    return "; ".join(parts)
+
+
+@functools.cache
+def _validator(cls) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
 def format_of(path: Path) -> str:
@@ -22,28 +51,18 @@ def dumps(data: dict, fmt: str) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
 
 
-def write_atomically(path: Path, text: str, overwrite: bool = True) -> Path:
-    """Write beside the target and rename, so readers never see half a file."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists; pass --overwrite or choose another --output")
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def load_mapping(path: Path, what: str, fix: str) -> dict:
     """A YAML or JSON mapping; `what` names it and `fix` says where a good one comes from."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError:
-        raise UsageError(f"cannot read {what} {path}; {fix}") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path} ({exc.strerror}); {fix}") from None
     fmt = format_of(path)
     try:
+        text = raw.decode("utf-8")
         data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
+    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
         raise UsageError(f"{what} {path} is not valid {fmt.upper()}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{what} {path} is not a mapping; {fix}")
@@ -53,11 +72,13 @@ def load_mapping(path: Path, what: str, fix: str) -> dict:
 class Document:
     """A versioned dataclass file: `kind` and `schema_version` first, then the fields.
 
-    Subclasses are dataclasses with `kind` and `schema_version` fields and set WHAT (how errors name
-    the file), REMEDY (the command that writes a good one) and `_build` (nested dataclasses)."""
+    Subclasses are dataclasses with `kind` and `schema_version` fields, set WHAT (how errors name
+    the file) and REMEDY (the command that writes a good one), and may add `structure_errors`
+    (rules across fields that types cannot say)."""
 
     WHAT: ClassVar[str]
     REMEDY: ClassVar[str]
+    __pydantic_config__ = DOCUMENT_CONFIG
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -70,9 +91,8 @@ class Document:
     def save(self, path: Path, overwrite: bool = True) -> Path:
         return write_atomically(path, self.dumps(format_of(path)), overwrite)
 
-    @classmethod
-    def _build(cls, fields: dict):
-        raise NotImplementedError
+    def structure_errors(self) -> list[str]:
+        return []
 
     @classmethod
     def from_dict(cls, data: dict):
@@ -82,10 +102,26 @@ class Document:
         if data.get("schema_version") != schema:
             raise UsageError(f"{cls.WHAT} schema {data.get('schema_version')} is not {schema}; {cls.REMEDY}")
         try:
-            return cls._build(dict(data))
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"malformed {cls.WHAT}: {exc}") from None
+            document = _validator(cls).validate_python(data)
+        except ValidationError as exc:
+            raise UsageError(f"malformed {cls.WHAT}: {describe_errors(exc)}; {cls.REMEDY}") from None
+        errors = document.structure_errors()
+        if errors:
+            raise UsageError(f"malformed {cls.WHAT}: {'; '.join(errors)}; {cls.REMEDY}")
+        return document
 
     @classmethod
     def load(cls, path: Path):
         return cls.from_dict(load_mapping(path, cls.WHAT, cls.REMEDY))
+
+    def check_same_model(self, recorded, actual, remedy: str) -> None:
+        """Refuse a document made for another model, naming every difference of the two records."""
+        mine, theirs = asdict(recorded), asdict(actual)
+        diffs = [
+            f"{k} {mine[k]!r} in the {self.WHAT}, {theirs[k]!r} in the model" for k in mine if mine[k] != theirs[k]
+        ]
+        if diffs:
+            raise UsageError(
+                f"the {self.WHAT} does not match this model: its numbers belong to another model "
+                f"({'; '.join(diffs)}); {remedy}"
+            )

@@ -10,35 +10,38 @@ transformers configs hold one expert count, so `export` refuses such plans.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import UsageError
-from .files import Document
+from pydantic import StrictFloat, StrictInt, StrictStr, with_config
+
+from .files import DOCUMENT_CONFIG, Document
 
 SCHEMA_VERSION = 1
 KIND = "moe-sparsify-plan"
 
 
+@with_config(DOCUMENT_CONFIG)
 @dataclass
 class LayerPlan:
-    layer: int
-    kept: list[int]  # original expert ids, ascending
-    loss: float  # mean per-token squared reconstruction error of the kept set
-    runner_up_loss: float | None  # best other subset the strategy scored
-    subsets_scored: int
-    divergence: float | None = None  # e2e: KL(original || pruned) of next-token distributions
+    layer: StrictInt
+    kept: list[StrictInt]  # original expert ids, ascending
+    loss: StrictFloat  # mean per-token squared reconstruction error of the kept set
+    runner_up_loss: StrictFloat | None  # best other subset the strategy scored
+    subsets_scored: StrictInt
+    divergence: StrictFloat | None = None  # e2e: KL(original || pruned) of next-token distributions
 
 
+@with_config(DOCUMENT_CONFIG)
 @dataclass
 class ModelIdentity:
-    model_type: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    moe_layers: list[int]
-    router_sha256: str
+    model_type: StrictStr
+    num_layers: StrictInt
+    num_experts: StrictInt
+    top_k: StrictInt
+    moe_layers: list[StrictInt]
+    router_sha256: StrictStr
 
 
 @dataclass
@@ -46,16 +49,16 @@ class Plan(Document):
     WHAT: ClassVar[str] = "plan"
     REMEDY: ClassVar[str] = "pass the file written by `moe-sparsify prune`"
 
-    source: str
+    source: StrictStr
     model: ModelIdentity
-    strategy: str
-    mode: str
-    seed: int
+    strategy: StrictStr
+    mode: StrictStr
+    seed: StrictInt
     calibration: dict
     versions: dict
     layers: list[LayerPlan]
-    schema_version: int = SCHEMA_VERSION
-    kind: str = KIND
+    schema_version: StrictInt = SCHEMA_VERSION
+    kind: StrictStr = KIND
     options: dict = field(default_factory=dict)
 
     def kept(self) -> dict[int, list[int]]:
@@ -65,31 +68,32 @@ class Plan(Document):
         counts = {len(lp.kept) for lp in self.layers}
         return counts.pop() if len(counts) == 1 else None
 
-    @classmethod
-    def _build(cls, fields: dict) -> Plan:
-        fields["model"] = ModelIdentity(**fields["model"])
-        fields["layers"] = [LayerPlan(**lp) for lp in fields["layers"]]
-        return cls(**fields)
-
     def sha256(self) -> str:
         return hashlib.sha256(self.dumps("json").encode()).hexdigest()
 
-    def check_matches(self, identity: ModelIdentity) -> None:
-        """Refuse a plan made for another model, naming every difference."""
-        mine, theirs = asdict(self.model), asdict(identity)
-        diffs = [f"{k} {mine[k]!r} in the plan, {theirs[k]!r} in the model" for k in mine if mine[k] != theirs[k]]
-        if diffs:
-            raise UsageError(f"the plan does not match this model: {'; '.join(diffs)}; re-run prune for this model")
+    def structure_errors(self) -> list[str]:
+        """Each MoE layer of the plan's model exactly once, each keeping valid, distinct experts."""
+        identity, errors = self.model, []
+        if not self.layers:
+            return ["it lists no layers"]
+        seen = [lp.layer for lp in self.layers]
+        for index in sorted(set(seen)):
+            if index not in identity.moe_layers:
+                errors.append(f"layer {index} is not one of the MoE layers {identity.moe_layers}")
+            if seen.count(index) > 1:
+                errors.append(f"layer {index} appears {seen.count(index)} times")
+        errors += [f"MoE layer {index} is missing" for index in identity.moe_layers if index not in seen]
         for lp in self.layers:
-            if lp.layer not in identity.moe_layers:
-                raise UsageError(f"plan names layer {lp.layer}, which is not an MoE layer of this model")
             bad = [e for e in lp.kept if not 0 <= e < identity.num_experts]
             if bad or len(set(lp.kept)) != len(lp.kept):
-                raise UsageError(f"plan layer {lp.layer} keeps invalid experts {lp.kept}")
-            if len(lp.kept) < identity.top_k:
-                raise UsageError(
-                    f"plan layer {lp.layer} keeps {len(lp.kept)} experts, fewer than top_k={identity.top_k}"
-                )
+                errors.append(f"layer {lp.layer} keeps invalid experts {lp.kept} (ids 0..{identity.num_experts - 1})")
+            elif len(lp.kept) < identity.top_k:
+                errors.append(f"layer {lp.layer} keeps {len(lp.kept)} experts, fewer than top_k={identity.top_k}")
+        return errors
+
+    def check_matches(self, identity: ModelIdentity) -> None:
+        """Refuse a plan made for another model, naming every difference."""
+        self.check_same_model(self.model, identity, "re-run prune for this model")
 
 
 def load_plan(path: Path) -> Plan:

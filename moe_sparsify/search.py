@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import DEFAULT_E2E_SHORTLIST, DEFAULT_MAX_SUBSETS
 from .errors import UsageError
 
-DEFAULT_MAX_SUBSETS = 100_000
-DEFAULT_E2E_SHORTLIST = 16  # e2e: subsets per layer re-scored end to end
 _SCORE_BATCH = 512
 
 

@@ -29,13 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import SKIP_RULES
 from .errors import UsageError
 
 if TYPE_CHECKING:  # adapters use the rules below: they import this module, not the reverse
     from .adapters import MoEAdapter
-
-
-SKIP_RULES = ("ratio", "tail")
 
 
 def default_skip_rule(top_k: int) -> str:

@@ -18,35 +18,39 @@ Calibrating beta per layer from the top-k weights of calibration tokens:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from pydantic import StrictFloat, StrictInt, StrictStr, with_config
 from torch import nn
 
 from .adapters import MoEAdapter
+from .choices import SKIP_RULES, STATISTICS
 from .errors import UsageError
-from .files import Document
+from .files import DOCUMENT_CONFIG, Document
 from .skipping import check_skip_rule, default_skip_rule, skip_keep_mask
 
 KIND = "moe-sparsify-thresholds"
 SCHEMA_VERSION = 1
 
 
+@with_config(DOCUMENT_CONFIG)
 @dataclass
 class Fingerprint:
-    model_type: str
-    num_experts: list[int]  # per MoE layer
-    top_k: int
-    router_sha256: str
+    model_type: StrictStr
+    num_experts: list[StrictInt]  # per MoE layer
+    top_k: StrictInt
+    router_sha256: StrictStr
 
 
+@with_config(DOCUMENT_CONFIG)
 @dataclass
 class LayerThreshold:
-    layer: int
-    beta: float
-    skip_fraction: float  # share of routed (token, expert) pairs skipped on the calibration tokens
+    layer: StrictInt
+    beta: StrictFloat
+    skip_fraction: StrictFloat  # share of routed (token, expert) pairs skipped on the calibration tokens
 
 
 @dataclass
@@ -55,25 +59,42 @@ class SkipThresholds(Document):
     REMEDY: ClassVar[str] = "pass the file written by skip-profile"
 
     model: Fingerprint
-    rule: str
+    rule: StrictStr
     statistic: dict  # {"kind": "quantile" | "target_skip", "value": float}
     layers: list[LayerThreshold]
     calibration: dict = field(default_factory=dict)
-    kind: str = KIND
-    schema_version: int = SCHEMA_VERSION
+    kind: StrictStr = KIND
+    schema_version: StrictInt = SCHEMA_VERSION
 
-    @classmethod
-    def _build(cls, fields: dict) -> SkipThresholds:
-        fields["model"] = Fingerprint(**fields["model"])
-        fields["layers"] = [LayerThreshold(**entry) for entry in fields["layers"]]
-        return cls(**fields)
+    def structure_errors(self) -> list[str]:
+        """One threshold per MoE layer of the fingerprint, each a share in [0, 1]; a known rule and statistic."""
+        errors = []
+        if self.rule not in SKIP_RULES:
+            errors.append(f"rule {self.rule!r} is not one of {', '.join(SKIP_RULES)}")
+        kind, value = self.statistic.get("kind"), self.statistic.get("value")
+        if kind not in STATISTICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"statistic {self.statistic!r} is not {{kind: {' or '.join(STATISTICS)}, value: a number}}")
+        seen = [entry.layer for entry in self.layers]
+        if not seen:
+            errors.append("it lists no layers")
+        elif len(set(seen)) != len(seen):
+            errors.append(f"layers {seen} name a layer more than once")
+        elif len(seen) != len(self.model.num_experts):
+            errors.append(f"it lists {len(seen)} layers, and its model has {len(self.model.num_experts)} MoE layers")
+        for entry in self.layers:
+            for name in ("beta", "skip_fraction"):
+                if not 0.0 <= getattr(entry, name) <= 1.0:
+                    errors.append(f"layer {entry.layer}: {name} {getattr(entry, name)} is not in [0, 1]")
+        return errors
 
-    def check_matches(self, fingerprint: Fingerprint) -> None:
-        mine, theirs = asdict(self.model), asdict(fingerprint)
-        diffs = [k for k in mine if mine[k] != theirs[k]]
-        if diffs:
-            detail = "; ".join(f"{k} {mine[k]!r} in the file, {theirs[k]!r} in the model" for k in diffs)
-            raise UsageError(f"these thresholds belong to another model ({detail}); run skip-profile on this model")
+    def check_matches(self, fingerprint: Fingerprint, moe_layers: list[int] | None = None) -> None:
+        """Refuse thresholds profiled on another model, or naming layers that are not its MoE layers."""
+        self.check_same_model(self.model, fingerprint, "run skip-profile on this model")
+        if moe_layers is not None and sorted(e.layer for e in self.layers) != sorted(moe_layers):
+            raise UsageError(
+                f"this {self.WHAT} names layers {[e.layer for e in self.layers]}, and the model's MoE layers are "
+                f"{sorted(moe_layers)}; run skip-profile on this model"
+            )
 
 
 def load_thresholds(path: Path) -> SkipThresholds:

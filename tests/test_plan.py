@@ -46,3 +46,40 @@ def test_foreign_and_broken_files_are_refused(tmp_path):
         load_plan(tmp_path / "b.json")
     with pytest.raises(UsageError, match="cannot read plan"):
         load_plan(tmp_path / "missing.yaml")
+
+
+def _broken(tmp_path, change) -> str:
+    """The message of loading `_plan()` after `change(data)` edits its dictionary."""
+    data = _plan().to_dict()
+    change(data)
+    path = tmp_path / "plan.json"
+    path.write_text(__import__("json").dumps(data))
+    with pytest.raises(UsageError) as err:
+        load_plan(path)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda d: d["layers"].pop(), "MoE layer 1 is missing"),
+        (lambda d: d["layers"][1].update(layer=0), "layer 0 appears 2 times; MoE layer 1 is missing"),
+        (lambda d: d["layers"][1].update(layer=5), "layer 5 is not one of the MoE layers [0, 1]"),
+        (lambda d: d.update(layers=[]), "it lists no layers"),
+        (lambda d: d["layers"][0].update(kept=["0"]), "layers.0.kept.0: Input should be a valid integer (got '0')"),
+        (lambda d: d["layers"][0].update(kept=[0, 0, 1]), "layer 0 keeps invalid experts [0, 0, 1]"),
+        (lambda d: d["layers"][0].update(kept=[0, 8]), "layer 0 keeps invalid experts [0, 8] (ids 0..7)"),
+        (lambda d: d["layers"][0].update(kept=[3]), "layer 0 keeps 1 experts, fewer than top_k=2"),
+        (lambda d: d.update(seed="3"), "seed: Input should be a valid integer (got '3')"),
+        (lambda d: d.update(extra=1), "extra: Unexpected keyword argument"),
+        (lambda d: d["model"].pop("top_k"), "model.top_k: Field required"),
+    ],
+)
+def test_malformed_plans_are_refused_on_load(tmp_path, change, fragment):
+    message = _broken(tmp_path, change)
+    assert fragment in message and message.startswith("malformed plan: ")
+
+
+def test_every_plan_error_is_listed_at_once(tmp_path):
+    message = _broken(tmp_path, lambda d: d.update(seed="x", strategy=4))
+    assert "seed:" in message and "strategy:" in message

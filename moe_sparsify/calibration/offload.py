@@ -14,15 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..system import proc_bytes
+
 
 def _available_cpu_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
+    return proc_bytes("/proc/meminfo", "MemAvailable") or 8 * 2**30  # a guess where /proc is missing
 
 
 def default_budgets(device: torch.device) -> tuple[int, int]:

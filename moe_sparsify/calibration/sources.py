@@ -89,26 +89,67 @@ def load_documents(source: str) -> list[str]:
     if is_preset(source):
         return list(preset_documents(source))
     path = Path(source)
-    if path.name.endswith(_GZIP_LINES):
-        with gzip.open(path, "rt", encoding="utf-8") as lines:
-            return [_text_of(json.loads(line), source) for line in lines if line.strip()]
+    if path.suffix == ".parquet":
+        documents = _parquet_documents(path)
+    else:
+        documents = _text_file_documents(path, _read_text(path))
+    if not any(document.strip() for document in documents):
+        raise UsageError(f"text source {source!r} holds no text; pass a file with some")
+    return documents
+
+
+def _read_text(path: Path) -> str:
+    try:
+        if path.name.endswith(_GZIP_LINES):
+            with gzip.open(path, "rt", encoding="utf-8") as lines:
+                return lines.read()
+        return path.read_text(encoding="utf-8")
+    except (EOFError, gzip.BadGzipFile) as exc:
+        raise UsageError(f"{path} is not a complete gzip file ({exc}); download it again") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path} is not UTF-8 text (byte {exc.start}); pass a UTF-8 .txt/.jsonl/.json file or a .parquet"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}; check the path and its permissions") from None
+
+
+def _text_file_documents(path: Path, text: str) -> list[str]:
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [_text_of(row, source) for row in rows]
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and isinstance(data.get(TEXT_FIELD), list):
-            data = data[TEXT_FIELD]
-        if not isinstance(data, list):
-            raise UsageError(f"{source}: expected a JSON list of strings or of objects with {TEXT_FIELD!r}")
-        return [_text_of(row, source) for row in data]
+        return [text]
+    if path.suffix == ".jsonl" or path.name.endswith(_GZIP_LINES):  # C4's shards: JSON lines, gzipped
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append(_json(line, f"{path} line {number}", "one JSON object per line"))
+        return [_text_of(row, str(path)) for row in rows]
+    data = _json(text, str(path), f"a list of strings or of objects with {TEXT_FIELD!r}")
+    if isinstance(data, dict) and isinstance(data.get(TEXT_FIELD), list):
+        data = data[TEXT_FIELD]
+    if not isinstance(data, list):
+        raise UsageError(f"{path}: expected a JSON list of strings or of objects with {TEXT_FIELD!r}")
+    return [_text_of(row, str(path)) for row in data]
+
+
+def _json(text: str, where: str, expected: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{where} is not valid JSON ({exc}); expected {expected}") from None
+
+
+def _parquet_documents(path: Path) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UsageError("reading .parquet needs pyarrow; pip install pyarrow") from None
-    table = pq.read_table(path, columns=[TEXT_FIELD])
+    try:
+        table = pq.read_table(path, columns=[TEXT_FIELD])
+    except (OSError, ValueError, KeyError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"cannot read {path} as a parquet table with a {TEXT_FIELD!r} column ({detail}); check the file"
+        ) from None
     return [str(t) for t in table.column(TEXT_FIELD).to_pylist()]
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import FailedRun, UsageError
+from ..outputs import move_into_place, replacing, writing
 
 KIND = "moe-sparsify-calibration"
 MANIFEST = "manifest.json"
@@ -53,35 +54,38 @@ class CalibrationWriter:
             except ValueError:
                 left = None
             if left == fingerprint:
+                for stale in self.tmp.glob(".*.partial-*"):  # a layer file a killed run was writing
+                    stale.unlink()
                 return sorted(int(p.stem.split("_")[1]) for p in self.tmp.glob("layer_*.safetensors"))
             raise UsageError(
                 f"{self.tmp} was left by an interrupted calibration with other tokens, model or dtype; rerun "
                 "with the same arguments to resume, or delete it to start over"
             )
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        progress.write_text(json.dumps(fingerprint, sort_keys=True))
+        with writing(self.final):
+            self.tmp.mkdir()
+            progress.write_text(json.dumps(fingerprint, sort_keys=True))
         return []
 
     def add_tokens(self, token_ids: torch.Tensor) -> None:
-        save_file({"token_ids": token_ids.contiguous()}, self.tmp / "tokens.safetensors")
+        with writing(self.final):
+            save_file({"token_ids": token_ids.contiguous()}, self.tmp / "tokens.safetensors")
 
     def add_layer(self, index: int, inputs: list[torch.Tensor]) -> None:
         path = self.tmp / f"layer_{index:03d}.safetensors"
         if not path.exists():
             tensor = torch.cat([x.detach().cpu() for x in inputs]).contiguous()
-            save_file({"moe_input": tensor}, path.with_suffix(".partial"))
-            path.with_suffix(".partial").replace(path)
+            with replacing(path) as partial, writing(self.final):
+                save_file({"moe_input": tensor}, partial)
         stop = os.environ.get("MOE_SPARSIFY_STOP_AFTER_LAYER")
         if stop is not None and int(stop) == index:
             raise FailedRun(f"stopped after layer {index} (MOE_SPARSIFY_STOP_AFTER_LAYER); rerun to resume")
 
     def commit(self, manifest: dict) -> Path:
-        (self.tmp / self.PROGRESS).unlink(missing_ok=True)
-        (self.tmp / MANIFEST).write_text(json.dumps({"kind": KIND, **manifest}, indent=2, sort_keys=True) + "\n")
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        self.tmp.rename(self.final)
+        with writing(self.final):
+            (self.tmp / self.PROGRESS).unlink(missing_ok=True)
+            (self.tmp / MANIFEST).write_text(json.dumps({"kind": KIND, **manifest}, indent=2, sort_keys=True) + "\n")
+            move_into_place(self.tmp, self.final)
         return self.final
 
 
@@ -99,14 +103,21 @@ class CalibrationStore:
         if self.manifest.get("kind") != KIND:
             raise UsageError(f"{path} is not a moe-sparsify calibration manifest")
 
+    def _read(self, name: str, key: str) -> torch.Tensor:
+        try:
+            return load_file(self.dir / name)[key]
+        except Exception as exc:  # a missing or damaged file: OSError, SafetensorError, KeyError
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"cannot read {self.dir / name} ({detail}); run `moe-sparsify calibrate` again") from None
+
     def token_ids(self) -> torch.Tensor:
-        return load_file(self.dir / "tokens.safetensors")["token_ids"]
+        return self._read("tokens.safetensors", "token_ids")
 
     def layer_inputs(self, index: int) -> torch.Tensor:
         path = self.dir / f"layer_{index:03d}.safetensors"
         if not path.exists():
             raise UsageError(f"calibration {self.dir} has no inputs for layer {index}; recalibrate this model")
-        return load_file(path)["moe_input"]
+        return self._read(path.name, "moe_input")
 
     def check_model(self, identity: dict) -> None:
         stored = self.manifest.get("model", {})

@@ -1,0 +1,12 @@
+"""The names a setting or a document may take, in one place that settings, documents and the
+algorithm modules all import (so validating a setting loads no algorithm)."""
+
+STRATEGIES = ("exhaustive", "greedy", "e2e", "reap", "frequency", "random")  # search.py registers each
+MODES = ("layerwise", "progressive")
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
+DTYPES = ("float32", "bfloat16", "float16")
+DIVERGENCES = ("kl", "reverse_kl", "js")  # e2e: KL(original || pruned), KL(pruned || original), Jensen-Shannon
+SKIP_RULES = ("ratio", "tail")  # ratio: top-2 (the paper); tail: top-k
+DEFAULT_MAX_SUBSETS = 100_000  # exhaustive search refuses above this many subsets per layer
+DEFAULT_E2E_SHORTLIST = 16  # e2e: subsets per layer re-scored end to end
+STATISTICS = ("quantile", "target_skip")  # how skip-profile picks each layer's beta

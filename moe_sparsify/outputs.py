@@ -1,0 +1,243 @@
+"""Where results land: pre-flight checks, one exclusive lock per output, atomic replacement, no litter.
+
+Every command that writes calls `check_output` before it loads a model, then holds `OutputLock`
+for the whole run. Files and directories are built under a temporary name beside the target,
+`.NAME.partial-PID`, and renamed into place; the temporary goes on every exit path (errors and
+SIGTERM included, see `cli.py`), and one left by a killed process is removed by the next run that
+takes the lock on the same output.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import glob
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+from .errors import FailedRun, MoeSparsifyError, UsageError
+
+_PARTIAL = ".partial-"
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_PARTIAL}{os.getpid()}")
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _remove(path: Path) -> None:
+    """A file, link or directory tree, whichever `path` is."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_failure(code: int | None, path: Path, detail: str = "") -> MoeSparsifyError:
+    """One line for an operating-system error while writing `path`."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return FailedRun(f"no space left on the disk holding {path}; free some space or choose another --output")
+    if code == errno.EROFS:
+        return UsageError(f"{path} is on a read-only file system; choose another --output")
+    if code in (errno.EACCES, errno.EPERM):
+        return UsageError(f"no permission to write {path}; fix its permissions or choose another --output")
+    return FailedRun(f"cannot write {path}: {detail or os.strerror(code or 0)}; check the disk and --output")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn OS errors (and safetensors' `... (os error 28)`) raised while writing `path` into one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_failure(exc.errno, path, exc.strerror or str(exc)) from None
+    except Exception as exc:  # SafetensorError carries the OS error only in its text
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        raise write_failure(int(found[1]), path, str(exc).splitlines()[0]) from None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_output(
+    path: Path,
+    kind: str,
+    overwrite: bool,
+    needed_bytes: int = 0,
+    flag: str = "--output",
+    inputs: tuple[Path, ...] = (),
+) -> None:
+    """Refuse, before any heavy work, an output that cannot be written.
+
+    kind: "file" or "directory", what the command writes. An existing output of the other kind is
+    refused even with --overwrite (replacing a directory by a plan file is never what was meant).
+    needed_bytes: a lower bound of the output's size, checked against the free space.
+    inputs: what the run reads (the model directory); an output that is one of them, or holds one,
+    or holds the working directory, would be deleted by --overwrite, and is refused.
+    """
+    path = Path(path)
+    target = path.resolve()
+    for kept in (Path.cwd(), *inputs):
+        kept = Path(kept).resolve()
+        if target == kept or target in kept.parents:
+            raise UsageError(f"{flag} {path} is or holds {kept}, which this run must not replace; choose a new path")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UsageError(f"{flag} {path}: {parent} {what}; create it or choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write in {parent} (read-only or no permission); choose another {flag}")
+    if path.exists() or path.is_symlink():
+        found = "directory" if path.is_dir() else "file"
+        if found != kind:
+            raise UsageError(f"{flag} {path} is a {found}, but this writes a {kind}; choose another {flag}")
+        if not overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite or choose another {flag}")
+    if needed_bytes > 0:
+        free = shutil.disk_usage(parent).free
+        if free < needed_bytes:
+            raise FailedRun(
+                f"{flag} {path} needs at least {_gib(needed_bytes)}, and {parent} has {_gib(free)} free; "
+                f"free some space or choose another {flag}"
+            )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove `.NAME.partial-PID` left beside `path` by processes that are gone; returns what went."""
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}{_PARTIAL}*"):
+        pid = candidate.name.rpartition(_PARTIAL)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(candidate)
+            removed.append(candidate)
+    return removed
+
+
+class OutputLock:
+    """An exclusive lock on one output for a whole run: `.NAME.lock` beside it, held with flock, holding
+    the PID. The kernel drops a flock when its process dies, however it dies, so a lock left by a killed
+    run is stale by construction and the next run takes it over. Taking it also sweeps the temporaries
+    of dead runs on the same output."""
+
+    def __init__(self, path: Path):
+        self.output = Path(path)
+        self.path = _lock_file(self.output)
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        while True:
+            with writing(self.path):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise FailedRun(
+                    f"another moe-sparsify run (PID {holder}) is writing {self.output}; "
+                    "wait for it to finish or choose another --output"
+                ) from None
+            # A holder that just finished unlinked the file we opened; lock the current one instead.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        remove_stale_temporaries(self.output)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+_held: ContextVar[ExitStack | None] = ContextVar("held_outputs", default=None)
+
+
+def holding_outputs(fn):
+    """For a command function: the outputs it locks with `lock_output` stay locked until it returns."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with ExitStack() as stack:
+            token = _held.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _held.reset(token)
+
+    return wrapper
+
+
+def lock_output(path: Path) -> None:
+    """Lock `path` until the enclosing `holding_outputs` command returns."""
+    stack = _held.get()
+    if stack is None:
+        raise RuntimeError("lock_output is called from a function decorated with holding_outputs")
+    stack.enter_context(OutputLock(path))
+
+
+@contextmanager
+def replacing(path: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to build a file or directory in; on success it replaces
+    `path` (a file or a directory) by rename, so readers never see half an output. The temporary is
+    removed on every exit path."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite or choose another --output")
+    tmp = _temporary(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        with writing(path):
+            move_into_place(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+
+
+def move_into_place(built: Path, path: Path) -> None:
+    """Rename `built` to `path`, replacing what is there (a file or a directory)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    built.replace(path)
+
+
+def write_atomically(path: Path, data: str | bytes, overwrite: bool = True) -> Path:
+    """Write beside the target and rename, so readers never see half a file."""
+    with replacing(path, overwrite) as tmp, writing(path):
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+    return Path(path)

@@ -1,0 +1,375 @@
+"""Hostile input: every refusal is one `error:` line, the right exit code, no traceback, and nothing
+left on disk. Most cases fail in the pre-flight, before a model is loaded; they run in-process.
+Locks and signals need real processes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moe_sparsify.cli import app
+from moe_sparsify.errors import FailedRun, UsageError
+from moe_sparsify.outputs import remove_stale_temporaries, write_atomically, writing
+
+FAST = ["--samples", "4", "--seq-len", "64"]
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _listing(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
+
+
+def refused(directory: Path, *args, code: int = 2) -> str:
+    """Run the CLI; assert it refuses with one line and `code`, and leaves `directory` as it was."""
+    before = _listing(directory)
+    result = _run(*args)
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert _listing(directory) == before, _listing(directory) ^ before
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Commands without --output write into the working directory: make it the test's."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory) -> Path:
+    """A good plan for the bundled model, to break in the tests below."""
+    path = tmp_path_factory.mktemp("plan") / "tiny.plan.json"
+    result = _run("prune", "--model", "tiny", "--keep", 6, "--plan-only", "--output", path, *FAST)
+    assert result.exit_code == 0, result.stderr
+    return path
+
+
+def _write(path: Path, data) -> Path:
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+# --- calibration and evaluation text -------------------------------------------------------------
+
+BAD_TEXT = [
+    ("binary.txt", b"\xff\xfe\x00\x81text", "is not UTF-8 text"),
+    ("latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"), "is not UTF-8 text"),
+    ("broken.jsonl", '{"text": "a"}\n{"text": \n', "line 2 is not valid JSON"),
+    ("broken.json", "[1, 2", "is not valid JSON"),
+    ("mapping.json", '{"rows": 3}', "expected a JSON list"),
+    ("no_text.jsonl", '{"body": "a"}\n', "needs a string field 'text'"),
+    ("corrupt.parquet", b"PAR1 this is not parquet", "cannot read"),
+    ("empty.txt", "", "holds no text"),
+    ("blank.txt", "  \n\n", "holds no text"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "fragment"), BAD_TEXT, ids=[c[0] for c in BAD_TEXT])
+def test_bad_calibration_text(tmp_path, name, content, fragment):
+    source = _write(tmp_path / name, content)
+    out = tmp_path / "p.yaml"
+    line = refused(tmp_path, "prune", "--keep", 6, "--plan-only", "-o", out, "--calibration", source, *FAST)
+    assert fragment in line
+
+
+@pytest.mark.parametrize(("name", "content", "fragment"), BAD_TEXT[:3], ids=[c[0] for c in BAD_TEXT[:3]])
+def test_bad_evaluation_text(tmp_path, name, content, fragment):
+    assert fragment in refused(tmp_path, "eval", "--text", _write(tmp_path / name, content))
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("a.txt=-1", "weights must be positive"),
+        ("a.txt=x", "is not a number"),
+        (",", "empty calibration source"),
+        ("data.csv", "is not a file"),
+        ("folder.txt", "is not a file"),
+    ],
+)
+def test_bad_calibration_specs(tmp_path, spec, fragment):
+    (tmp_path / "folder.txt").mkdir()
+    assert fragment in refused(tmp_path, "calibrate", "-o", tmp_path / "c", "--calibration", spec, *FAST)
+
+
+# --- settings files and flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "fragment"),
+    [
+        ("output: 42\n", "output: Input should be a valid string (got 42)"),
+        ('plan_only: "no"\n', "plan_only: Input should be a valid boolean (got 'no')"),
+        ("calibration:\n  source: bundled\n  weight: 1\n", "calibration: give a source"),
+        ("- keep\n- 6\n", "must be a mapping"),
+        ("keep: [6\n", "is not valid YAML"),
+        ("keep: 6\nkepp: 4\n", "kepp: unknown setting"),
+        ("keep: 6\nsamples: -3\nseed: x\n", "samples: Input should be greater than or equal to 1 (got -3); seed:"),
+        ("keep: 6\nmode: sideways\n", "mode: 'sideways' is not one of 'layerwise' or 'progressive'"),
+    ],
+)
+def test_bad_settings_files(tmp_path, yaml_text, fragment):
+    config = _write(tmp_path / "run.yaml", yaml_text)
+    assert fragment in refused(tmp_path, "prune", "--config", config)
+
+
+def test_binary_and_missing_settings_files(tmp_path):
+    binary = _write(tmp_path / "run.yaml", b"\xff\xfe\x00keep")
+    assert "is not valid YAML" in refused(tmp_path, "prune", "--config", binary, "--keep", 6)
+    assert "cannot read config" in refused(tmp_path, "prune", "--config", tmp_path / "none.yaml", "--keep", 6)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["prune", "--keep", 6, "--seed", "abc"], "Invalid value for '--seed': Input should be a valid integer"),
+        (["prune", "--keep", "six"], "Invalid value for '--keep'"),
+        (["prune", "--kep", 6], "No such option: --kep"),
+        (["prune", "--keep", 6, "--seq-len", 4096], "--seq-len 4096 exceeds the model's max_position_embeddings 1024"),
+        (["calibrate", "--seq-len", 2048], "max_position_embeddings 1024"),
+        (["eval", "--window", 4096], "--window 4096 exceeds the model's max_position_embeddings 1024"),
+        (["prune", "--keep", 6, "--samples", 0], "samples: Input should be greater than or equal to 1"),
+        (["prune", "--keep", 6, "--device", "gpu"], "device: must be one of auto, cpu, cuda or cuda:N"),
+        (["prune", "--keep", 6, "--dtype", "float8"], "dtype: 'float8' is not one of"),
+        (["prune", "--keep", 6, "--strategy", "magic"], "strategy: 'magic' is not one of"),
+        (["skip-profile", "--quantile", 2], "quantile: Input should be less than 1"),
+        (["skip-profile", "--quantile", 0.5, "--target-skip", 0.3], "give one statistic, not both"),
+        (["skip-profile", "--rule", "median"], "skip_rule: 'median' is not one of"),
+        (["eval", "stray", "words"], "variants as arguments go with --compare only"),
+        (["eval", "--compare", "tiny"], "needs at least two variants"),
+        (["eval", "--batch", "1,x"], "speed_batch: must be positive integers"),
+        (["eval", "--window", 8, "--stride", 16], "eval_stride: 16 is larger than eval_window 8"),
+        (["prune", "--model", "no/such/model", "--keep", 6], "not an alias"),
+        (["nonsense"], "No such command 'nonsense'"),
+    ],
+)
+def test_bad_flags_are_one_line(tmp_path, args, fragment):
+    assert fragment in refused(tmp_path, *args)
+
+
+# --- outputs: pre-flight before the model loads ----------------------------------------------------
+
+
+def test_missing_parent_directory_is_refused_before_loading(tmp_path, monkeypatch):
+    import moe_sparsify.commands as commands
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(commands, "load_model", no_loading)
+    monkeypatch.setattr(commands, "_open_model", no_loading)
+    for args in (
+        ["prune", "--keep", 6, "-o", tmp_path / "no" / "out", *FAST],
+        ["prune", "--keep", 6, "--plan-only", "-o", tmp_path / "no" / "p.yaml", *FAST],
+        ["calibrate", "-o", tmp_path / "no" / "c", *FAST],
+        ["skip-profile", "-o", tmp_path / "no" / "t.json", *FAST],
+    ):
+        assert "does not exist; create it or choose another --output" in refused(tmp_path, *args)
+
+
+def test_parent_that_is_a_file(tmp_path):
+    _write(tmp_path / "file", "x")
+    assert "is not a directory" in refused(tmp_path, "prune", "--keep", 6, "-o", tmp_path / "file" / "out")
+
+
+def test_unwritable_parent(tmp_path, monkeypatch):
+    import moe_sparsify.outputs as outputs
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)  # root ignores chmod
+    line = refused(tmp_path, "prune", "--keep", 6, "--plan-only", "-o", tmp_path / "p.yaml")
+    assert "cannot write in" in line and "read-only or no permission" in line
+
+
+def test_output_of_the_wrong_kind_is_refused_even_with_overwrite(tmp_path):
+    _write(tmp_path / "file", "mine")
+    (tmp_path / "dir").mkdir()
+    line = refused(tmp_path, "prune", "--keep", 6, "-o", tmp_path / "file", "--overwrite", *FAST)
+    assert "is a file, but this writes a directory" in line
+    line = refused(tmp_path, "prune", "--keep", 6, "--plan-only", "-o", tmp_path / "dir", "--overwrite", *FAST)
+    assert "is a directory, but this writes a file" in line
+    assert "is a directory" in refused(tmp_path, "skip-profile", "-o", tmp_path / "dir", "--overwrite", *FAST)
+    assert "is a file" in refused(tmp_path, "calibrate", "-o", tmp_path / "file", "--overwrite", *FAST)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    _write(tmp_path / "t.json", "{}")
+    assert "pass --overwrite" in refused(tmp_path, "skip-profile", "-o", tmp_path / "t.json", *FAST)
+
+
+def test_report_path_is_checked_before_measuring(tmp_path):
+    _write(tmp_path / "report", "mine")
+    line = refused(tmp_path, "eval", "--compare", "tiny", "tiny", "--report", tmp_path / "report")
+    assert "--report" in line and "is a file" in line
+    line = refused(tmp_path, "eval", "--compare", "tiny", "tiny", "--report", tmp_path / "no" / "report")
+    assert "does not exist" in line
+
+
+def test_too_little_free_disk_is_refused(tmp_path, monkeypatch):
+    import moe_sparsify.outputs as outputs
+
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: _Usage(free=1024))
+    line = refused(tmp_path, "prune", "--keep", 6, "-o", tmp_path / "out", *FAST, code=1)
+    assert "needs at least" in line and "free some space" in line
+
+
+class _Usage:
+    def __init__(self, free: int):
+        self.total, self.used, self.free = free, 0, free
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(self, data, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(FailedRun, match="no space left on the disk holding"):
+        write_atomically(tmp_path / "plan.yaml", "x: 1\n")
+    assert _listing(tmp_path) == set()
+
+
+def test_safetensors_errors_carrying_an_os_error_are_translated(tmp_path):
+    class SafetensorError(Exception):
+        pass
+
+    with pytest.raises(FailedRun, match="no space left"), writing(tmp_path / "out"):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull }) (os error 28)")
+    with pytest.raises(UsageError, match="read-only file system"), writing(tmp_path / "out"):
+        raise OSError(errno.EROFS, "Read-only file system")
+    with pytest.raises(ValueError, match="unrelated"), writing(tmp_path / "out"):
+        raise ValueError("unrelated")  # not an OS error: left alone
+
+
+# --- plans and threshold files ---------------------------------------------------------------------
+
+
+def _edited(plan_file: Path, directory: Path, change) -> Path:
+    data = json.loads(plan_file.read_text())
+    change(data)
+    return _write(directory / "edited.json", data)
+
+
+PLAN_EDITS = [
+    (lambda d: d["layers"][0].update(kept=[str(e) for e in d["layers"][0]["kept"]]), "Input should be a valid integer"),
+    (lambda d: d["layers"].pop(), "is missing"),
+    (lambda d: d["layers"][1].update(layer=0), "layer 0 appears 2 times"),
+    (lambda d: d.update(layers=[]), "it lists no layers"),
+    (lambda d: d.update(kind="moe-sparsify-thresholds"), "not a moe-sparsify plan"),
+    (lambda d: d.update(schema_version=99), "schema 99 is not 1"),
+    (lambda d: d["model"].update(num_experts="8"), "model.num_experts: Input should be a valid integer"),
+]
+
+
+@pytest.mark.parametrize(("change", "fragment"), PLAN_EDITS)
+def test_malformed_plans_fail_before_loading(tmp_path, plan_file, change, fragment):
+    plan = _edited(plan_file, tmp_path, change)
+    assert fragment in refused(tmp_path, "export", "--plan", plan, "-o", tmp_path / "out")
+    assert fragment in refused(tmp_path, "eval", "--plan", plan)
+    assert fragment in refused(tmp_path, "skip-profile", "--plan", plan, "-o", tmp_path / "t.json")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [(b"\x00\xff\xfe", "is not valid JSON"), ("[1, 2]", "is not a mapping"), ("", "is not valid JSON")],
+)
+def test_plan_files_that_are_not_plans(tmp_path, content, fragment):
+    plan = _write(tmp_path / "plan.json", content)
+    assert fragment in refused(tmp_path, "export", "--plan", plan, "-o", tmp_path / "out")
+
+
+def test_missing_plan_and_calibration_directory(tmp_path):
+    assert "cannot read plan" in refused(tmp_path, "export", "--plan", tmp_path / "none.yaml")
+    line = refused(tmp_path, "prune", "--keep", 6, "--from-calibration", tmp_path, "-o", tmp_path / "out")
+    assert "is not a calibration directory" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda d: d["layers"][0].update(beta="0.5"), "layers.0.beta: Input should be a valid number"),
+        (lambda d: d["layers"].pop(), "it lists 3 layers, and its model has 4 MoE layers"),
+        (lambda d: d["layers"][0].update(beta=7.0), "beta 7.0 is not in [0, 1]"),
+        (lambda d: d.update(rule="median"), "rule 'median' is not one of ratio, tail"),
+        (lambda d: d.update(statistic={"kind": "mean"}), "statistic {'kind': 'mean'} is not"),
+        (lambda d: d["layers"][1].update(layer=0), "name a layer more than once"),
+    ],
+)
+def test_malformed_threshold_files(tmp_path, change, fragment):
+    layers = [{"layer": i, "beta": 0.5, "skip_fraction": 0.25} for i in range(4)]
+    model = {"model_type": "mixtral", "num_experts": [8] * 4, "top_k": 2, "router_sha256": "ab"}
+    data = {"kind": "moe-sparsify-thresholds", "schema_version": 1, "model": model, "rule": "ratio"}
+    data.update(statistic={"kind": "quantile", "value": 0.5}, layers=layers, calibration={})
+    change(data)
+    thresholds = _write(tmp_path / "t.json", data)
+    assert fragment in refused(tmp_path, "eval", "--thresholds", thresholds)
+
+
+# --- locks, signals and the temporaries of killed runs ---------------------------------------------
+
+
+def _cli(*args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "moe_sparsify", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.partial-{dead.stdout.strip()}"
+    stale.mkdir()
+    alive = tmp_path / f".out.partial-{os.getppid()}"  # a live process's: not ours to remove
+    alive.mkdir()
+    assert remove_stale_temporaries(out) == [stale]
+    assert alive.exists() and not stale.exists()
+
+
+def _wait_for(predicate, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_sigterm_mid_export_unwinds_and_removes_its_temporaries(tmp_path, plan_file):
+    process = _cli("export", "--plan", plan_file, "-o", tmp_path / "out")
+    _wait_for(lambda: any(tmp_path.glob(".out.partial-*")), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().startswith("error: stopped by SIGTERM") and len(stderr.strip().splitlines()) == 1
+    assert _listing(tmp_path) == set()
+
+
+def test_two_concurrent_runs_exactly_one_proceeds_and_a_killed_holder_is_stale(tmp_path, plan_file):
+    out = tmp_path / "out"
+    first = _cli("export", "--plan", plan_file, "-o", out)
+    _wait_for(lambda: any(tmp_path.glob(".out.partial-*")), first)  # the first run holds the lock and writes
+    second = _run("export", "--plan", plan_file, "-o", out)
+    assert second.exit_code == 1
+    assert f"another moe-sparsify run (PID {first.pid}) is writing {out}" in second.stderr
+    first.kill()  # SIGKILL: no cleanup runs; its lock file and temporary directory stay behind
+    first.wait()
+    assert (tmp_path / ".out.lock").exists() and any(tmp_path.glob(".out.partial-*"))
+    third = _run("export", "--plan", plan_file, "-o", out)
+    assert third.exit_code == 0, third.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
