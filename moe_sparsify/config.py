@@ -7,6 +7,7 @@ model is loaded.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Literal
@@ -43,6 +44,18 @@ from .models import model_aliases
 def _device(value: str) -> str:
     if value not in DEVICES and not (value.startswith("cuda:") and value[5:].isdigit()):
         raise ValueError(f"must be one of {', '.join(DEVICES)} or cuda:N")
+    return value
+
+
+def _directory(value: str) -> str:
+    if not Path(value).is_dir():
+        raise ValueError(f"{value} is not a directory; create it or pass another")
+    return value
+
+
+def _writable_directory(value: str) -> str:
+    if not os.access(_directory(value), os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {value}; pass a writable directory")
     return value
 
 
@@ -84,6 +97,8 @@ NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 Share = Annotated[StrictFloat, Field(ge=0, lt=1)]  # StrictFloat takes ints too (0 is a share)
 GiB = Annotated[StrictFloat, Field(ge=0)]
 Names = Annotated[list[StrictStr], BeforeValidator(_comma_separated)]
+WritableDirectory = Annotated[StrictStr, AfterValidator(_writable_directory)]
+Directories = Annotated[list[Annotated[StrictStr, AfterValidator(_directory)]], BeforeValidator(_comma_separated)]
 BatchSizes = Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_batch_sizes)]
 
 
@@ -114,7 +129,7 @@ class Settings:
     stream: StrictBool = False  # prune: keep decoder layers on disk, load one at a time (models larger than memory)
     activations_device_gb: GiB | None = None  # activations kept on the compute device (default 40 % of free)
     activations_cpu_gb: GiB | None = None  # then in CPU memory (default 40 % of available); beyond: disk
-    offload_dir: StrictStr | None = None  # where activations beyond both go, memory-mapped (default: system temp)
+    offload_dir: WritableDirectory | None = None  # where activations beyond both go, memory-mapped (default: temp)
     verify_samples: PositiveInt = 4  # calibration sequences the exported checkpoint is checked on
     skip_rule: Literal[SKIP_RULES] | None = None  # ratio (top-2, the paper) or tail (top-k); default by top_k
     quantile: Share | None = None  # skip-profile statistic; 0.5 (the paper's median) unless target_skip
@@ -123,7 +138,7 @@ class Settings:
     eval_window: PositiveInt = 256
     eval_stride: PositiveInt = 128
     tasks: Names = field(default_factory=list)  # eval: lm-eval tasks (pydoc_cloze is bundled)
-    task_dirs: Names = field(default_factory=list)  # eval: directories of lm-eval task YAML
+    task_dirs: Directories = field(default_factory=list)  # eval: directories of lm-eval task YAML
     num_fewshot: NonNegativeInt | None = None  # eval: the harness default per task when unset
     task_limit: NonNegativeInt | None = None  # eval: documents per task (for quick runs)
     # eval --compare: batch sizes (first = headline)

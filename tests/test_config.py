@@ -90,3 +90,13 @@ def test_every_model_alias_resolves():
     for name, entry in model_aliases().items():
         assert entry.get("path"), name
         assert resolve_settings(None, {"model": name}).model == name
+
+
+def test_directories_are_checked_with_the_settings(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"offload_dir: {tmp_path / 'none'}\ntask_dirs: [{tmp_path}, {tmp_path / 'gone'}]\n")
+    with pytest.raises(UsageError) as err:
+        resolve_settings(cfg, {})
+    assert f"offload_dir: {tmp_path / 'none'} is not a directory" in str(err.value)
+    assert f"task_dirs.1: {tmp_path / 'gone'} is not a directory" in str(err.value)
+    assert resolve_settings(None, {"task_dirs": [str(tmp_path)]}).task_dirs == [str(tmp_path)]

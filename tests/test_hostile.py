@@ -159,6 +159,12 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["eval", "--window", 8, "--stride", 16], "eval_stride: 16 is larger than eval_window 8"),
         (["prune", "--model", "no/such/model", "--keep", 6], "not an alias"),
         (["nonsense"], "No such command 'nonsense'"),
+        (["export", "-o", "out"], "Missing option '--plan'"),
+        (["prune", "--keep", 6, "--batch-size", 0], "batch_size: Input should be greater than or equal to 1"),
+        (["prune", "--keep", 6, "--max-subsets", -1, "--beam", 0], "max_subsets: Input should be greater"),
+        (["prune", "--keep", 6, "--plan-only", "-o", "."], "is or holds"),
+        (["calibrate", "-o", "..", "--overwrite"], "is or holds"),
+        (["eval", "--task-dir", "missing"], "task_dirs.0: missing is not a directory"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, args, fragment):
@@ -183,6 +189,17 @@ def test_missing_parent_directory_is_refused_before_loading(tmp_path, monkeypatc
         ["skip-profile", "-o", tmp_path / "no" / "t.json", *FAST],
     ):
         assert "does not exist; create it or choose another --output" in refused(tmp_path, *args)
+
+
+def test_an_output_holding_the_model_is_refused_even_with_overwrite(tmp_path, random_model_dir):
+    model = random_model_dir.resolve()
+    for args in (
+        ["prune", "--model", model, "--keep", 6, "-o", model.parent, "--overwrite"],
+        ["calibrate", "--model", model, "-o", model, "--overwrite", *FAST],
+        ["prune", "--model", model, "--keep", 6, "-o", model / "inside", *FAST],
+    ):
+        line = refused(model.parent, *args)
+        assert "is or holds" in line or "inside the source model" in line
 
 
 def test_parent_that_is_a_file(tmp_path):
