@@ -95,17 +95,23 @@ def _fail(message: str, code: int) -> None:
 class Terminated(FailedRun):
     """SIGTERM or SIGHUP, raised where the program is so that every `finally` removes its temporaries."""
 
+    def __init__(self, signum: int):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; temporary files were removed, and rerunning resumes where it can")
+        self.exit_code = 128 + signum
+
 
 _TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+# The signal being handled: library code on the way up may turn our exception into another one
+# (torch does, inside storage code), and the user must still hear why the run stopped.
+_received: list[int] = []
 
 
 def _terminate(signum, frame) -> None:
     for sig in _TERMINATING:  # a second signal must not interrupt the cleanup the first one started
         signal.signal(sig, signal.SIG_IGN)
-    name = signal.Signals(signum).name
-    error = Terminated(f"stopped by {name}; temporary files were removed, and rerunning resumes where it can")
-    error.exit_code = 128 + signum
-    raise error
+    _received.append(signum)
+    raise Terminated(signum)
 
 
 @contextmanager
@@ -123,14 +129,24 @@ def _signals_unwind():
             signal.signal(sig, handler)
 
 
+def _unwinding_on_signals(fn, *args, **kwargs):
+    _received.clear()
+    try:
+        with _signals_unwind():
+            return fn(*args, **kwargs)
+    except Exception as exc:
+        if _received and not isinstance(exc, Terminated):
+            raise Terminated(_received[0]) from exc
+        raise
+
+
 def reporting_errors(fn):
     """Known errors become one line and their exit code; anything else one line and 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with _signals_unwind():
-                return fn(*args, **kwargs)
+            return _unwinding_on_signals(fn, *args, **kwargs)
         except MoeSparsifyError as exc:
             if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
                 raise
