@@ -40,7 +40,6 @@ from .base import MoEAdapter, TensorRule
 
 
 class BiasedSigmoidAdapter(MoEAdapter):
-    model_types = ("minimax_m2",)
     expert_count_keys = ("num_local_experts",)
     bias_path: ClassVar[str] = "e_score_correction_bias"  # from the MoE block
     scale_key: ClassVar[str | None] = None  # config key of the weight scale
@@ -52,6 +51,13 @@ class BiasedSigmoidAdapter(MoEAdapter):
 
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return attrgetter(self.bias_path)(block)
+
+
+class MinimaxM2Adapter(BiasedSigmoidAdapter):
+    model_types = ("minimax_m2",)
+    # The hub's MiniMax-M2 keeps Mixtral's on-disk block name (transformers maps minimax_m2 to Mixtral's
+    # conversion): `block_sparse_moe.{gate,experts,e_score_correction_bias}` load as `mlp.*`.
+    checkpoint_renames = ((".block_sparse_moe.", ".mlp."),)
 
 
 class HunyuanV3Adapter(BiasedSigmoidAdapter):
