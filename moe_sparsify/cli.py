@@ -252,7 +252,22 @@ def prune(
             help="auto (exhaustive, or greedy past --max-subsets), exhaustive, greedy, e2e, reap, frequency or random.",
         ),
     ] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="layerwise (the paper) or progressive.")] = None,
+    mode: Annotated[
+        Optional[str],
+        typer.Option(
+            "--mode",
+            help="layerwise (the paper's default), progressive (pruned inputs, own output) or compensating "
+            "(pruned inputs, the original model's output: the paper's progressive).",
+        ),
+    ] = None,
+    recover: Annotated[
+        Optional[str],
+        typer.Option(
+            "--recover",
+            help="After each layer's search, re-fit kept weights to the original output: router, refit, or "
+            "router,refit (each kept only if held-back calibration tokens improve).",
+        ),
+    ] = None,
     plan_only: Annotated[
         Optional[bool], typer.Option("--plan-only", help="Write the plan file, not a checkpoint.")
     ] = None,

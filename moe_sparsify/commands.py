@@ -30,7 +30,7 @@ from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, estimated_output_b
 from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from .outputs import check_output, holding_outputs, lock_output, writing
-from .plan import ModelIdentity, load_plan
+from .plan import ModelIdentity, Plan, load_plan
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
 from .skipping import check_skip_rule, check_skipping_supported, default_skip_rule, skip_fractions, skipping
 from .streaming import StreamedModel
@@ -222,6 +222,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
 def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start: float) -> dict:
     settings = job.settings
     keep = check_keep(job.adapter, settings.keep)
+    _check_recovery(job)
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
     if settings.plan_only:
@@ -263,6 +264,8 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     activations.close()
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
+    if "recover" in plan.options:
+        result["recover"] = plan.options["recover"]
     result["processes"] = world()[1]
     result["settings"] = settings.to_dict()  # the resolved settings: defaults, alias, YAML and flags merged
     if not is_main():  # rank 0 writes; the others end here with the same decisions
@@ -313,6 +316,39 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     return result
 
 
+def _plan_without_recovery(path: Path) -> Plan:
+    """A plan to apply to the source model: one whose kept weights were re-fitted cannot be (they are not in it)."""
+    plan = load_plan(path)
+    if plan.options.get("recover"):
+        raise UsageError(
+            f"{path} was made with --recover: its re-fitted weights exist only in the checkpoint that prune run "
+            "wrote; use that checkpoint (--model DIR), or make the plan without --recover"
+        )
+    return plan
+
+
+def _check_recovery(job: Job) -> None:
+    """--recover changes kept weights in memory and exports them: refuse what it cannot do, before any work."""
+    settings, adapter = job.settings, job.adapter
+    if not settings.recover:
+        return
+    config = load_config(job.model_dir)
+    reasons = {
+        "plan_only": settings.plan_only and "--plan-only writes no weights; drop it to export the re-fitted model",
+        "stream": settings.stream and "--stream does not hold the layers it would re-fit; run without --stream",
+        "world": world()[1] > 1 and "torchrun: re-fitting is not shared out between processes yet; run one process",
+        "refit": "refit" in settings.recover
+        and not adapter.refittable
+        and f"{adapter.config.model_type} computes its experts its own way; --recover router only",
+        "quantized": getattr(config, "quantization_config", None) is not None
+        and "the source is quantized (quantization_config in config.json); re-fitted weights would have to be "
+        "re-quantized: prune it without --recover",
+    }
+    for reason in reasons.values():
+        if reason:
+            raise UsageError(f"--recover: {reason}")
+
+
 def _check_thresholds(thresholds: SkipThresholds | None, model, adapter: MoEAdapter, kept: dict) -> None:
     """Thresholds (loaded before the model, so a malformed file fails fast) checked against the model
     as `kept` leaves it."""
@@ -323,7 +359,7 @@ def _check_thresholds(thresholds: SkipThresholds | None, model, adapter: MoEAdap
 @holding_outputs
 def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = None) -> dict:
     start = time.perf_counter()
-    plan = load_plan(plan_path)
+    plan = _plan_without_recovery(plan_path)
     _check_sources(settings)
     job = open_job(settings)
     output = Path(settings.output or f"{_model_name(settings)}-keep{plan.uniform_keep() or 'mixed'}")
@@ -356,7 +392,7 @@ def evaluate(
         if plan_path:
             raise UsageError("--card records results of the exported checkpoint itself; drop --plan (or --card)")
         check_card_target(job.model_dir)
-    plan = load_plan(plan_path) if plan_path else None
+    plan = _plan_without_recovery(plan_path) if plan_path else None
     thresholds = load_thresholds(thresholds_path) if thresholds_path else None
     model, tokenizer = load_model(job.model_dir, job.dtype)
     model.to(job.device)
@@ -423,7 +459,7 @@ def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool
     rule = check_skip_rule(settings.skip_rule or default_skip_rule(job.adapter.top_k), job.adapter.top_k)
     if store is None:
         check_length(job, settings.seq_len, "--seq-len")
-    plan = load_plan(plan_path) if plan_path else None
+    plan = _plan_without_recovery(plan_path) if plan_path else None
     lock_output(output)
     model, tokenizer = load_model(job.model_dir, job.dtype)
     kept = {}

@@ -33,6 +33,7 @@ from .choices import (
     DIVERGENCES,
     DTYPES,
     MODES,
+    RECOVERY_METHODS,
     SKIP_RULES,
     STRATEGIES,
 )
@@ -109,7 +110,9 @@ class Settings:
     keep: PositiveInt | None = None
     # auto: exhaustive up to max_subsets subsets per layer, greedy beyond
     strategy: Literal[("auto", *STRATEGIES)] = "auto"
-    mode: Literal[MODES] = "layerwise"  # layerwise: original inputs per layer (the paper); progressive: pruned inputs
+    # layerwise: original inputs per layer (the paper's default); progressive: pruned inputs, target the layer's
+    # own output on them; compensating: pruned inputs, target the original model's output (the paper's progressive)
+    mode: Literal[MODES] = "layerwise"
     calibration: Annotated[str | list, BeforeValidator(_calibration_spec)] = "bundled"
     samples: PositiveInt = 128  # the paper: 128 sequences of 2048 tokens
     seq_len: PositiveInt = 2048
@@ -122,6 +125,9 @@ class Settings:
     e2e_shortlist: PositiveInt = DEFAULT_E2E_SHORTLIST  # e2e: subsets per layer re-scored end to end
     e2e_samples: PositiveInt = 64  # e2e: calibration sequences the divergence is measured on (whole batches)
     e2e_divergence: Literal[DIVERGENCES] = "kl"  # e2e: kl = KL(original || pruned), reverse_kl, or js
+    # after each layer's search: router and/or refit (prune --recover router,refit)
+    recover: Annotated[list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated)] = field(default_factory=list)
+    recover_holdout: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard
     output: StrictStr | None = None
     overwrite: StrictBool = False
     plan_only: StrictBool = False

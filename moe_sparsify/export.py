@@ -91,7 +91,10 @@ def _gather_experts(handle, name: str, kept: list[int], num_experts: int) -> tor
     return handle.get_tensor(name).index_select(axis, torch.tensor(kept)).contiguous()
 
 
-def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]], dropped) -> dict[str, torch.Tensor]:
+def _slim_shard(
+    handle, adapter: MoEAdapter, kept: dict[int, list[int]], dropped, recovered: dict[int, object] | None = None
+) -> dict[str, torch.Tensor]:
+    """recovered: MoE layer -> its block in memory, whose re-fitted tensors replace the source's."""
     out: dict[str, torch.Tensor] = {}
     for name in handle.keys():
         if dropped(name):
@@ -99,7 +102,13 @@ def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]], dropped
         rule = adapter.tensor_rule(name)
         if rule is None or rule.layer not in kept:
             out[name] = handle.get_tensor(name)
-        elif rule.kind == "expert":
+            continue
+        if recovered and rule.layer in recovered:
+            value = adapter.recovered_tensor(recovered[rule.layer], name, rule)
+            if value is not None:
+                out.update(_slim_recovered(handle, name, rule, value, kept[rule.layer], adapter.num_experts))
+                continue
+        if rule.kind == "expert":
             if rule.expert in kept[rule.layer]:
                 out[rule.renamed(kept[rule.layer].index(rule.expert))] = handle.get_tensor(name)
         elif rule.kind == "flat":  # each expert a block of rows, read block by block
@@ -110,12 +119,23 @@ def _slim_shard(handle, adapter: MoEAdapter, kept: dict[int, list[int]], dropped
     return out
 
 
+def _slim_recovered(handle, name: str, rule, value: torch.Tensor, kept: list[int], num_experts: int) -> dict:
+    """A re-fitted tensor from memory, in the source tensor's dtype, sliced to the kept experts."""
+    value = value.detach().cpu().to(handle.get_slice(name)[:1].dtype)
+    if rule.kind == "expert":
+        return {rule.renamed(kept.index(rule.expert)): value.contiguous()} if rule.expert in kept else {}
+    axis = 0 if value.shape[0] == num_experts else list(value.shape).index(num_experts)
+    return {name: value.index_select(axis, torch.tensor(kept)).contiguous()}
+
+
 def _text_config(source_dir: Path, adapter: MoEAdapter) -> dict:
     config = json.loads((source_dir / "config.json").read_text())
     return config[adapter.config_section] if adapter.config_section else config
 
 
-def _write_weights(source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[int, list[int]]) -> int:
+def _write_weights(
+    source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[int, list[int]], recovered: dict | None = None
+) -> int:
     """Returns the number of MTP tensors dropped (see mtp.py)."""
     shards = source_shards(source_dir)
     is_mtp = mtp_tensor_filter(_text_config(source_dir, adapter))
@@ -132,7 +152,7 @@ def _write_weights(source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[
     for i, shard in enumerate(shards):
         try:
             with safe_open(source_dir / shard, framework="pt") as handle:
-                tensors = _slim_shard(handle, adapter, kept, drop)
+                tensors = _slim_shard(handle, adapter, kept, drop, recovered)
                 metadata = handle.metadata() or {"format": "pt"}
         except (SafetensorError, OSError) as exc:
             raise FailedRun(f"cannot read {source_dir / shard}: {exc}; re-download or re-save the checkpoint") from None
@@ -184,7 +204,8 @@ def verify_export(
     """Max abs logit difference between the export and the masked source, both float32 on the CPU.
 
     The in-memory model serves as the reference when it already is float32 on the CPU; otherwise
-    (bf16 search, GPU) the source is reloaded in float32 so rounding is not mistaken for a bug.
+    (bf16 search, GPU) the source is reloaded in float32 so rounding is not mistaken for a bug, and
+    parameters re-fitted in memory (`prune --recover`) are copied into it, module to module.
     """
     from .models import load_pretrained
 
@@ -194,10 +215,23 @@ def verify_export(
         reference = original
     else:
         reference = load_pretrained(source_dir, torch.float32)
+        if plan.options.get("recover"):
+            _copy_recovered(original, reference, adapter, list(plan.kept()))
     with adapter.pruned_view(reference, plan.kept()):
         expected = reference(input_ids=token_ids, use_cache=False).logits
     got = exported(input_ids=token_ids, use_cache=False).logits
     return (got - expected).abs().max().item()
+
+
+def _copy_recovered(model, reference, adapter: MoEAdapter, layers: list[int]) -> None:
+    """Copy every parameter recovery may change from `model` into `reference`, by module, not by file name."""
+    from .recover import recoverable_parameters
+
+    for index in layers:
+        source = adapter.moe_block(adapter.decoder_layers(model)[index])
+        target = adapter.moe_block(adapter.decoder_layers(reference)[index])
+        for src, dst in zip(recoverable_parameters(adapter, source), recoverable_parameters(adapter, target)):
+            dst.data.copy_(src.detach().to(device=dst.device, dtype=dst.dtype))
 
 
 def verify_streamed(source_dir: Path, adapter: MoEAdapter, plan: Plan, exported_dir: Path, token_ids) -> float:
@@ -234,7 +268,8 @@ def export_checkpoint(
     extra_files: dict[str, str] | None = None,
     streamed: bool = False,
 ) -> dict:
-    """Returns the provenance record (config changes, verification diff)."""
+    """Returns the provenance record (config changes, verification diff). Where the plan says kept weights
+    were re-fitted (`recover` in its options), those tensors are read from `original_model`, which holds them."""
     source_dir, output = Path(source_dir), Path(output)
     check_target(source_dir, output, overwrite)
     keep = plan.uniform_keep()
@@ -242,7 +277,11 @@ def export_checkpoint(
         raise UsageError("the plan keeps different expert counts per layer; stock transformers configs hold one count")
     with replacing(output, overwrite) as tmp, writing(output):
         tmp.mkdir()
-        mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept())
+        recovered = None
+        if plan.options.get("recover"):
+            layers = adapter.decoder_layers(original_model)
+            recovered = {index: adapter.moe_block(layers[index]) for index in plan.kept()}
+        mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept(), recovered)
         check_expert_ids(tmp, keep)
         changes = _write_config(source_dir, tmp, adapter, keep)
         _copy_side_files(source_dir, tmp)

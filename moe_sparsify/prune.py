@@ -30,6 +30,7 @@ from .errors import FailedRun, UsageError
 from .files import dumps, load_mapping, write_atomically
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
+from .recover import LayerData, Recovery, recover_layer
 from .routing import group_keep_counts, max_candidate_count
 from .search import Rescorer, SearchContext, resolve_strategy, run_strategy
 
@@ -90,6 +91,8 @@ def search_fingerprint(settings: Settings, manifest: dict, identity: ModelIdenti
         "e2e_samples",
         "e2e_divergence",
         "batch_size",
+        "recover",
+        "recover_holdout",
     )
     return {
         "settings": {k: getattr(settings, k) for k in keys},
@@ -106,8 +109,15 @@ def library_versions() -> dict:
     }
 
 
-def layer_stats(adapter: MoEAdapter, block: nn.Module, inputs: list[torch.Tensor], keep: int) -> LayerStats:
-    """Gram statistics of one MoE block, exact for every subset of at least `keep` experts."""
+def layer_stats(
+    adapter: MoEAdapter,
+    block: nn.Module,
+    inputs: list[torch.Tensor],
+    keep: int,
+    offsets: list[torch.Tensor] | None = None,
+) -> LayerStats:
+    """Gram statistics of one MoE block, exact for every subset of at least `keep` experts.
+    offsets: per chunk, target - F(inputs) where the target is not the block's own output on them."""
     device = next(block.parameters()).device
     return LayerStats.collect(
         (x.to(device) for x in inputs),  # lazily: offloaded activations come back one chunk at a time
@@ -117,7 +127,26 @@ def layer_stats(adapter: MoEAdapter, block: nn.Module, inputs: list[torch.Tensor
         adapter.num_experts,
         keep,
         adapter.selection_bias(block),
+        offsets=offsets,
     )
+
+
+def layer_targets(adapter: MoEAdapter, block: nn.Module, step: LayerStep) -> tuple[list[torch.Tensor], list | None]:
+    """(what the layer should output on each chunk of its inputs, the offsets from its own output).
+
+    The target is the original layer's output: on the original model's inputs where the step carries
+    them (compensating mode: the layer also makes up for the pruned layers before it), else on the
+    layer's own inputs (offsets None). Computed before anything in the block changes."""
+    device = next(block.parameters()).device
+
+    def full(x: torch.Tensor) -> torch.Tensor:
+        out = adapter.routed_forward(block, x.to(device), None)
+        return out[0] if isinstance(out, tuple) else out
+
+    if step.original_inputs is None:
+        return [full(x) for x in step.inputs], None
+    targets = [full(x) for x in step.original_inputs]
+    return targets, [t - full(x) for t, x in zip(targets, step.inputs, strict=True)]
 
 
 class ProgressJournal:
@@ -227,6 +256,10 @@ class LayerDecider:
     layer pruned to them before the next one). A layer the journal holds is taken from it (an
     interrupted run resumes); the others get Gram statistics, then the strategy's search, and are
     journaled. Decisions and timings accumulate in layer order.
+
+    compensating: score against the original model's output (the step carries the original inputs).
+    recovery: after the decision (resumed ones too: re-fitted weights live only in memory), re-fit the
+    kept weights in place (`recover.recover_layer`); `recovered` collects its per-layer reports.
     """
 
     def __init__(
@@ -238,16 +271,30 @@ class LayerDecider:
         *,
         journal: ProgressJournal | None = None,
         rescorer: EndToEndRescorer | None = None,
+        compensating: bool = False,
+        recovery: Recovery | None = None,
+        seq_len: int = 0,
     ):
         self.adapter, self.strategy, self.keep, self.context = adapter, strategy, keep, context
         self.journal, self.rescorer = journal, rescorer
+        self.compensating, self.recovery, self.seq_len = compensating, recovery, seq_len
         self.decisions: list[LayerPlan] = []
         self.timings: list[LayerTiming] = []
+        self.recovered: list[dict] = []
 
     def __call__(self, step: LayerStep) -> list[int]:
-        decision, timing = self._resumed(step) or self._searched(step)
+        targets, offsets = None, None
+        if self.recovery is not None or self.compensating:
+            targets, offsets = layer_targets(self.adapter, step.block, step)
+        decision, timing = self._resumed(step) or self._searched(step, offsets)
         self.decisions.append(decision)
         self.timings.append(timing)
+        if self.recovery is not None:
+            keep = torch.zeros(self.adapter.num_experts, dtype=torch.bool)
+            keep[list(decision.kept)] = True
+            data = LayerData.split(list(step.inputs), targets, self.seq_len, self.recovery.holdout)
+            reports = recover_layer(self.adapter, step.block, keep, data, self.recovery)
+            self.recovered.append({"layer": step.index, "methods": [r.as_dict() for r in reports]})
         return list(decision.kept)
 
     def _resumed(self, step: LayerStep) -> tuple[LayerPlan, LayerTiming] | None:
@@ -257,9 +304,9 @@ class LayerDecider:
             self.rescorer.for_layer(step)  # the reference distribution is taken at the first MoE layer
         return self.journal.layers[step.index], LayerTiming(step.index, 0.0, 0.0)
 
-    def _searched(self, step: LayerStep) -> tuple[LayerPlan, LayerTiming]:
+    def _searched(self, step: LayerStep, offsets: list | None) -> tuple[LayerPlan, LayerTiming]:
         start = time.perf_counter()
-        stats = layer_stats(self.adapter, step.block, step.inputs, self.keep)
+        stats = layer_stats(self.adapter, step.block, step.inputs, self.keep, offsets)
         mid = time.perf_counter()
         rescore = self.rescorer.for_layer(step) if self.rescorer else None
         oracle = SubsetLoss(stats)
@@ -307,7 +354,9 @@ def plan_pruning(
         settings.strategy, adapter.num_experts, keep, settings.max_subsets, adapter.routing_groups
     )
     end_to_end = strategy == "e2e"
-    mode = "progressive" if end_to_end else settings.mode  # e2e scores each layer with the earlier ones pruned
+    # e2e scores each layer with the earlier ones pruned, against either target.
+    mode = settings.mode if not end_to_end or settings.mode == "compensating" else "progressive"
+    recovery = Recovery(tuple(settings.recover), holdout=settings.recover_holdout) if settings.recover else None
     rescorer = None
     if end_to_end:
         rescorer = EndToEndRescorer(
@@ -320,7 +369,17 @@ def plan_pruning(
         beam=settings.beam,
         shortlist=settings.e2e_shortlist,
     )
-    decider = LayerDecider(adapter, strategy, keep, context, journal=journal, rescorer=rescorer)
+    decider = LayerDecider(
+        adapter,
+        strategy,
+        keep,
+        context,
+        journal=journal,
+        rescorer=rescorer,
+        compensating=mode == "compensating",
+        recovery=recovery,
+        seq_len=token_ids.shape[1],
+    )
     inputs: LayerInputs
     if store is not None and mode == "layerwise":
         inputs = StoredInputs(
@@ -338,7 +397,8 @@ def plan_pruning(
             model,
             adapter,
             token_ids,
-            feed_forward=mode == "progressive",
+            feed_forward=mode in ("progressive", "compensating"),
+            track_original=mode == "compensating",
             batch_size=settings.batch_size,
             device=device,
             residency=residency,
@@ -361,6 +421,8 @@ def plan_pruning(
             "keep": keep,
             "candidates_per_token": max_candidate_count(adapter.num_experts, adapter.routing, keep),
             "beam": settings.beam,
+            # Re-fitted weights live in the model this run holds; the plan records what changed and the guard's losses.
+            **({"recover": recovery.record(decider.recovered)} if recovery else {}),
             **(
                 {
                     "e2e_shortlist": settings.e2e_shortlist,

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
+from .choices import RECOVERY_METHODS
 
-METHODS = ("router", "refit")
 ROUTER_MAX_KEPT = 16  # router re-calibration holds every kept expert's outputs per token (tokens x r x r scalars)
 
 
 @dataclass(frozen=True)
 class Recovery:
-    """How to recover: which methods (applied in the order of METHODS) and their guard."""
+    """How to recover: which methods (applied in the order of RECOVERY_METHODS) and their guard."""
 
     methods: tuple[str, ...]
     holdout: float = 0.125  # share of the calibration sequences held back to accept or refuse a change
@@ -47,6 +47,10 @@ class Recovery:
     router_patience: int = 20  # steps without a better held-back loss before stopping
     refit_damp: float = 0.01
     refit_sweeps: int = 2
+
+    def record(self, layers: list[dict]) -> dict:
+        """What a plan records: the methods, the guard, and each layer's reports."""
+        return {"methods": list(self.methods), "holdout": self.holdout, "layers": layers}
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,9 @@ def _block_output(adapter: MoEAdapter, block: nn.Module, x: torch.Tensor, keep: 
 def recover_layer(
     adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, data: LayerData, recovery: Recovery
 ) -> list[RecoveryReport]:
-    """Apply each method of `recovery` to the block in place, in METHODS order, each guarded."""
+    """Apply each method of `recovery` to the block in place, in RECOVERY_METHODS order, each guarded."""
     reports = []
-    for method in METHODS:
+    for method in RECOVERY_METHODS:
         if method in recovery.methods:
             step = recalibrate_router if method == "router" else refit_experts
             reports.append(step(adapter, block, keep, data, recovery))
@@ -127,6 +131,12 @@ def _router_parameters(adapter: MoEAdapter, block: nn.Module) -> list[nn.Paramet
     weight = adapter.router_weight(block)
     bias = getattr(adapter.router(block), "bias", None)
     return [weight] + ([bias] if isinstance(bias, nn.Parameter) else [])
+
+
+def recoverable_parameters(adapter: MoEAdapter, block: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of the block that recovery may change: the router's, and the down projections."""
+    down = getattr(block.experts, "down_proj", None)
+    return [*_router_parameters(adapter, block)] + ([down] if isinstance(down, nn.Parameter) else [])
 
 
 @dataclass

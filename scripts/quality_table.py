@@ -1,7 +1,8 @@
 """Held-out perplexity and KL to the original of every pruning strategy on the bundled model.
 
-    python scripts/quality_table.py                      # keep 6 and 4, ~3 min on 2 CPU cores
+    python scripts/quality_table.py                      # keep 6 and 4, ~10 min on 2 CPU cores
     python scripts/quality_table.py --keep 6 --out docs/quality
+    python scripts/quality_table.py --model DIR --calibration a.txt --heldout b.txt --runs e2e "e2e + router + refit"
 
 Calibrates once (the bundled calib split), plans with every strategy, applies
 each plan in memory and scores the bundled held-out split (which neither
@@ -16,6 +17,7 @@ OUT/quality.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -30,18 +32,45 @@ from moe_sparsify.calibration.sources import load_documents, parse_sources  # no
 from moe_sparsify.calibration.tokens import sample_windows, token_stream  # noqa: E402
 from moe_sparsify.config import Settings  # noqa: E402
 from moe_sparsify.evaluate import mean_kl, next_token_log_probs, perplexity  # noqa: E402
-from moe_sparsify.models import bundled_model_dir, load_model  # noqa: E402
+from moe_sparsify.models import load_model, resolve_model_dir  # noqa: E402
 from moe_sparsify.prune import plan_pruning  # noqa: E402
 
 CPU = torch.device("cpu")
 RUNS = [
     ("exhaustive layerwise", {"strategy": "exhaustive", "mode": "layerwise"}),
     ("exhaustive progressive", {"strategy": "exhaustive", "mode": "progressive"}),
+    ("exhaustive compensating", {"strategy": "exhaustive", "mode": "compensating"}),
     ("greedy", {"strategy": "greedy"}),
     ("reap", {"strategy": "reap"}),
     ("frequency", {"strategy": "frequency"}),
     ("e2e", {"strategy": "e2e"}),
+    ("e2e compensating", {"strategy": "e2e", "mode": "compensating"}),
+    # Recovery after the search (prune --recover): each kept only where held-back calibration tokens improve.
+    ("exhaustive + router", {"strategy": "exhaustive", "recover": ["router"]}),
+    ("exhaustive + refit", {"strategy": "exhaustive", "recover": ["refit"]}),
+    ("exhaustive + router + refit", {"strategy": "exhaustive", "recover": ["router", "refit"]}),
+    (
+        "exhaustive compensating + router + refit",
+        {"strategy": "exhaustive", "mode": "compensating", "recover": ["router", "refit"]},
+    ),
+    ("e2e + router + refit", {"strategy": "e2e", "recover": ["router", "refit"]}),
+    ("e2e compensating + router + refit", {"strategy": "e2e", "mode": "compensating", "recover": ["router", "refit"]}),
 ]
+
+
+def changed_bytes(model, recovered, adapter, kept: dict[int, list[int]]) -> int:
+    """Bytes of the exported weights that differ from the source's: kept experts' rows of each parameter
+    recovery may change (router rows, down projections) that are not bit-identical."""
+    from moe_sparsify.recover import recoverable_parameters
+
+    total = 0
+    for index, experts in kept.items():
+        blocks = [adapter.moe_block(adapter.decoder_layers(m)[index]) for m in (model, recovered)]
+        for before, after in zip(*(recoverable_parameters(adapter, b) for b in blocks)):
+            for e in experts:
+                if not torch.equal(before[e], after[e]):
+                    total += after[e].numel() * after[e].element_size()
+    return total
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -77,35 +106,53 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("docs/quality"))
+    ap.add_argument("--model", default="tiny", help="alias or model directory (default: the bundled model)")
+    ap.add_argument("--calibration", default="bundled", help="calibration source, as prune --calibration")
+    ap.add_argument("--heldout", default="bundled:heldout", help="held-out text source")
+    ap.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS], help="rows to run (default: all)")
     args = ap.parse_args()
+    unknown = set(args.runs) - {name for name, _ in RUNS}
+    if unknown:
+        ap.error(f"unknown runs {sorted(unknown)}; choose from {[name for name, _ in RUNS]}")
     torch.set_num_threads(2)
 
-    model, tokenizer = load_model(bundled_model_dir("tiny"), torch.float32)
+    model, tokenizer = load_model(resolve_model_dir(args.model), torch.float32)
     adapter = adapter_for(model.config)
-    tokens, manifest = sample_windows(tokenizer, parse_sources("bundled"), args.samples, args.seq_len, seed=0)
-    heldout = token_stream(tokenizer, load_documents("bundled:heldout"))
+    tokens, manifest = sample_windows(tokenizer, parse_sources(args.calibration), args.samples, args.seq_len, seed=0)
+    heldout = token_stream(tokenizer, load_documents(args.heldout))
     windows = heldout[: len(heldout) // 256 * 256].reshape(-1, 256)
     reference = next_token_log_probs(model, windows, CPU)
 
-    def score(kept) -> dict:
-        with adapter.pruned_view(model, kept):
+    def score(kept, scored=model) -> dict:
+        with adapter.pruned_view(scored, kept):
             return {
-                "perplexity": perplexity(model, heldout, 256, 128, CPU)["perplexity"],
-                "kl": mean_kl(model, windows, reference, CPU),
+                "perplexity": perplexity(scored, heldout, 256, 128, CPU)["perplexity"],
+                "kl": mean_kl(scored, windows, reference, CPU),
             }
 
-    def plan(keep: int, **overrides):
-        settings = Settings(model="tiny", keep=keep, batch_size=16, seq_len=args.seq_len, **overrides)
+    def plan(keep: int, pruned=model, **overrides):
+        """pruned: the model the run may change (recovery re-fits kept weights in place)."""
+        settings = Settings(model=args.model, keep=keep, batch_size=16, seq_len=args.seq_len, **overrides)
         start = time.perf_counter()
-        result, _ = plan_pruning(model, adapter, settings, tokens, manifest, device=CPU)
+        result, _ = plan_pruning(pruned, adapter, settings, tokens, manifest, device=CPU)
         return result, time.perf_counter() - start
 
-    rows = [{"keep": 8, "strategy": "original", **score({}), "search_s": 0.0}]
+    rows = [{"keep": 8, "strategy": "original", **score({}), "search_s": 0.0, "changed_bytes": 0}]
     for keep in args.keep:
-        for name, overrides in RUNS:
-            result, seconds = plan(keep, **overrides)
+        for name, overrides in (run for run in RUNS if run[0] in args.runs):
+            pruned = copy.deepcopy(model) if overrides.get("recover") else model
+            result, seconds = plan(keep, pruned, **overrides)
+            kept = result.kept()
             rows.append(
-                {"keep": keep, "strategy": name, **score(result.kept()), "search_s": seconds, "kept": result.kept()}
+                {
+                    "keep": keep,
+                    "strategy": name,
+                    **score(kept, pruned),
+                    "search_s": seconds,
+                    "changed_bytes": changed_bytes(model, pruned, adapter, kept),
+                    "kept": kept,
+                    "recover": result.options.get("recover"),
+                }
             )
         randoms = [score(plan(keep, strategy="random", seed=seed)[0].kept()) for seed in range(args.random_seeds)]
         rows.append(
@@ -121,19 +168,23 @@ def main() -> None:
         rows.append({"keep": keep, "strategy": "random (best seed)", **best, "search_s": None})
 
     print(
-        f"bundled tiny model; calibration {args.samples}x{args.seq_len} tokens; held-out split "
+        f"{args.model}; calibration {args.samples}x{args.seq_len} tokens; held-out split "
         f"{len(heldout)} tokens; CPU, float32, 2 threads"
     )
-    print(f"{'keep':>4}  {'strategy':<24} {'perplexity':>10} {'KL':>7} {'search s':>9}")
+    print(f"{'keep':>4}  {'strategy':<42} {'perplexity':>10} {'KL':>7} {'search s':>9} {'changed B':>10}")
     for r in rows:
         search = "-" if r["search_s"] is None else f"{r['search_s']:.1f}"
-        print(f"{r['keep']:>4}  {r['strategy']:<24} {r['perplexity']:>10.2f} {r['kl']:>7.4f} {search:>9}")
+        changed = r.get("changed_bytes")
+        changed = "-" if changed is None else str(changed)
+        print(f"{r['keep']:>4}  {r['strategy']:<42} {r['perplexity']:>10.2f} {r['kl']:>7.4f} {search:>9} {changed:>10}")
     for keep in args.keep:
         by = {r["strategy"]: r for r in rows if r["keep"] == keep}
-        print(
-            f"keep {keep}: e2e search cost {by['e2e']['search_s'] / by['exhaustive layerwise']['search_s']:.1f}x "
-            f"exhaustive layerwise"
-        )
+        if "e2e" not in by:
+            continue
+        best = min((r for r in by.values() if r["strategy"] != "e2e"), key=lambda r: r["perplexity"], default=None)
+        if best is not None:
+            cut = 1 - best["perplexity"] / by["e2e"]["perplexity"]
+            print(f"keep {keep}: best {best['strategy']!r} cuts held-out perplexity {cut:.1%} against e2e")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
     try:

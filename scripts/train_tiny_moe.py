@@ -2,6 +2,9 @@
 
     python scripts/train_tiny_moe.py                       # the committed model (~12 min, 2 CPU cores)
     python scripts/train_tiny_moe.py --steps 20 --out /tmp/t  # smoke run
+    # another test bed (other size, other text), e.g. to check a method was not tuned to the bundled one:
+    python scripts/train_tiny_moe.py --documents docstrings --hidden 96 --intermediate 192 --layers 3 \
+        --steps 600 --out /tmp/other --corpus-out /tmp/other-corpus
 
 Writes, in `save_pretrained` layout, `moe_sparsify/assets/tiny/` (config, fp32
 safetensors, tokenizer, generation config) and the frozen calib/heldout text
@@ -73,6 +76,15 @@ def main() -> None:
     ap.add_argument("--balance-coef", type=float, default=0.01)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--intermediate", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument(
+        "--documents",
+        choices=("all", "topics", "docstrings"),
+        default="all",
+        help="train (and split calib/heldout) on pydoc topics, stdlib docstrings, or both",
+    )
     ap.add_argument("--out", type=Path, default=ASSETS / "tiny")
     ap.add_argument("--corpus-out", type=Path, default=ASSETS / "corpus")
     args = ap.parse_args()
@@ -82,6 +94,10 @@ def main() -> None:
     torch.set_num_threads(2)
 
     documents = build_documents()
+    if args.documents != "all":
+        documents = [
+            (name, text) for name, text in documents if name.startswith("topic:") == (args.documents == "topics")
+        ]
     texts = {split: split_text(documents, split) for split in SPLITS}
     print({k: len(v) for k, v in texts.items()}, "characters per split", file=sys.stderr)
 
@@ -92,9 +108,9 @@ def main() -> None:
 
     config = MixtralConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=4,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=8,

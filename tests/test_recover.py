@@ -1,5 +1,7 @@
 """Router re-calibration and expert re-fitting: exact losses, never worse, guarded by held-back tokens."""
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,137 @@ def test_refit_changes_only_kept_down_projections():
     assert torch.equal(block.experts.down_proj[~keep], before[~keep])
     assert not torch.equal(block.experts.down_proj[keep], before[keep])
     assert torch.equal(block.experts.gate_up_proj, gate_up)
+
+
+# --- prune --recover end to end ---------------------------------------------------------------------------
+
+FAST = ["--samples", "16", "--seq-len", "64"]
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from moe_sparsify.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_prune_recover_exports_the_refitted_weights_it_verified(tmp_path):
+    from safetensors.torch import load_file
+
+    from moe_sparsify.models import bundled_model_dir
+
+    out = tmp_path / "tiny-keep4"
+    args = ["prune", "--model", "tiny", "--keep", 4, "--mode", "compensating", "--recover", "router,refit"]
+    result = _cli(*args, "--output", out, "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["verified_max_abs_logit_diff"] <= 1e-4
+    recover = data["recover"]
+    assert recover["methods"] == ["router", "refit"]
+    assert any(m["accepted"] for layer in recover["layers"] for m in layer["methods"])
+    source = load_file(bundled_model_dir("tiny") / "model.safetensors")
+    exported = load_file(out / "model.safetensors")
+    for layer in recover["layers"]:
+        kept = data["layers"][[lp["layer"] for lp in data["layers"]].index(layer["layer"])]["kept"]
+        accepted = {m["method"] for m in layer["methods"] if m["accepted"]}
+        prefix = f"model.layers.{layer['layer']}.block_sparse_moe"
+        router_changed = not torch.equal(exported[f"{prefix}.gate.weight"], source[f"{prefix}.gate.weight"][kept])
+        assert router_changed == ("router" in accepted)
+        downs = [
+            torch.equal(exported[f"{prefix}.experts.{new}.w2.weight"], source[f"{prefix}.experts.{old}.w2.weight"])
+            for new, old in enumerate(kept)
+        ]
+        assert (not all(downs)) == ("refit" in accepted)
+        for new, old in enumerate(kept):  # gate and up projections are never changed
+            assert torch.equal(
+                exported[f"{prefix}.experts.{new}.w1.weight"], source[f"{prefix}.experts.{old}.w1.weight"]
+            )
+    # The plan inside the checkpoint records the recovery, and cannot be re-applied to the source.
+    plan = out / "moe_sparsify_plan.yaml"
+    for command in (
+        ["export", "--plan", plan, "--output", tmp_path / "again"],
+        ["eval", "--model", "tiny", "--plan", plan],
+    ):
+        refused = _cli(*command)
+        assert refused.exit_code == 2
+        assert "made with --recover" in _one_error_line(refused)
+    assert not (tmp_path / "again").exists()
+
+
+def test_recovered_export_equals_the_in_memory_model_and_a_missed_tensor_is_caught(tmp_path, monkeypatch):
+    """The re-fitted export reloads to the in-memory re-fitted model; had the export copied the source's
+    down projections instead (a wrong path), its verification fails."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_sparsify.adapters.base import MoEAdapter
+    from moe_sparsify.calibration.sources import parse_sources
+    from moe_sparsify.calibration.tokens import sample_windows
+    from moe_sparsify.config import Settings
+    from moe_sparsify.errors import FailedRun
+    from moe_sparsify.export import export_checkpoint
+    from moe_sparsify.models import bundled_model_dir, load_model
+    from moe_sparsify.prune import plan_pruning
+
+    source = bundled_model_dir("tiny")
+    model, tokenizer = load_model(source, torch.float32)
+    adapter = adapter_for(model.config)
+    tokens, manifest = sample_windows(tokenizer, parse_sources("bundled"), 64, 64, seed=0)
+    settings = Settings(keep=5, seq_len=64, batch_size=16, strategy="exhaustive", recover=["refit"])
+    plan, _ = plan_pruning(model, adapter, settings, tokens, manifest, device=torch.device("cpu"))
+    assert any(m["accepted"] for layer in plan.options["recover"]["layers"] for m in layer["methods"])
+    export_checkpoint(source, tmp_path / "ok", plan, adapter, model, tokens[:2])
+    fresh = sample_windows(tokenizer, parse_sources("bundled:heldout"), 2, 64, seed=1)[0]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ok", dtype=torch.float32)
+    with torch.no_grad(), adapter.pruned_view(model, plan.kept()):
+        expected = model(input_ids=fresh).logits
+    assert (reloaded(input_ids=fresh).logits - expected).abs().max() <= 1e-4
+
+    monkeypatch.setattr(MoEAdapter, "recovered_tensor", lambda self, block, name, rule: None)
+    with pytest.raises(FailedRun, match="disagrees"):
+        export_checkpoint(source, tmp_path / "wrong", plan, adapter, model, tokens[:2])
+    assert not (tmp_path / "wrong").exists()
+
+
+def test_bfloat16_recovery_verifies_against_the_refitted_model(tmp_path):
+    args = ["prune", "--model", "tiny", "--keep", 6, "--recover", "refit", "--dtype", "bfloat16"]
+    result = _cli(*args, "--output", tmp_path / "o", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verified_max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--recover", "magic"], "recover: must be a list of router, refit"),
+        (["--recover", "refit", "--plan-only"], "--plan-only writes no weights"),
+        (["--recover", "router", "--stream"], "--stream does not hold the layers"),
+        (["--mode", "sideways"], "mode: 'sideways'"),
+    ],
+)
+def test_recover_refuses_what_it_cannot_do(tmp_path, args, fragment):
+    result = _cli("prune", "--model", "tiny", "--keep", 6, "--output", tmp_path / "out", *args, *FAST)
+    assert result.exit_code == 2
+    assert fragment in _one_error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recover_refuses_a_quantized_source(tmp_path):
+    import shutil
+
+    from moe_sparsify.models import bundled_model_dir
+
+    source = tmp_path / "quantized"
+    shutil.copytree(bundled_model_dir("tiny"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (source / "config.json").write_text(json.dumps(config))
+    result = _cli("prune", "--model", source, "--keep", 6, "--recover", "refit", "--output", tmp_path / "out", *FAST)
+    assert result.exit_code == 2
+    assert "quantized" in _one_error_line(result)

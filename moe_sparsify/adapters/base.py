@@ -268,6 +268,26 @@ class MoEAdapter:
             return TensorRule("router", int(m["layer"]))
         return None
 
+    # One expert's down projection on disk: Mixtral's per-expert w2, the others' down_proj (the fused
+    # tensor is `experts.down_proj`, as in memory).
+    down_projection_tails: ClassVar[tuple[str, ...]] = (".w2.weight", ".down_proj.weight")
+
+    def recovered_tensor(self, block: nn.Module, name: str, rule: TensorRule) -> torch.Tensor | None:
+        """The block's current value of checkpoint tensor `name`, in the checkpoint's layout and original
+        expert numbering, where it is one that recovery changes (router weight and bias, down
+        projections); None for every other tensor, which is copied from the source."""
+        if rule.kind == "router":
+            bias = getattr(self.router(block), "bias", None)
+            if name.endswith(".weight"):
+                return self.router_weight(block)
+            if name.endswith(".bias") and isinstance(bias, nn.Parameter):
+                return bias
+        elif rule.kind == "stacked" and name.endswith(".experts.down_proj"):
+            return block.experts.down_proj
+        elif rule.kind == "expert" and rule.tail in self.down_projection_tails:
+            return self.down_projection(block, rule.expert)
+        return None
+
     def pruned_config(self, config: dict, keep: int) -> list[str]:
         """Rewrite the expert count in a config.json dict; returns 'key: old -> new' lines. Besides the
         family's keys, any usual count key that holds this count is rewritten too: which of a config's

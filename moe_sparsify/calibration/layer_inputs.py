@@ -6,8 +6,9 @@ A source walks the MoE layers in order and hands each one, as a `LayerStep`, to 
 - `StoredInputs`: the inputs the original model produced, read from a calibration
   directory (layer-wise mode, nothing is run but the layer being decided);
 - `PropagatedInputs`: the model is run now, one decoder layer at a time; with
-  `feed_forward` (progressive mode) each layer's decision prunes it before it
-  produces the next layer's inputs.
+  `feed_forward` (progressive and compensating modes) each layer's decision prunes it before it
+  produces the next layer's inputs; with `track_original` (compensating) the original model's
+  stream runs beside it, and each step carries that stream's MoE inputs too.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ class PropagatedInputs:
         residency=None,
         activations=None,
         progress: Progress | None = None,
+        track_original: bool = False,
     ):
         self.model, self.adapter, self.token_ids, self.feed_forward = model, adapter, token_ids, feed_forward
+        self.track_original = track_original
         self.batch_size, self.device = batch_size, device
         self.residency, self.activations, self.progress = residency, activations, progress
 
@@ -107,4 +110,5 @@ class PropagatedInputs:
             progress=self.progress,
             residency=self.residency,
             activations=self.activations,
+            track_original=self.track_original,
         )

@@ -31,6 +31,8 @@ class LayerStep:
     block: nn.Module
     inputs: list[torch.Tensor]  # the MoE block's inputs, per batch, tokens x hidden
     batches: list[tuple[torch.Tensor, list[dict]]]  # per batch: this layer's hidden states, every layer's kwargs
+    # With `track_original`: the MoE block's inputs in the original (unpruned) model, aligned with `inputs`.
+    original_inputs: list[torch.Tensor] | None = None
 
 
 # on_layer(step) -> experts to keep while producing the next layer's inputs, or None for all.
@@ -123,6 +125,17 @@ def place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.
             module._buffers[name] = buf.to(device)
 
 
+def _run_recorded(run, layer, index: int, stream, block, keep) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the layer's outputs on `stream`, its MoE block's inputs recorded on the way)."""
+    captured: list[torch.Tensor] = []
+    handle = block.register_forward_pre_hook(_recorder(captured, keep)) if block is not None else None
+    try:
+        return run(layer, index, stream), captured
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 class Resident:
     """Decoder layers held in (CPU) memory: a layer visits the compute device while it is used.
     `streaming.StreamedModel` offers the same two calls for layers read from disk instead."""
@@ -150,12 +163,15 @@ def propagate(
     progress: Progress | None = None,
     residency=None,
     activations=None,
+    track_original: bool = False,
 ) -> list[tuple[torch.Tensor, dict]]:
     """Returns the last layer's outputs per batch (with every layer's kwargs).
 
     residency: how decoder layers reach the device (default: held in memory).
     activations: an `offload.ActivationStore` deciding where hidden states and MoE inputs wait between
     layers (default: on the compute device); consumers move chunks to the device as they read them.
+    track_original: also run the original model's stream beside the pruned one (each layer before the
+    callback changes it), and give the callback that stream's MoE inputs (`LayerStep.original_inputs`).
     """
     residency = residency or Resident(model, adapter)
     keep = activations.put if activations is not None else (lambda t: t)
@@ -163,30 +179,28 @@ def propagate(
     home = next(p.device for p in model.parameters() if p.device.type != "meta")
     place_outside_layers(model, layers, device)
     batches = [(keep(h), kw) for h, kw in catch_layer_inputs(model, adapter, token_ids, batch_size, device)]
+    # The original stream gets its own kwargs: a layer's output carried to the next one differs between streams.
+    originals = [(h, [dict(kw) for kw in kwargs]) for h, kwargs in batches] if track_original else None
     task = progress.add_task("layers", total=len(layers)) if progress else None
 
-    def run(layer, index):
-        return [keep(run_layer(layer, hidden.to(device), kwargs, index, adapter)) for hidden, kwargs in batches]
+    def run(layer, index, stream):
+        return [keep(run_layer(layer, hidden.to(device), kwargs, index, adapter)) for hidden, kwargs in stream]
 
     for index in range(len(layers)):
         if activations is not None:
             activations.new_generation()
         layer = residency.load_layer(index, device)
         block = adapter.moe_block(layer)
-        captured: list[torch.Tensor] = []
-        handle = None
+        outputs, captured = _run_recorded(run, layer, index, batches, block, keep)
+        if originals is not None:
+            original_outputs, original_captured = _run_recorded(run, layer, index, originals, block, keep)
+            originals = [(out, kwargs) for out, (_, kwargs) in zip(original_outputs, originals)]
         if block is not None:
-            handle = block.register_forward_pre_hook(_recorder(captured, keep))
-        try:
-            outputs = run(layer, index)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if block is not None:
-            kept = on_layer(LayerStep(index, block, captured, batches))
+            step = LayerStep(index, block, captured, batches, original_captured if originals is not None else None)
+            kept = on_layer(step)
             if kept is not None and len(kept) < adapter.num_experts:
                 with adapter.pruned_view(model, {index: kept}):
-                    outputs = run(layer, index)
+                    outputs = run(layer, index, batches)
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
         residency.release_layer(index)
         if progress:
