@@ -154,6 +154,8 @@ def main() -> None:
                     "recover": result.options.get("recover"),
                 }
             )
+        if not args.random_seeds:
+            continue
         randoms = [score(plan(keep, strategy="random", seed=seed)[0].kept()) for seed in range(args.random_seeds)]
         rows.append(
             {

@@ -131,7 +131,6 @@ def test_layers_the_forward_never_runs_are_refused():
         propagate(model, adapter_for(model.config), tokens, lambda step: None, batch_size=2, device=CPU)
 
 
-<<<<<<< HEAD
 def test_stored_calibration_gives_the_propagated_layerwise_plan_whatever_the_seq_len_setting(tmp_path):
     """The stored source takes its sequence length from the stored tokens, not from settings."""
     from moe_sparsify.calibration.store import CalibrationStore, CalibrationWriter
@@ -149,7 +148,8 @@ def test_stored_calibration_gives_the_propagated_layerwise_plan_whatever_the_seq
     propagated = plan_pruning(model, adapter, settings, tokens, {}, device=CPU)[0]
     assert stored.layers[0].loss > 0
     assert stored.dumps("json") == propagated.dumps("json")
-=======
+
+
 def test_compensating_loss_is_the_original_output_against_the_pruned_layer_on_pruned_inputs():
     """The paper's progressive definition, end to end: the recorded loss of each layer's kept set is
     mean ||F(x_orig) - F'(x_pruned, C)||^2 with both streams recomputed independently (two plain runs)."""
@@ -181,4 +181,3 @@ def test_compensating_loss_is_the_original_output_against_the_pruned_layer_on_pr
         assert plan.layers[layer].loss == pytest.approx(brute.item(), rel=1e-4)
     progressive = _plan(model, "progressive", 5, tokens)
     assert progressive.layers[2].loss != pytest.approx(plan.layers[2].loss, rel=1e-3)  # another target
->>>>>>> 9fb0f9e (prune --mode compensating (the paper's progressive target, the original stream propagated beside the pruned one) and --recover router,refit after each layer's search; export writes the re-fitted router rows and down projections and verifies against the re-fitted model; plans made with --recover are refused by export/eval/skip-profile; --recover refuses --plan-only, --stream, torchrun and quantized sources in one line)
