@@ -217,10 +217,10 @@ def test_bfloat16_recovery_verifies_against_the_refitted_model(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--recover", "magic"], "recover: must be a list of router, refit"),
+        (["--recover", "magic"], "'magic' is not one of 'router' or 'refit'"),
         (["--recover", "refit", "--plan-only"], "--plan-only writes no weights"),
         (["--recover", "router", "--stream"], "--stream does not hold the layers"),
-        (["--mode", "sideways"], "mode: 'sideways'"),
+        (["--mode", "sideways"], "'sideways'"),
     ],
 )
 def test_recover_refuses_what_it_cannot_do(tmp_path, args, fragment):
