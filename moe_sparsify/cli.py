@@ -20,11 +20,14 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from . import commands
+from . import __version__, commands
 from .config import Settings, resolve_settings
 from .distributed import is_main
 from .errors import FailedRun, MoeSparsifyError, UsageError
+from .models import model_aliases
 from .plan import load_plan
+
+TRACEBACK_HINT = "Errors are one line; set MOE_SPARSIFY_TRACEBACK=1 to see the full traceback."
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -61,31 +64,118 @@ app = typer.Typer(
     cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: options with their types and defaults, no boxes
     help="Slim Mixture-of-Experts language models: prune experts exactly, skip experts at run time, compare.",
+    epilog="Run `moe-sparsify COMMAND --help` for a command's options. Defaults shown there are the built-in"
+    " ones; a model alias (models.yaml) and a --config file override them, and flags override both. " + TRACEBACK_HINT,
 )
 
+_DEFAULTS = Settings()
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "none"}[value]
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def default_of(setting: str) -> str:
+    """`[default: X]` for a help text: the built-in value, and any model alias in configs/models.yaml that
+    sets its own (tiny runs 256-token sequences, not 2048)."""
+    shown = _shown(getattr(_DEFAULTS, setting))
+    by_alias = [f"{alias}: {entry[setting]}" for alias, entry in model_aliases().items() if setting in entry]
+    return f"[default: {shown}{'; ' + ', '.join(by_alias) if by_alias else ''}]"
+
+
+def setting_help(text: str, setting: str) -> str:
+    return f"{text} {default_of(setting)}"
+
+
 ModelOpt = Annotated[
-    Optional[str], typer.Option("--model", help="Alias (configs/models.yaml), model directory or hub id.")
+    Optional[str],
+    typer.Option(
+        "--model", help=setting_help("Alias (in models.yaml: tiny, mixtral, ...), model directory or hub id.", "model")
+    ),
 ]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings; flags override it.")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Where results are written.")]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--config",
+        help="Settings in YAML, a file or a shipped example by name (tiny-keep6); flags override it. [default: none]",
+    ),
+]
 CalibOpt = Annotated[
-    Optional[str], typer.Option("--calibration", help="Text source: bundled, a file, hf:NAME, or a mix a=0.7,b=0.3.")
+    Optional[str],
+    typer.Option(
+        "--calibration",
+        help=setting_help("Text source: bundled, bundled:heldout, a file, hf:NAME, a mix a=0.7,b=0.3.", "calibration"),
+    ),
 ]
-SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="Calibration sequences.")]
-SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per calibration sequence.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")]
-OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing output.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help=setting_help("Calibration sequences.", "samples"))]
+SeqLenOpt = Annotated[
+    Optional[int], typer.Option("--seq-len", help=setting_help("Tokens per calibration sequence.", "seq_len"))
+]
+SeedOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--seed", help=setting_help("Seed for drawing calibration sequences (and the random strategy).", "seed")
+    ),
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help=setting_help("auto (cuda if present), cpu, cuda or cuda:N.", "device"))
+]
+DtypeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dtype", help=setting_help("auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.", "dtype")
+    ),
+]
+BatchOpt = Annotated[
+    Optional[int], typer.Option("--batch-size", help=setting_help("Sequences per forward pass.", "batch_size"))
+]
+OverwriteOpt = Annotated[
+    Optional[bool], typer.Option("--overwrite", help=setting_help("Replace an existing output.", "overwrite"))
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout (progress stays on stderr). [default: off]")
+]
 StreamOpt = Annotated[
-    Optional[bool], typer.Option("--stream", help="Load one decoder layer at a time from disk (large models).")
+    Optional[bool],
+    typer.Option("--stream", help=setting_help("Load one decoder layer at a time from disk (large models).", "stream")),
 ]
 ThresholdsOpt = Annotated[
-    Optional[Path], typer.Option("--thresholds", help="Router-threshold file from skip-profile: skip experts.")
+    Optional[Path],
+    typer.Option("--thresholds", help="Router-threshold file from skip-profile: skip experts. [default: none]"),
 ]
+FromCalibrationOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--from-calibration",
+        help="Directory written by `calibrate`: reuse its tokens and block inputs. [default: none, sample now]",
+    ),
+]
+
+
+def output_option(default: str) -> object:
+    return typer.Option("--output", "-o", help=f"Where to write. [default: {default}]")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moe-sparsify {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    pass
 
 
 def _fail(message: str, code: int) -> None:
@@ -180,8 +270,9 @@ def _emit(result: dict, as_json: bool, summary) -> None:
         summary(result)
 
 
-def _show_progress(as_json: bool) -> bool:
-    return not as_json and sys.stderr.isatty()
+def _show_progress() -> bool:
+    """Progress goes to stderr whatever the output format (stdout may be JSON); under torchrun, rank 0's."""
+    return is_main()
 
 
 def _layers_table(result: dict) -> None:
@@ -205,7 +296,7 @@ def _layers_table(result: dict) -> None:
 def calibrate(
     model: ModelOpt = None,
     config: ConfigOpt = None,
-    output: OutputOpt = None,
+    output: Annotated[Optional[str], output_option("MODEL-calibration")] = None,
     calibration: CalibOpt = None,
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
@@ -217,9 +308,12 @@ def calibrate(
     json_out: JsonOpt = False,
     stream: StreamOpt = None,
 ):
-    """Sample calibration tokens and store every MoE block's inputs for later `prune` runs."""
+    """Store MoE block inputs once, for several prunes.
+
+    `prune --from-calibration DIR` then skips sampling and the forward passes that produce each block's inputs.
+    """
     settings = _settings(config, locals())
-    result = commands.calibrate(settings, _show_progress(json_out))
+    result = commands.calibrate(settings, _show_progress())
     _emit(
         result,
         json_out,
@@ -234,7 +328,7 @@ def calibrate(
 def prune(
     model: ModelOpt = None,
     config: ConfigOpt = None,
-    output: OutputOpt = None,
+    output: Annotated[Optional[str], output_option("MODEL-keepK, or MODEL-keepK.plan.yaml with --plan-only")] = None,
     calibration: CalibOpt = None,
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
@@ -244,20 +338,28 @@ def prune(
     batch_size: BatchOpt = None,
     overwrite: OverwriteOpt = None,
     json_out: JsonOpt = False,
-    keep: Annotated[Optional[int], typer.Option("--keep", help="Experts each MoE layer keeps.")] = None,
+    keep: Annotated[
+        Optional[int], typer.Option("--keep", help="Experts each MoE layer keeps (required, here or in --config).")
+    ] = None,
     strategy: Annotated[
         Optional[str],
         typer.Option(
             "--strategy",
-            help="auto (exhaustive, or greedy past --max-subsets), exhaustive, greedy, e2e, reap, frequency or random.",
+            help=setting_help(
+                "auto (exhaustive, or greedy past --max-subsets), exhaustive, greedy, e2e, reap, frequency or random.",
+                "strategy",
+            ),
         ),
     ] = None,
     mode: Annotated[
         Optional[str],
         typer.Option(
             "--mode",
-            help="layerwise (the paper's default), progressive (pruned inputs, own output) or compensating "
-            "(pruned inputs, the original model's output: the paper's progressive).",
+            help=setting_help(
+                "layerwise (the paper's default), progressive (pruned inputs, own output) or compensating "
+                "(pruned inputs, the original model's output: the paper's progressive).",
+                "mode",
+            ),
         ),
     ] = None,
     recover: Annotated[
@@ -265,43 +367,62 @@ def prune(
         typer.Option(
             "--recover",
             help="After each layer's search, re-fit kept weights to the original output: router, refit, or "
-            "router,refit (each kept only if held-back calibration tokens improve).",
+            "router,refit (each kept only if held-back calibration tokens improve). [default: none]",
         ),
     ] = None,
     plan_only: Annotated[
-        Optional[bool], typer.Option("--plan-only", help="Write the plan file, not a checkpoint.")
+        Optional[bool],
+        typer.Option("--plan-only", help=setting_help("Write the plan file, not a checkpoint.", "plan_only")),
     ] = None,
-    from_calibration: Annotated[
-        Optional[str], typer.Option("--from-calibration", help="Directory written by `calibrate`.")
-    ] = None,
+    from_calibration: FromCalibrationOpt = None,
     max_subsets: Annotated[
-        Optional[int], typer.Option("--max-subsets", help="Exhaustive search limit per layer.")
+        Optional[int],
+        typer.Option(
+            "--max-subsets", help=setting_help("Subsets per layer beyond which auto turns greedy.", "max_subsets")
+        ),
     ] = None,
-    beam: Annotated[Optional[int], typer.Option("--beam", help="Greedy beam width.")] = None,
+    beam: Annotated[Optional[int], typer.Option("--beam", help=setting_help("Greedy beam width.", "beam"))] = None,
     stream: StreamOpt = None,
 ):
-    """Choose the experts to keep per layer and write the slimmed checkpoint (or only the plan)."""
+    """Choose the experts each layer keeps; write the checkpoint.
+
+    With --plan-only, write only the plan file (for `export`, or `eval --plan`).
+    """
     settings = _settings(config, locals())
-    _emit(commands.prune(settings, _show_progress(json_out)), json_out, _layers_table)
+    _emit(commands.prune(settings, _show_progress()), json_out, _layers_table)
+
+
+VERIFY = "The export is checked on verify_samples calibration sequences:"
 
 
 @app.command()
 @reporting_errors
 def export(
-    plan: Annotated[Path, typer.Option("--plan", help="Plan file written by `prune --plan-only`.")],
-    model: ModelOpt = None,
+    plan: Annotated[Path, typer.Option("--plan", help="Plan file written by `prune --plan-only`. [required]")],
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="The model the plan prunes. [default: the plan's source]")
+    ] = None,
     config: ConfigOpt = None,
-    output: OutputOpt = None,
-    calibration: CalibOpt = None,
-    seq_len: SeqLenOpt = None,
-    seed: SeedOpt = None,
+    output: Annotated[Optional[str], output_option("MODEL-keepK")] = None,
+    calibration: Annotated[
+        Optional[str], typer.Option("--calibration", help=setting_help(VERIFY + " Their text source.", "calibration"))
+    ] = None,
+    seq_len: Annotated[
+        Optional[int], typer.Option("--seq-len", help=setting_help(VERIFY + " Their length in tokens.", "seq_len"))
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help=setting_help(VERIFY + " The seed that draws them.", "seed"))
+    ] = None,
     dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = None,
     json_out: JsonOpt = False,
     thresholds: ThresholdsOpt = None,
 ):
-    """Write the slimmed checkpoint for a plan (the model defaults to the plan's source); with
-    --thresholds, check they were profiled for this pruned model and copy them beside it."""
+    """Write the slimmed checkpoint for a plan file.
+
+    The checkpoint is reloaded and checked against the source model on a few calibration sequences before it
+    is put in place. With --thresholds, the thresholds are checked against the pruned model and copied beside it.
+    """
     if model is None:
         model = load_plan(plan).source
     settings = _settings(config, locals())
@@ -310,8 +431,9 @@ def export(
         result,
         json_out,
         lambda r: commands.stderr.print(
-            f"wrote {r['output']} ({', '.join(r['config_changes'])}); "
+            f"wrote {r['output']} ({', '.join(r['config_changes'])}) in {r['seconds']:.1f} s; "
             f"max logit diff {r['verified_max_abs_logit_diff']:.2g}"
+            + (f"; copied the thresholds {r['thresholds']} beside it" if r.get("thresholds") else "")
         ),
     )
 
@@ -325,43 +447,96 @@ def eval_(
     dtype: DtypeOpt = None,
     json_out: JsonOpt = False,
     text: Annotated[
-        Optional[str], typer.Option("--text", help="Text source (default: the bundled held-out split).")
+        Optional[str], typer.Option("--text", help=setting_help("Text source perplexity is measured on.", "eval_text"))
     ] = None,
-    plan: Annotated[Optional[Path], typer.Option("--plan", help="Apply a plan in memory instead of exporting.")] = None,
-    window: Annotated[Optional[int], typer.Option("--window", help="Tokens per scoring window.")] = None,
-    stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts.")] = None,
+    plan: Annotated[
+        Optional[Path], typer.Option("--plan", help="Apply a plan in memory instead of exporting. [default: none]")
+    ] = None,
+    window: Annotated[
+        Optional[int], typer.Option("--window", help=setting_help("Tokens per scoring window.", "eval_window"))
+    ] = None,
+    stride: Annotated[
+        Optional[int], typer.Option("--stride", help=setting_help("Tokens between window starts.", "eval_stride"))
+    ] = None,
+    perplexity: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--perplexity/--no-perplexity",
+            help=setting_help("Measure perplexity (skip it to run only --tasks).", "perplexity"),
+            show_default=False,
+        ),
+    ] = None,
     thresholds: ThresholdsOpt = None,
     tasks: Annotated[
-        Optional[str], typer.Option("--tasks", help="lm-eval tasks, comma-separated (bundled: pydoc_cloze).")
+        Optional[str],
+        typer.Option("--tasks", help=setting_help("lm-eval tasks, comma-separated (bundled: pydoc_cloze).", "tasks")),
     ] = None,
     task_dir: Annotated[
-        Optional[list[str]], typer.Option("--task-dir", help="Directory of lm-eval task YAML (repeatable).")
+        Optional[list[str]],
+        typer.Option("--task-dir", help=setting_help("Directory of lm-eval task YAML (repeatable).", "task_dirs")),
     ] = None,
-    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per task.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Documents per task (quick runs).")] = None,
+    num_fewshot: Annotated[
+        Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per task. [default: the task's own]")
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", help="Documents per task, for quick runs. [default: all]")
+    ] = None,
     compare: Annotated[
-        bool, typer.Option("--compare", help="Compare the VARIANTS given as arguments (MODEL, MODEL+skip, MODEL+FILE).")
+        bool,
+        typer.Option(
+            "--compare", help="Compare the VARIANTS given as arguments (MODEL, MODEL+skip, MODEL+FILE). [default: off]"
+        ),
     ] = False,
     variants: Annotated[
-        Optional[list[str]], typer.Argument(help="With --compare: the variants, first = baseline.")
+        Optional[list[str]], typer.Argument(help="With --compare: the variants, first = baseline.", metavar="VARIANTS")
     ] = None,
     report: Annotated[
-        Optional[Path], typer.Option("--report", help="With --compare: write JSON and charts here.")
+        Optional[Path], typer.Option("--report", help="With --compare: write JSON and charts here. [default: none]")
     ] = None,
     batch: Annotated[
-        Optional[str], typer.Option("--batch", help="With --compare: batch sizes to time, e.g. 1,8 (first = headline).")
+        Optional[str],
+        typer.Option(
+            "--batch",
+            help=setting_help("With --compare: batch sizes to time, e.g. 1,8 (first = headline).", "speed_batch"),
+        ),
     ] = None,
-    prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", help="With --compare: prompt tokens.")] = None,
-    new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="With --compare: tokens generated.")] = None,
-    repeats: Annotated[Optional[int], typer.Option("--repeats", help="With --compare: timed rounds.")] = None,
+    prompt_len: Annotated[
+        Optional[int], typer.Option("--prompt-len", help=setting_help("With --compare: prompt tokens.", "prompt_len"))
+    ] = None,
+    new_tokens: Annotated[
+        Optional[int],
+        typer.Option("--new-tokens", help=setting_help("With --compare: tokens generated.", "new_tokens")),
+    ] = None,
+    repeats: Annotated[
+        Optional[int],
+        typer.Option(
+            "--repeats", help=setting_help("With --compare: timed rounds at least (after a warm-up).", "repeats")
+        ),
+    ] = None,
+    time_budget: Annotated[
+        Optional[float],
+        typer.Option(
+            "--time-budget",
+            help=setting_help(
+                "With --compare: seconds of further rounds while the speed-ups' intervals are wider than 10 %.",
+                "speed_budget_s",
+            ),
+        ),
+    ] = None,
     card: Annotated[
-        bool, typer.Option("--card", help="Record the result in the exported model's README.md (model card).")
+        bool,
+        typer.Option("--card", help="Record the result in the exported model's README.md (model card). [default: off]"),
     ] = False,
 ):
-    """Perplexity of a model (original, exported, or with a plan applied, with or without expert
-    skipping) on a text source; with --compare, quality, speed and memory of several variants."""
+    """Perplexity, lm-eval tasks, or --compare of several variants.
+
+    The model may be the original, an exported checkpoint, or one with a plan applied in memory, each with or
+    without expert skipping. --compare measures quality, speed and memory of variants in one run.
+    """
     flags = {"model": model, "device": device, "dtype": dtype, "eval_text": text, "eval_window": window}
+    flags["perplexity"] = perplexity
     speed = {"speed_batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats}
+    speed["speed_budget_s"] = time_budget
     harness = {"tasks": tasks, "task_dirs": task_dir, "num_fewshot": num_fewshot, "task_limit": limit}
     settings = _settings(config, {**flags, "eval_stride": stride, **speed, **harness})
     if compare or variants:
@@ -370,33 +545,48 @@ def eval_(
                 "variants as arguments go with --compare only (MODEL, MODEL+skip, MODEL+FILE), and --compare "
                 "takes no --plan, --thresholds, --model or --card; see moe-sparsify eval --help"
             )
-        _emit(commands.compare(settings, variants or [], report, _show_progress(json_out)), json_out, _compare_table)
+        _emit(commands.compare(settings, variants or [], report, _show_progress()), json_out, _compare_table)
         return
-    result = commands.evaluate(settings, plan, thresholds, card)
-    _emit(
-        result,
-        json_out,
-        lambda r: commands.stderr.print(
-            f"{r['model']}{' + ' + r['plan'] if r['plan'] else ''}{' + skipping' if r['thresholds'] else ''}: "
-            f"perplexity {r['perplexity']:.3f} on {r['tokens']} "
-            f"tokens of {r['text']} (window {r['window']}, stride {r['stride']}, {r['device']}, {r['dtype']})"
-            + "".join(f"\n{task}: {_metrics(m)}" for task, m in r.get("harness", {}).get("tasks", {}).items())
-        ),
-    )
+    _emit(commands.evaluate(settings, plan, thresholds, card), json_out, _eval_summary)
+
+
+def _eval_summary(r: dict) -> None:
+    what = f"{r['model']}{' + ' + r['plan'] if r['plan'] else ''}{' + skipping' if r['thresholds'] else ''}"
+    if "perplexity" in r:
+        commands.stderr.print(
+            f"{what}: perplexity {r['perplexity']:.3f} on {r['tokens']} tokens of {r['text']} "
+            f"(window {r['window']}, stride {r['stride']}, {r['device']}, {r['dtype']})"
+        )
+    for task, metrics in r.get("harness", {}).get("tasks", {}).items():
+        commands.stderr.print(f"{what} {task}: {_metrics(metrics)}")
+
+
+def _number(value) -> str:
+    """Counts as integers (`sample_len 50`), scores with four decimals."""
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 def _metrics(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return ", ".join(f"{k} {_number(v)}" for k, v in metrics.items())
+
+
+def _speedup(row: dict, kind: str) -> str:
+    """`1.12x (1.08-1.15)`: the median speed-up over rounds and its interval."""
+    low, high = row[f"{kind}_speedup_interval"]
+    return f"{row[f'{kind}_speedup']:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def _compare_table(result: dict) -> None:
     setup = result["setup"]
+    headline = result["noise"][str(setup["batch"])]
     table = Table(
         title=f"{setup['device']}, {setup['dtype']}, {setup['threads']} threads; perplexity on {setup['text']}; "
         f"speed: batch {setup['batch']}, prompt {setup['prompt_len']}, {setup['new_tokens']} new tokens, "
-        f"median of {setup['repeats']}"
+        f"median of {headline['rounds']} rounds (interval: {100 * headline['interval_coverage']:.0f} % "
+        f"confidence){'; NOISY, see the warnings' if headline['noisy'] else ''}"
     )
-    for column in ("variant", "experts", "params M", "perplexity", "prefill tok/s", "decode tok/s", "speedup", "skip"):
+    columns = ("variant", "experts", "params M", "perplexity", "prefill tok/s", "decode tok/s")
+    for column in (*columns, "prefill speed-up", "decode speed-up", "skip"):
         table.add_column(column, justify="right")
     for r in result["variants"]:
         skipped = r.get("skip_fraction")
@@ -408,14 +598,13 @@ def _compare_table(result: dict) -> None:
             f"{r['perplexity']:.2f}",
             f"{r['prefill_tokens_per_s']:.0f}",
             f"{r['decode_tokens_per_s']:.1f}",
-            f"{r['decode_speedup']:.2f}x",
+            _speedup(r, "prefill"),
+            _speedup(r, "decode"),
             share,
         )
     commands.stderr.print(table)
     for extra in setup["batches"][1:]:
-        speedups = ", ".join(
-            f"{r['variant']} {r['speed'][str(extra)]['decode_speedup']:.2f}x" for r in result["variants"]
-        )
+        speedups = ", ".join(f"{r['variant']} {_speedup(r['speed'][str(extra)], 'decode')}" for r in result["variants"])
         commands.stderr.print(f"decode speed-up at batch {extra}: {speedups}")
     for r in result["variants"]:
         for task, metrics in r.get("harness", {}).get("tasks", {}).items():
@@ -429,7 +618,7 @@ def _compare_table(result: dict) -> None:
 def skip_profile(
     model: ModelOpt = None,
     config: ConfigOpt = None,
-    output: OutputOpt = None,
+    output: Annotated[Optional[str], output_option("MODEL-thresholds.json")] = None,
     calibration: CalibOpt = None,
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
@@ -439,23 +628,31 @@ def skip_profile(
     batch_size: BatchOpt = None,
     overwrite: OverwriteOpt = None,
     json_out: JsonOpt = False,
-    plan: Annotated[Optional[Path], typer.Option("--plan", help="Profile the model as this plan prunes it.")] = None,
-    from_calibration: Annotated[
-        Optional[str], typer.Option("--from-calibration", help="Directory written by `calibrate`.")
+    plan: Annotated[
+        Optional[Path], typer.Option("--plan", help="Profile the model as this plan prunes it. [default: none]")
     ] = None,
+    from_calibration: FromCalibrationOpt = None,
     skip_rule: Annotated[
-        Optional[str], typer.Option("--rule", help="ratio (top-2, the paper) or tail (top-k).")
+        Optional[str],
+        typer.Option("--rule", help="ratio (top-2, the paper) or tail (top-k). [default: ratio for top-2, else tail]"),
     ] = None,
     quantile: Annotated[
-        Optional[float], typer.Option("--quantile", help="beta = this quantile of the rule's statistic (0.5).")
+        Optional[float],
+        typer.Option("--quantile", help="beta = this quantile of the rule's statistic. [default: 0.5]"),
     ] = None,
     target_skip: Annotated[
-        Optional[float], typer.Option("--target-skip", help="Share of expert evaluations to skip instead.")
+        Optional[float],
+        typer.Option(
+            "--target-skip", help="Share of expert evaluations to skip, instead of --quantile. [default: none]"
+        ),
     ] = None,
 ):
-    """Calibrate per-layer router thresholds for dynamic expert skipping and write them to a file."""
+    """Per-layer router thresholds for dynamic expert skipping.
+
+    Writes a threshold file for `eval --thresholds` and `export --thresholds`.
+    """
     settings = _settings(config, locals())
-    result = commands.skip_profile(settings, plan, _show_progress(json_out))
+    result = commands.skip_profile(settings, plan, _show_progress())
     _emit(result, json_out, _thresholds_table)
 
 
@@ -467,7 +664,7 @@ def _thresholds_table(result: dict) -> None:
     for entry in result["layers"]:
         table.add_row(str(entry["layer"]), f"{entry['beta']:.4f}", f"{100 * entry['skip_fraction']:.1f} %")
     commands.stderr.print(table)
-    commands.stderr.print(f"wrote {result['output']}")
+    commands.stderr.print(f"wrote {result['output']} in {result['seconds']:.1f} s")
 
 
 def main() -> None:

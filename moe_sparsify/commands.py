@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import resource
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .adapters import MoEAdapter, adapter_for
 from .calibration.offload import ActivationStore, default_budgets
@@ -31,13 +29,14 @@ from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from .outputs import check_output, holding_outputs, lock_output, writing
 from .plan import ModelIdentity, Plan, load_plan
+from .progress import progress_reporter
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
 from .skipping import check_skip_rule, check_skipping_supported, default_skip_rule, skip_fractions, skipping
 from .streaming import StreamedModel
 from .system import proc_bytes
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
 
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # a long path must not break a line a script may grep
 
 
 @dataclass
@@ -91,14 +90,8 @@ def peak_memory_bytes(device: torch.device) -> dict:
     return peak
 
 
-@contextmanager
 def progress_bar(enabled: bool):
-    if not enabled:
-        yield None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        yield progress
+    return progress_reporter(enabled, stderr)
 
 
 def _calibration_tokens(settings: Settings, tokenizer, samples: int) -> tuple[torch.Tensor, dict]:
@@ -206,8 +199,20 @@ def _tokens_from(
         manifest = {k: v for k, v in store.manifest.items() if k not in ("kind", "model")}
     else:
         token_ids, manifest = _calibration_tokens(job.settings, tokenizer, job.settings.samples)
+    # A stored manifest comes back with its keys sorted; sort a fresh one too, so that a plan or a
+    # threshold file has the same bytes whether its tokens were sampled now or read from `calibrate`.
+    manifest = sorted_keys(manifest)
     manifest["sha256"] = manifest_sha256(manifest)
     return token_ids, manifest
+
+
+def sorted_keys(value):
+    """`value` with every mapping inside it in sorted key order (lists keep their order)."""
+    if isinstance(value, dict):
+        return {k: sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [sorted_keys(v) for v in value]
+    return value
 
 
 @holding_outputs
@@ -225,6 +230,7 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     _check_recovery(job)
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
+    settings.output = str(output)  # the JSON's settings then name the path written, default or not
     if settings.plan_only:
         check_output(output, "file", settings.overwrite, inputs=(job.model_dir,))
     else:
@@ -305,10 +311,18 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
         }
         for lp, t in zip(plan.layers, timings)
     ]
+    layer_pass = searched - loaded
+    stats_s = sum(t.stats_s for t in timings)
+    search_s = sum(t.search_s for t in timings)
+    # total = load + layer pass + write; the layer pass = the layers' stats + search (their sums) + the rest
+    # (loading each layer, running it forward to make the next layer's inputs, e2e reference passes).
     result["timings"] = {
         "load_and_calibration_tokens_s": loaded - start,
-        "search_s": searched - loaded,
-        "export_s": done - searched,
+        "layer_pass_s": layer_pass,
+        "layers_stats_s": stats_s,
+        "layers_search_s": search_s,
+        "layer_pass_other_s": layer_pass - stats_s - search_s,
+        "write_s": done - searched,  # the export and its verification, or the plan file
         "total_s": done - start,
     }
     result["peak_memory"] = peak_memory_bytes(job.device)
@@ -378,19 +392,29 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     provenance = export_checkpoint(
         job.model_dir, output, plan, job.adapter, model, token_ids, overwrite=settings.overwrite, extra_files=extra
     )
-    return {"output": str(output), "plan": str(plan_path), "seconds": time.perf_counter() - start, **provenance}
+    return {
+        "output": str(output),
+        "plan": str(plan_path),
+        "thresholds": str(output / THRESHOLDS_FILE) if thresholds else None,
+        "seconds": time.perf_counter() - start,
+        **provenance,
+    }
 
 
 def evaluate(
     settings: Settings, plan_path: Path | None, thresholds_path: Path | None = None, card: bool = False
 ) -> dict:
     start = time.perf_counter()
+    if not settings.perplexity and not settings.tasks:
+        raise UsageError("--no-perplexity leaves nothing to measure; add --tasks or drop --no-perplexity")
     check_source(settings.eval_text)
     job = open_job(settings)
     check_length(job, settings.eval_window, "--window")
     if card:
         if plan_path:
             raise UsageError("--card records results of the exported checkpoint itself; drop --plan (or --card)")
+        if not settings.perplexity:
+            raise UsageError("--card records the perplexity; drop --no-perplexity (or --card)")
         check_card_target(job.model_dir)
     plan = _plan_without_recovery(plan_path) if plan_path else None
     thresholds = load_thresholds(thresholds_path) if thresholds_path else None
@@ -412,7 +436,9 @@ def evaluate(
     _check_thresholds(thresholds, model, job.adapter, kept)
 
     def score() -> dict:
-        scores = perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device)
+        scores = {}
+        if settings.perplexity:
+            scores = perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device)
         if settings.tasks:
             scores["harness"] = _harness(settings, model, tokenizer, job.device)
         return scores
@@ -527,9 +553,15 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
                 return _harness(settings, model, tokenizers[0], device)
 
         cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress, harness)
+        rounds = cmp.Rounds(minimum=settings.repeats, budget_s=settings.speed_budget_s)
+        noise = {}
         for i, batch in enumerate(settings.speed_batch):
             prompt = stream[: batch * settings.prompt_len].reshape(batch, settings.prompt_len)
-            measured = cmp.measure_speed(variants, prompt, settings.new_tokens, settings.repeats, device, progress)
+            measured, noise[str(batch)] = cmp.measure_speed(
+                variants, prompt, settings.new_tokens, rounds, device, progress
+            )
+            for warning in noise[str(batch)]["warnings"]:  # on stderr whatever the output format
+                stderr.print(f"warning: batch {batch}: {warning}")
             for v in variants:
                 v.results.setdefault("speed", {})[str(batch)] = measured[v.spec]
                 if i == 0:  # the first batch size is the headline (table, charts)
@@ -549,11 +581,20 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
             "prompt_len": settings.prompt_len,
             "new_tokens": settings.new_tokens,
             "repeats": settings.repeats,
+            "speed_budget_s": settings.speed_budget_s,
             "threads": torch.get_num_threads(),
         },
+        # How settled each batch size's timings are; noisy: some speed-up is not known within the tolerance.
+        "noise": noise,
+        "noisy": any(n["noisy"] for n in noise.values()),
         "variants": rows,
         "peak_memory": peak_memory_bytes(device),
     }
+    if result["noisy"]:
+        stderr.print(
+            "warning: these speed-ups are noisy (see `noise` in the JSON): measure on an idle machine, "
+            "or give more rounds time with --time-budget"
+        )
     if report_dir is not None:
         from .report import write_report
 

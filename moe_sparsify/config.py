@@ -39,7 +39,7 @@ from .choices import (
 )
 from .errors import UsageError
 from .files import DOCUMENT_CONFIG, describe_errors
-from .models import model_aliases
+from .models import configs_dir, model_aliases
 
 
 def _device(value: str) -> str:
@@ -143,6 +143,7 @@ class Settings:
     eval_text: StrictStr = "bundled:heldout"
     eval_window: PositiveInt = 256
     eval_stride: PositiveInt = 128
+    perplexity: StrictBool = True  # eval: measure perplexity (off: only --tasks)
     tasks: Names = field(default_factory=list)  # eval: lm-eval tasks (pydoc_cloze is bundled)
     task_dirs: Directories = field(default_factory=list)  # eval: directories of lm-eval task YAML
     num_fewshot: NonNegativeInt | None = None  # eval: the harness default per task when unset
@@ -151,7 +152,9 @@ class Settings:
     speed_batch: BatchSizes = field(default_factory=lambda: [1])
     prompt_len: PositiveInt = 64  # eval --compare: prompt tokens per sequence
     new_tokens: Annotated[StrictInt, Field(ge=2)] = 32  # eval --compare: greedy tokens generated per sequence
-    repeats: PositiveInt = 3  # eval --compare: timed rounds after one warm-up round
+    repeats: PositiveInt = 3  # eval --compare: fewest timed rounds after one warm-up round
+    # eval --compare: seconds of further timed rounds while the speed-ups are unsettled
+    speed_budget_s: Annotated[StrictFloat, Field(ge=0)] = 60.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +178,19 @@ def _cross_field_errors(s: Settings) -> list[str]:
     if s.eval_stride > s.eval_window:
         errors.append(f"eval_stride: {s.eval_stride} is larger than eval_window {s.eval_window}")
     return errors
+
+
+def find_config(spec: str | Path) -> Path:
+    """A --config file: a path, or the name of an example shipped with the package (`tiny-keep6`), so the
+    examples work outside a clone of the repository."""
+    path = Path(spec)
+    if path.exists() or len(path.parts) > 1:
+        return path
+    shipped = configs_dir() / f"{path.name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file() and shipped.name != "models.yaml":
+        return shipped
+    names = sorted(p.stem for p in configs_dir().glob("*.yaml") if p.name != "models.yaml")
+    raise UsageError(f"config {spec} not found; give a YAML file or a shipped example: {', '.join(names)}")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -208,6 +224,7 @@ def _alias_defaults_for(model: str) -> dict:
 def resolve_settings(config_file: Path | None, flags: dict) -> Settings:
     """flags: values the user passed on the command line (None = not given)."""
     given = {k: v for k, v in flags.items() if v is not None}
+    config_file = find_config(config_file) if config_file else None
     from_file = _read_yaml(config_file) if config_file else {}
     errors = [
         f"{k}: unknown setting in {config_file} (known: {', '.join(sorted(KNOWN_KEYS))})"

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
+from .files import save_tensors
 from .model_card import CARD_FILE, EVALS_FILE, render_card
 from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
 from .outputs import replacing, writing
@@ -157,7 +157,7 @@ def _write_weights(
         except (SafetensorError, OSError) as exc:
             raise FailedRun(f"cannot read {source_dir / shard}: {exc}; re-download or re-save the checkpoint") from None
         target = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / target, metadata=metadata)
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / target, metadata=metadata)
         weight_map.update({name: target for name in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(shards) > 1:

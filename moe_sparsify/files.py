@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
@@ -51,11 +52,24 @@ def dumps(data: dict, fmt: str) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
 
 
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """A safetensors file with the mode of any other new file: safetensors creates it 0600, which would
+    keep a checkpoint meant to be served or uploaded from other users whatever the umask says."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def load_mapping(path: Path, what: str, fix: str) -> dict:
     """A YAML or JSON mapping; `what` names it and `fix` says where a good one comes from."""
     path = Path(path)
     try:
         raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} not found; {fix}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path} ({exc.strerror}); {fix}") from None
     fmt = format_of(path)

@@ -14,7 +14,9 @@ Needs the `eval` extra: pip install 'moe-sparsify[eval]' (lm_eval, accelerate).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,6 +79,30 @@ def _datasets_offline() -> Iterator[None]:
         del os.environ["HF_DATASETS_OFFLINE"]
 
 
+@contextlib.contextmanager
+def output_to(log: Path):
+    """Send everything written to stdout and stderr, by Python or by a child process, to `log`.
+
+    The harness logs warnings that do not apply to an in-memory model ("`pretrained` model kwarg is not
+    of type `str`", "Passed an already-initialized model"), runs `git describe` (printing "fatal: not a
+    git repository" outside a clone) and draws tqdm bars; stdout must stay one JSON object. Errors still
+    surface: they are exceptions, reported after the streams are restored."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with open(log, "a") as sink:
+        try:
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+        finally:
+            sink.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -102,12 +128,20 @@ def run_tasks(
                 f"unknown lm-eval task(s) {', '.join(unknown)}; bundled: {', '.join(BUNDLED_TASKS)}, "
                 "or add a --task-dir with their YAML"
             )
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit, log_samples=False
-        )
+        log = Path(tempfile.gettempdir()) / f"moe-sparsify-lm-eval-{os.getpid()}.log"
+        with output_to(log):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit, log_samples=False
+            )
     scores = {
         task: {k.replace(",none", ""): v for k, v in metrics.items() if isinstance(v, (int, float))}
         for task, metrics in output["results"].items()
     }
-    return {"tasks": scores, "num_fewshot": num_fewshot, "limit": limit, "lm_eval": lm_eval.__version__}
+    return {
+        "tasks": scores,
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "lm_eval": lm_eval.__version__,
+        "log": str(log),  # the harness's own warnings and progress bars
+    }

@@ -22,7 +22,7 @@ def _pyplot():
 def _setup_line(setup: dict) -> str:
     return (
         f"{setup['device']}, {setup['dtype']}, batch {setup['batch']}, prompt {setup['prompt_len']}, "
-        f"{setup['new_tokens']} new tokens, median of {setup['repeats']}"
+        f"{setup['new_tokens']} new tokens"
     )
 
 
@@ -41,18 +41,25 @@ def write_report(result: dict, directory: Path) -> dict:
     files["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    same_size: dict[int, int] = {}
-    for r in rows:
-        ax.scatter(r["parameters"] / 1e6, r["perplexity"], s=40)
-        stacked = same_size.get(r["parameters"], 0)  # variants of one size (skipping) get stacked labels
-        same_size[r["parameters"]] = stacked + 1
-        ax.annotate(
-            _label(r["variant"]),
-            (r["parameters"] / 1e6, r["perplexity"]),
-            textcoords="offset points",
-            xytext=(6, 6 - 12 * stacked),
-            fontsize=8,
+    # Variants of one size (a model with and without skipping) can land on one spot: each gets its own
+    # marker and a smaller size than the one drawn before it, so none hides another; a legend names them
+    # instead of labels that would collide or run off the right edge.
+    markers = "osD^vP*Xh<>p"
+    for i, r in enumerate(rows):
+        ax.scatter(
+            r["parameters"] / 1e6,
+            r["perplexity"],
+            s=max(140 - 25 * i, 30),
+            marker=markers[i % len(markers)],
+            facecolors="none" if i else None,
+            edgecolors=f"C{i}",
+            color=f"C{i}",
+            linewidths=1.6,
+            label=f"{_label(r['variant'])} ({r['perplexity']:.1f})",
+            zorder=2 + i,
         )
+    ax.margins(x=0.15, y=0.12)
+    ax.legend(fontsize=8, title="variant (perplexity)", title_fontsize=8)
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel(f"perplexity on {setup['text']} (lower is better)")
     ax.set_title("Quality against size")
@@ -65,14 +72,36 @@ def write_report(result: dict, directory: Path) -> dict:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
     width = 0.38
     xs = range(len(rows))
-    for offset, key, label in ((-width / 2, "prefill_speedup", "prefill"), (width / 2, "decode_speedup", "decode")):
-        bars = ax.bar([x + offset for x in xs], [r[key] for r in rows], width, label=label)
-        ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+    for offset, kind in ((-width / 2, "prefill"), (width / 2, "decode")):
+        medians = [r[f"{kind}_speedup"] for r in rows]
+        errors = [
+            [m - r[f"{kind}_speedup_interval"][0] for m, r in zip(medians, rows)],
+            [r[f"{kind}_speedup_interval"][1] - m for m, r in zip(medians, rows)],
+        ]
+        bars = ax.bar([x + offset for x in xs], medians, width, yerr=errors, capsize=4, label=kind)
+        ax.bar_label(bars, fmt="%.2fx", fontsize=8, label_type="center")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(list(xs), names, rotation=15, ha="right")
     ax.set_ylabel(f"tokens/s relative to {names[0]}")
-    ax.set_title(f"Speed ({_setup_line(setup)})", fontsize=9)
-    ax.legend()
+    headline = result["noise"][str(setup["batch"])]
+    ax.set_title(
+        f"Speed-up, median of {headline['rounds']} rounds; bars: {100 * headline['interval_coverage']:.0f} % "
+        f"interval\n{_setup_line(setup)}",
+        fontsize=9,
+    )
+    if headline["noisy"]:
+        ax.text(
+            0.5,
+            0.97,
+            "NOISY: some intervals are wider than 10 %; do not quote these speed-ups",
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            color="darkred",
+            fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "darkred"},
+        )
+    ax.legend(loc="lower right")
     fig.tight_layout()
     files["speed"] = directory / "speedup.png"
     fig.savefig(files["speed"], dpi=120)
@@ -106,9 +135,11 @@ def write_report(result: dict, directory: Path) -> dict:
         ]
         fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(layers) + 2), 1 + 0.6 * len(skipping)))
         image = ax.imshow(grid, cmap="Blues", vmin=0, aspect="auto")
+        low, high = image.get_clim()
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.0f}%", ha="center", va="center", fontsize=8)
+                dark = value > low + 0.55 * (high - low)  # white text on the dark end of the colour map
+                ax.text(j, i, f"{value:.0f}%", ha="center", va="center", fontsize=8, color="white" if dark else "black")
         ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_yticks(range(len(skipping)), [_label(r["variant"]) for r in skipping])
         ax.set_xlabel("MoE layer")

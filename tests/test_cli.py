@@ -2,7 +2,10 @@
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,6 +41,14 @@ def test_prune_tiny_json_and_reload(tmp_path):
     assert [len(layer["kept"]) for layer in data["layers"]] == [6, 6, 6, 6]
     assert data["verified_max_abs_logit_diff"] <= 1e-4
     assert data["peak_memory"]["cpu_rss_bytes"] > 0
+    assert data["settings"]["output"] == data["output"]
+    # Every timing is explained by its neighbours: the parts add up to the whole.
+    t = data["timings"]
+    assert t["layers_stats_s"] == pytest.approx(sum(lp["stats_seconds"] for lp in data["layers"]))
+    assert t["layers_search_s"] == pytest.approx(sum(lp["search_seconds"] for lp in data["layers"]))
+    assert t["layer_pass_s"] == pytest.approx(t["layers_stats_s"] + t["layers_search_s"] + t["layer_pass_other_s"])
+    assert t["total_s"] == pytest.approx(t["load_and_calibration_tokens_s"] + t["layer_pass_s"] + t["write_s"])
+    assert t["layer_pass_other_s"] >= 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_local_experts == 6
     assert all(layer.mlp.experts.gate_up_proj.shape[0] == 6 for layer in model.model.layers)
@@ -93,6 +104,9 @@ def test_calibrate_once_prune_many(tmp_path):
     assert [lp["kept"] for lp in from_store["layers"]] == [lp["kept"] for lp in direct["layers"]]
     for a, b in zip(from_store["layers"], direct["layers"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # Same inputs by either path, same bytes: the plan file and its hash.
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert from_store["plan_sha256"] == direct["plan_sha256"]
 
 
 # --- bad inputs: one line, non-zero exit, nothing written ------------------------------------------
@@ -113,6 +127,11 @@ def test_bad_prune_arguments(tmp_path, args, code, fragment):
     assert result.exit_code == code
     assert fragment in _error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_plan_file_is_not_found(tmp_path):
+    result = run("export", "--plan", tmp_path / "nope.yaml", "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "not found" in _error_line(result)
 
 
 def test_missing_model_path(tmp_path):
@@ -209,6 +228,7 @@ def test_skip_profile_eval_and_export_with_thresholds(tmp_path, text):
     assert all(0.2 < layer["skip_fraction"] <= 0.25 for layer in data["layers"])
     again = run("skip-profile", "--model", "tiny", "--output", tmp_path / "t2.json", *FAST)
     assert again.exit_code == 0
+    assert re.search(r"wrote \S+t2\.json in [0-9.]+ s", again.stderr)
     assert (tmp_path / "t.json").read_bytes() == (tmp_path / "t2.json").read_bytes()
 
     skipped = json.loads(run("eval", "--model", "tiny", "--thresholds", tmp_path / "t.json", "--json", *text).stdout)
@@ -226,6 +246,7 @@ def test_skip_profile_eval_and_export_with_thresholds(tmp_path, text):
     ok = run("export", "--plan", plan, "--thresholds", pruned_t, "--output", tmp_path / "out")
     assert ok.exit_code == 0, ok.stderr
     assert (tmp_path / "out" / "moe_sparsify_thresholds.json").is_file()
+    assert "copied the thresholds" in ok.stderr
     in_memory = json.loads(
         run("eval", "--model", "tiny", "--plan", plan, "--thresholds", pruned_t, "--json", *text).stdout
     )
@@ -260,10 +281,15 @@ def test_eval_compare_table_json_and_report(tmp_path, text):
         "--batch",
         "1,2",
         *text,
+        "--time-budget",
+        0,
     ]
     result = run(*args, "--report", tmp_path / "report", "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
+    # One round cannot show its own noise: flagged in the JSON and on stderr, even with --json.
+    assert data["noisy"] and data["noise"]["1"]["rounds"] == 1
+    assert "warning: batch 1: " in result.stderr and "rests on a single round" in result.stderr
     assert [v["experts"] for v in data["variants"]] == [8, 6, 6]
     base, pruned = data["variants"][:2]
     # One round: a speed-up is the ratio of the variant's rate to the baseline's in that round.
@@ -308,6 +334,22 @@ def test_lm_eval_task_runs_offline_through_the_harness(tmp_path, text, monkeypat
     assert scores[False] > 0.35  # four choices: chance is 0.25
     assert scores[False] != scores[True]  # the harness scored the pruned in-memory model
     assert "HF_DATASETS_OFFLINE" not in os.environ  # offline for the harness only, not the rest of the process
+
+
+def test_tasks_alone_print_only_their_scores(tmp_path):
+    """The harness's warnings, `git describe`'s "fatal: not a git repository" and tqdm bars go to its log:
+    run as a user would (a real process, outside a clone), stderr holds the one summary line."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
+    args = ["eval", "--model", "tiny", "--tasks", "pydoc_cloze", "--limit", "20", "--no-perplexity"]
+    done = subprocess.run([sys.executable, "-m", "moe_sparsify", *args], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert re.fullmatch(r"tiny pydoc_cloze: sample_len 20, acc [0-9.]+, acc_stderr [0-9.]+\n", done.stderr)
+
+
+def test_no_perplexity_needs_tasks():
+    result = run("eval", "--model", "tiny", "--no-perplexity")
+    assert result.exit_code == 2 and "nothing to measure" in _error_line(result)
 
 
 def test_unknown_task_is_refused(tmp_path):
@@ -387,3 +429,18 @@ def test_interrupted_calibrate_resumes_to_the_same_store(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     assert (tmp_path / "whole" / "manifest.json").read_text() == (tmp_path / "resumed" / "manifest.json").read_text()
     assert not list(tmp_path.glob(".resumed*"))
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """A checkpoint is served or uploaded by others: under umask 022 every file written is world-readable."""
+    old = os.umask(0o022)
+    try:
+        assert run("prune", "--model", "tiny", "--keep", 6, "--output", tmp_path / "keep6", *FAST).exit_code == 0
+        assert run("calibrate", "--model", "tiny", "--output", tmp_path / "calib", *FAST).exit_code == 0
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in written)
+    assert any(p.parent.name == "calib" and p.suffix == ".safetensors" for p in written)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o644, path

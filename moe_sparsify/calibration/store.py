@@ -16,9 +16,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import FailedRun, UsageError
+from ..files import save_tensors
 from ..outputs import move_into_place, replacing, writing
 
 KIND = "moe-sparsify-calibration"
@@ -69,14 +70,14 @@ class CalibrationWriter:
 
     def add_tokens(self, token_ids: torch.Tensor) -> None:
         with writing(self.final):
-            save_file({"token_ids": token_ids.contiguous()}, self.tmp / "tokens.safetensors")
+            save_tensors({"token_ids": token_ids.contiguous()}, self.tmp / "tokens.safetensors")
 
     def add_layer(self, index: int, inputs: list[torch.Tensor]) -> None:
         path = self.tmp / f"layer_{index:03d}.safetensors"
         if not path.exists():
             tensor = torch.cat([x.detach().cpu() for x in inputs]).contiguous()
             with replacing(path) as partial, writing(self.final):
-                save_file({"moe_input": tensor}, partial)
+                save_tensors({"moe_input": tensor}, partial)
         stop = os.environ.get("MOE_SPARSIFY_STOP_AFTER_LAYER")
         if stop is not None and int(stop) == index:
             raise FailedRun(f"stopped after layer {index} (MOE_SPARSIFY_STOP_AFTER_LAYER); rerun to resume")
