@@ -153,7 +153,8 @@ FromCalibrationOpt = Annotated[
     Optional[str],
     typer.Option(
         "--from-calibration",
-        help="Directory written by `calibrate`: reuse its tokens and block inputs. [default: none, sample now]",
+        help="Directory written by `calibrate`: reuse its tokens and block inputs (--calibration, --samples "
+        "and --seq-len are then not used). [default: none, sample now]",
     ),
 ]
 
