@@ -184,7 +184,7 @@ def find_config(spec: str | Path) -> Path:
     """A --config file: a path, or the name of an example shipped with the package (`tiny-keep6`), so the
     examples work outside a clone of the repository."""
     path = Path(spec)
-    if path.exists() or len(path.parts) > 1:
+    if path.is_file() or len(path.parts) > 1:  # not exists(): `tiny-keep6` may also be a checkpoint directory
         return path
     shipped = configs_dir() / f"{path.name.removesuffix('.yaml')}.yaml"
     if shipped.is_file() and shipped.name != "models.yaml":

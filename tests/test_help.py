@@ -55,10 +55,12 @@ def test_command_descriptions_fit_the_command_list():
         assert not line.endswith("..."), line
 
 
-def test_shipped_configs_resolve_by_name():
+def test_shipped_configs_resolve_by_name(tmp_path, monkeypatch):
     from moe_sparsify.config import find_config, resolve_settings
     from moe_sparsify.errors import UsageError
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-keep6").mkdir()  # the checkpoint `prune --keep 6` writes: a directory, not a config
     assert resolve_settings("tiny-keep6", {}).keep == 6
     with pytest.raises(UsageError, match="not found; .*tiny-keep6"):
         find_config("no-such-config")
