@@ -44,8 +44,10 @@ def test_foreign_and_broken_files_are_refused(tmp_path):
         load_plan(tmp_path / "a.yaml")
     with pytest.raises(UsageError, match="not valid JSON"):
         load_plan(tmp_path / "b.json")
-    with pytest.raises(UsageError, match="cannot read plan"):
+    with pytest.raises(UsageError, match="plan .*missing.yaml not found"):
         load_plan(tmp_path / "missing.yaml")
+    with pytest.raises(UsageError, match="cannot read plan"):  # there, but not a readable file
+        load_plan(tmp_path)
 
 
 def _broken(tmp_path, change) -> str:
