@@ -4,6 +4,7 @@ A block is skipped only when an HTML comment right above it says why:
     <!-- readme-test: setup -->     installs packages (the test runs in an environment already set up)
     <!-- readme-test: checkout -->  needs the clone itself (the test suite, make)
     <!-- readme-test: hub -->       needs the hub and a large model
+    <!-- readme-test: slow -->      minutes on 2 cores (e2e search with recovery); runs the same way by hand
 """
 
 import os
@@ -19,7 +20,7 @@ from moe_sparsify.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SKIPPED = {"setup", "checkout", "hub"}
+SKIPPED = {"setup", "checkout", "hub", "slow"}
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<mark>[\w-]+) -->\n)?```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)
 
 
