@@ -68,6 +68,7 @@ def _without_counts(config: dict) -> dict:
 
 def test_trained_flags_stream_eval_and_skip_profile(tmp_path, text):
     model, _ = build("mixtral")
+    window = ["--window", "64", "--stride", "32"]  # the tiny config holds 128 positions
     flagged = save_with_tokenizer(model, tmp_path / "flagged")
     _with_trained_flags(flagged)
     streamed = _run("prune", "--model", flagged, *ARGS, "--stream", "-o", tmp_path / "out")
@@ -88,7 +89,9 @@ def test_trained_flags_stream_eval_and_skip_profile(tmp_path, text):
         thresholds,
         "--json",
     )
-    pruned_in_memory = _run("eval", "--model", flagged, "--plan", plan, "--thresholds", thresholds, "--json", *text)
+    pruned_in_memory = _run(
+        "eval", "--model", flagged, "--plan", plan, "--thresholds", thresholds, "--json", *text, *window
+    )
     assert pruned_in_memory["perplexity"] > 0
     _run(
         "skip-profile",
@@ -102,7 +105,7 @@ def test_trained_flags_stream_eval_and_skip_profile(tmp_path, text):
         tmp_path / "t2.json",
         "--json",
     )
-    skipped = _run("eval", "--model", tmp_path / "out", "--thresholds", tmp_path / "t2.json", "--json", *text)
+    skipped = _run("eval", "--model", tmp_path / "out", "--thresholds", tmp_path / "t2.json", "--json", *text, *window)
     assert skipped["perplexity"] > 0
 
 
