@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from . import quant
 from .adapters import MoEAdapter, adapter_for
 from .calibration.offload import ActivationStore, default_budgets
 from .calibration.propagate import propagate
@@ -24,7 +25,14 @@ from .config import Settings
 from .distributed import is_main, process_group, shard, world
 from .errors import UsageError
 from .evaluate import perplexity
-from .export import PLAN_FILE, THRESHOLDS_FILE, check_target, estimated_output_bytes, export_checkpoint
+from .export import (
+    PLAN_FILE,
+    THRESHOLDS_FILE,
+    check_quantized_source,
+    check_target,
+    estimated_output_bytes,
+    export_checkpoint,
+)
 from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from .outputs import check_output, holding_outputs, lock_output, writing
@@ -52,6 +60,7 @@ class Job:
 
 def open_job(settings: Settings) -> Job:
     model_dir = resolve_model_dir(settings.model)
+    quant.detect(model_dir)  # a quantized format we do not handle is refused before any work
     adapter = adapter_for(load_config(model_dir))
     device = pick_device(settings.device)
     return Job(settings, model_dir, adapter, device, pick_dtype(settings.dtype, device))
@@ -215,6 +224,13 @@ def sorted_keys(value):
     return value
 
 
+def _check_exportable(job: Job) -> None:
+    """A quantized source the export cannot copy as is, or lacking a package, is refused now."""
+    fmt = check_quantized_source(job.model_dir, job.adapter)
+    if fmt is not None:
+        fmt.check_requirements()
+
+
 @holding_outputs
 def prune(settings: Settings, show_progress: bool) -> dict:
     start = time.perf_counter()
@@ -237,6 +253,7 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
         needed = estimated_output_bytes(job.model_dir, keep, job.adapter.num_experts)
         check_output(output, "directory", settings.overwrite, needed, inputs=(job.model_dir,))
         check_target(job.model_dir, output, settings.overwrite)
+        _check_exportable(job)
     if store is None:
         check_length(job, settings.seq_len, "--seq-len")
     if is_main():  # rank 0 writes the outputs (and the journal) for every process
@@ -380,6 +397,7 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     needed = estimated_output_bytes(job.model_dir, plan.uniform_keep() or 0, job.adapter.num_experts)
     check_output(output, "directory", settings.overwrite, needed, inputs=(job.model_dir, plan_path))
     check_target(job.model_dir, output, settings.overwrite)
+    _check_exportable(job)
     lock_output(output)
     for lp in plan.layers:
         check_kept(job.adapter, lp.kept)

@@ -11,6 +11,12 @@
    directory; verify by reloading it with stock transformers and comparing
    logits with the source model routed as if the experts were gone; then
    rename into place. A failure at any step leaves no output behind.
+
+A quantized checkpoint (see `quant`) is exported in its own format: raw codes,
+scales and zero points are copied byte for byte, per-expert ones renamed and
+fused ones sliced along the expert axis like their float counterparts; the
+export is decoded for verification by transformers where its decode is exact,
+else by the format's reference decode, never by the decode the search used.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import __version__
+from . import __version__, quant
 from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
 from .files import save_tensors
@@ -31,6 +37,7 @@ from .model_card import CARD_FILE, EVALS_FILE, render_card
 from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
 from .outputs import replacing, writing
 from .plan import Plan
+from .quant.base import QuantFormat
 
 INDEX = "model.safetensors.index.json"
 PLAN_FILE = "moe_sparsify_plan.yaml"
@@ -91,8 +98,31 @@ def _gather_experts(handle, name: str, kept: list[int], num_experts: int) -> tor
     return handle.get_tensor(name).index_select(axis, torch.tensor(kept)).contiguous()
 
 
+def check_quantized_source(model_dir: Path, adapter: MoEAdapter) -> QuantFormat | None:
+    """The checkpoint's quantization format (None: float), refusing before any work what the export
+    cannot copy as is: a quantized router or flattened expert block loses rows inside scale blocks."""
+    fmt = quant.detect(model_dir)
+    if fmt is None:
+        return None
+    from .streaming import CheckpointReader
+
+    for logical in fmt.group(CheckpointReader(model_dir).weight_map):
+        rule = adapter.tensor_rule(logical)
+        if rule is not None and rule.kind in ("router", "flat"):
+            raise UsageError(
+                f"{logical} is stored {fmt.label}; its expert rows cannot be removed without requantizing "
+                "it; pass the float checkpoint"
+            )
+    return fmt
+
+
 def _slim_shard(
-    handle, adapter: MoEAdapter, kept: dict[int, list[int]], dropped, recovered: dict[int, object] | None = None
+    handle,
+    adapter: MoEAdapter,
+    kept: dict[int, list[int]],
+    dropped,
+    fmt: QuantFormat | None,
+    recovered: dict[int, object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """recovered: MoE layer -> its block in memory, whose re-fitted tensors replace the source's."""
     out: dict[str, torch.Tensor] = {}
@@ -100,6 +130,8 @@ def _slim_shard(
         if dropped(name):
             continue
         rule = adapter.tensor_rule(name)
+        if rule is None and fmt is not None:  # a fused tensor's scales: sliced like the codes they scale
+            rule = adapter.tensor_rule(fmt.export_alias(name))
         if rule is None or rule.layer not in kept:
             out[name] = handle.get_tensor(name)
             continue
@@ -134,7 +166,12 @@ def _text_config(source_dir: Path, adapter: MoEAdapter) -> dict:
 
 
 def _write_weights(
-    source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[int, list[int]], recovered: dict | None = None
+    source_dir: Path,
+    tmp: Path,
+    adapter: MoEAdapter,
+    kept: dict[int, list[int]],
+    fmt: QuantFormat | None,
+    recovered: dict | None = None,
 ) -> int:
     """Returns the number of MTP tensors dropped (see mtp.py)."""
     shards = source_shards(source_dir)
@@ -152,7 +189,7 @@ def _write_weights(
     for i, shard in enumerate(shards):
         try:
             with safe_open(source_dir / shard, framework="pt") as handle:
-                tensors = _slim_shard(handle, adapter, kept, drop, recovered)
+                tensors = _slim_shard(handle, adapter, kept, drop, fmt, recovered)
                 metadata = handle.metadata() or {"format": "pt"}
         except (SafetensorError, OSError) as exc:
             raise FailedRun(f"cannot read {source_dir / shard}: {exc}; re-download or re-save the checkpoint") from None
@@ -181,12 +218,17 @@ def check_expert_ids(directory: Path, keep: int) -> None:
                     )
 
 
-def _write_config(source_dir: Path, tmp: Path, adapter: MoEAdapter, keep: int) -> list[str]:
+def _write_config(
+    source_dir: Path, tmp: Path, adapter: MoEAdapter, kept: dict[int, list[int]], keep: int, fmt: QuantFormat | None
+) -> list[str]:
     config = json.loads((source_dir / "config.json").read_text())
     section = adapter.config_section  # a multimodal checkpoint's language model config
     text = config[section] if section else config
     changes = adapter.pruned_config(text, keep) + drop_mtp_config(text)
     changes = [f"{section}.{change}" for change in changes] if section else changes
+    if fmt is not None:  # kept as it is, but for module lists that name experts
+        qconfig = config.get("quantization_config") or config["text_config"]["quantization_config"]
+        changes += fmt.pruned_config(qconfig, kept)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return changes
 
@@ -197,30 +239,51 @@ def _copy_side_files(source_dir: Path, tmp: Path) -> None:
             shutil.copy2(path, tmp / path.name)
 
 
+def _load_export(exported_dir: Path, fmt: QuantFormat | None):
+    """(the export as a float32 CPU model, how it was decoded), never through the decode the search used."""
+    from .models import load_decoded, load_pretrained
+
+    if fmt is None:
+        return load_pretrained(exported_dir, torch.float32), "transformers' load of the export"
+    from .quant.reader import DequantizingReader
+    from .streaming import CheckpointReader
+
+    if fmt.transformers_decodes(DequantizingReader(CheckpointReader(exported_dir), fmt).shapes()):
+        model = load_pretrained(exported_dir, torch.float32, **fmt.transformers_load_kwargs())
+        return model, f"transformers' own {fmt.label} dequantization of the export"
+    how = f"{_reference_note(fmt)} (transformers' own decode is not exact for these shapes)"
+    return load_decoded(exported_dir, torch.float32, reference_decode=True).eval(), how
+
+
+def _reference_note(fmt: QuantFormat) -> str:
+    return f"the export decoded by the {fmt.label} reference decode, written apart from the search's"
+
+
 @torch.no_grad()
 def verify_export(
     source_dir: Path, original, adapter: MoEAdapter, plan: Plan, exported_dir: Path, token_ids: torch.Tensor
-) -> float:
-    """Max abs logit difference between the export and the masked source, both float32 on the CPU.
+) -> tuple[float, str]:
+    """(max abs logit difference between the export and the masked source, both float32 on the CPU,
+    what the export was decoded by).
 
     The in-memory model serves as the reference when it already is float32 on the CPU; otherwise
     (bf16 search, GPU) the source is reloaded in float32 so rounding is not mistaken for a bug, and
     parameters re-fitted in memory (`prune --recover`) are copied into it, module to module.
     """
-    from .models import load_pretrained
+    from .models import load_model
 
-    exported = load_pretrained(exported_dir, torch.float32)
+    exported, how = _load_export(exported_dir, quant.detect(exported_dir))
     first = next(original.parameters()) if original is not None else None
     if first is not None and first.dtype == torch.float32 and first.device.type == "cpu":
         reference = original
     else:
-        reference = load_pretrained(source_dir, torch.float32)
+        reference = load_model(source_dir, torch.float32)[0]
         if plan.options.get("recover"):
             _copy_recovered(original, reference, adapter, list(plan.kept()))
     with adapter.pruned_view(reference, plan.kept()):
         expected = reference(input_ids=token_ids, use_cache=False).logits
     got = exported(input_ids=token_ids, use_cache=False).logits
-    return (got - expected).abs().max().item()
+    return (got - expected).abs().max().item(), how
 
 
 def _copy_recovered(model, reference, adapter: MoEAdapter, layers: list[int]) -> None:
@@ -234,15 +297,21 @@ def _copy_recovered(model, reference, adapter: MoEAdapter, layers: list[int]) ->
             dst.data.copy_(src.detach().to(device=dst.device, dtype=dst.dtype))
 
 
-def verify_streamed(source_dir: Path, adapter: MoEAdapter, plan: Plan, exported_dir: Path, token_ids) -> float:
-    """`verify_export` for models larger than memory: both models run one decoder layer at a time."""
+def verify_streamed(
+    source_dir: Path, adapter: MoEAdapter, plan: Plan, exported_dir: Path, token_ids
+) -> tuple[float, str]:
+    """`verify_export` for models larger than memory: both models run one decoder layer at a time; a
+    quantized export is decoded by its format's reference decode."""
     from .adapters import adapter_for
     from .models import load_config
     from .streaming import streamed_logits
 
-    exported = streamed_logits(exported_dir, adapter_for(load_config(exported_dir)), token_ids)
+    fmt = quant.detect(exported_dir)
+    exported_adapter = adapter_for(load_config(exported_dir))
+    exported = streamed_logits(exported_dir, exported_adapter, token_ids, reference_decode=True)
     expected = streamed_logits(source_dir, adapter, token_ids, kept=plan.kept())
-    return (exported - expected).abs().max().item()
+    how = "the export streamed layer by layer" + (f"; {_reference_note(fmt)}" if fmt else "")
+    return (exported - expected).abs().max().item(), how
 
 
 def _mtp_record(source_dir: Path, adapter: MoEAdapter, tensors: int) -> dict:
@@ -275,25 +344,26 @@ def export_checkpoint(
     keep = plan.uniform_keep()
     if keep is None:
         raise UsageError("the plan keeps different expert counts per layer; stock transformers configs hold one count")
+    fmt = check_quantized_source(source_dir, adapter)
+    if fmt is not None:
+        fmt.check_requirements()
     with replacing(output, overwrite) as tmp, writing(output):
         tmp.mkdir()
         recovered = None
         if plan.options.get("recover"):
             layers = adapter.decoder_layers(original_model)
             recovered = {index: adapter.moe_block(layers[index]) for index in plan.kept()}
-        mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept(), recovered)
+        mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept(), fmt, recovered)
         check_expert_ids(tmp, keep)
-        changes = _write_config(source_dir, tmp, adapter, keep)
+        changes = _write_config(source_dir, tmp, adapter, plan.kept(), keep, fmt)
         _copy_side_files(source_dir, tmp)
         plan.save(tmp / PLAN_FILE)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if streamed:
-            diff = verify_streamed(source_dir, adapter, plan, tmp, verify_tokens)
-            verified_by = "both checkpoints run one decoder layer at a time from their files (streamed), float32"
+            diff, how = verify_streamed(source_dir, adapter, plan, tmp, verify_tokens)
         else:
-            diff = verify_export(source_dir, original_model, adapter, plan, tmp, verify_tokens)
-            verified_by = "stock transformers' load of the export vs the source routed without the removed experts"
+            diff, how = verify_export(source_dir, original_model, adapter, plan, tmp, verify_tokens)
         if not diff <= VERIFY_TOLERANCE:
             raise FailedRun(
                 f"exported checkpoint disagrees with the pruned source model (max logit diff {diff:.3g} > "
@@ -308,9 +378,15 @@ def export_checkpoint(
             "verified_max_abs_logit_diff": diff,
             "verified_on_tokens": int(verify_tokens.numel()),
             "verify_tolerance": VERIFY_TOLERANCE,
-            "verified_by": verified_by,
+            "verified_by": how,
             "moe_sparsify": __version__,
         }
+        if fmt is not None:
+            provenance["quantization"] = {
+                "format": fmt.label,
+                "quant_method": fmt.quant_method,
+                "export": "kept experts' raw tensors and every other tensor copied byte for byte; not requantized",
+            }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(render_card(source_dir, plan, provenance))
     return provenance

@@ -126,6 +126,24 @@ def auto_model_class(config):
     return AutoModelForCausalLM
 
 
+def load_decoded(model_dir: Path, dtype: torch.dtype, reference_decode: bool = False):
+    """A quantized checkpoint as the float model its config describes, every weight decoded by our
+    reader (the same tensors `--stream` reads), not by transformers' quantizer: that one infers the
+    block size from shapes, wrong for partial edge blocks."""
+    from .adapters import adapter_for
+    from .quant import detect
+    from .streaming import StreamedModel
+
+    label = detect(model_dir).label
+    adapter = adapter_for(load_config(model_dir))
+    if adapter.config_section or not adapter.streamable:
+        raise UsageError(
+            f"{label} checkpoints of {adapter.config.model_type} are not supported: its loader converts tensors "
+            "beyond renaming them; pass the float checkpoint"
+        )
+    return StreamedModel(model_dir, adapter, dtype, reference_decode).load_all()
+
+
 @contextmanager
 def _no_loading_bar() -> Iterator[None]:
     """transformers' weight-loading bar off for one load (our own progress goes to stderr; a bar per
@@ -142,7 +160,11 @@ def _no_loading_bar() -> Iterator[None]:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype):
-    """Weights on the CPU; callers move what they compute with."""
+    """Weights on the CPU; callers move what they compute with. Quantized checkpoints come decoded."""
+    from .quant import detect
+
+    if detect(model_dir) is not None:
+        return load_decoded(model_dir, dtype), load_tokenizer(model_dir)
     try:
         with _no_loading_bar():
             model = load_pretrained(model_dir, dtype)
@@ -153,10 +175,10 @@ def load_model(model_dir: Path, dtype: torch.dtype):
     return model, load_tokenizer(model_dir)
 
 
-def load_pretrained(model_dir: Path, dtype: torch.dtype):
+def load_pretrained(model_dir: Path, dtype: torch.dtype, **kwargs):
     """Stock transformers' load of a checkpoint, in eval mode, under `load_config`'s flags."""
     config = load_config(model_dir)
-    return auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype).eval()
+    return auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype, **kwargs).eval()
 
 
 def load_tokenizer(model_dir: Path):

@@ -21,8 +21,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from . import quant
 from .adapters import MoEAdapter
 from .errors import UsageError
+from .quant.reader import DequantizingReader
 
 INDEX = "model.safetensors.index.json"
 
@@ -61,11 +63,18 @@ class CheckpointReader:
     def names(self, prefix: str) -> list[str]:
         return sorted(name for name in self.weight_map if name.startswith(prefix))
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         shard = self.weight_map[name]
         if shard not in self._handles:
             self._handles[shard] = safe_open(self.dir / shard, framework="pt")
-        return self._handles[shard].get_tensor(name)
+        return self._handles[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the shard's header: the tensor is not read."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
 
     def close(self) -> None:
         """Unmap the shards: pages read through an open mapping count as resident memory."""
@@ -109,10 +118,19 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], device: torch.
     module.load_state_dict(state, strict=True, assign=True)
 
 
-class StreamedModel:
-    """A causal LM whose decoder layers live on the meta device until `load_layer`."""
+def open_reader(model_dir: Path, reference_decode: bool = False):
+    """The checkpoint's tensors by name; a quantized checkpoint's weights decoded to float under their
+    float names (with the format's reference decode where `reference_decode`)."""
+    fmt = quant.detect(model_dir)
+    raw = CheckpointReader(model_dir)
+    return raw if fmt is None else DequantizingReader(raw, fmt, reference=reference_decode)
 
-    def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype):
+
+class StreamedModel:
+    """A causal LM whose decoder layers live on the meta device until `load_layer`. A quantized
+    checkpoint becomes the float model its config describes, its weights decoded as they are read."""
+
+    def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype, reference_decode: bool = False):
         from .models import auto_model_class, load_config
 
         if adapter.config_section:
@@ -126,9 +144,11 @@ class StreamedModel:
                 "layers cannot be streamed from disk; run without --stream"
             )
         config = load_config(model_dir)
+        if hasattr(config, "quantization_config"):  # our reader decodes; transformers must not swap modules
+            del config.quantization_config
         with torch.device("meta"):
             self.model = auto_model_class(config).from_config(config, dtype=dtype).eval()
-        self.adapter, self.reader = adapter, CheckpointReader(model_dir)
+        self.adapter, self.reader = adapter, open_reader(model_dir, reference_decode)
         layers = adapter.decoder_layers(self.model)
         inside = {id(m) for m in layers.modules()}
         for name, module in list(self.model.named_modules()):
@@ -153,6 +173,12 @@ class StreamedModel:
         self.reader.close()
         return layer
 
+    def load_all(self) -> nn.Module:
+        """Every decoder layer on the CPU: the whole model in memory."""
+        for index in range(len(self.adapter.decoder_layers(self.model))):
+            self.load_layer(index, torch.device("cpu"))
+        return self.model
+
     def release_layer(self, index: int) -> None:
         self.adapter.decoder_layers(self.model)[index].to("meta")
         if _MALLOC_TRIM is not None:
@@ -173,12 +199,16 @@ class StreamedModel:
 
 @torch.no_grad()
 def streamed_logits(
-    model_dir: Path, adapter: MoEAdapter, token_ids: torch.Tensor, kept: dict[int, list[int]] | None = None
+    model_dir: Path,
+    adapter: MoEAdapter,
+    token_ids: torch.Tensor,
+    kept: dict[int, list[int]] | None = None,
+    reference_decode: bool = False,
 ) -> torch.Tensor:
     """float32 CPU logits of a checkpoint (pruned in place to `kept`), one decoder layer in memory at a time."""
     from .calibration.propagate import propagate
 
-    streamed = StreamedModel(model_dir, adapter, torch.float32)
+    streamed = StreamedModel(model_dir, adapter, torch.float32, reference_decode)
     kept = kept or {}
     cpu = torch.device("cpu")
     batches = propagate(
