@@ -306,3 +306,43 @@ def test_a_decode_that_ignores_the_scales_fails_verification(fp8_pair, tmp_path,
     assert "disagrees with the pruned source" in result.stderr
     assert not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".o.partial*"))
+
+
+@pytest.fixture(scope="module")
+def mixtral_fp8(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("mixtral-fp8")
+    save_with_tokenizer(random_mixtral(hidden=64), root / "float")
+    write_fp8(root / "float", root / "fp8", root / "copy", BLOCK)
+    return root / "fp8", root / "copy"
+
+
+def test_missing_accelerate_is_one_line_naming_the_pip_command(mixtral_fp8, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a)
+    )
+    result = CliRunner().invoke(
+        app, ["prune", "--model", str(mixtral_fp8[0]), "--keep", "6", "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and 'pip install "accelerate' in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_and_skip_profile_run_on_the_decoded_fp8_model(mixtral_fp8, tmp_path):
+    fp8, copy = mixtral_fp8
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+
+    def perplexity(model: Path) -> float:
+        result = CliRunner().invoke(
+            app, ["eval", "--model", str(model), "--text", str(text), "--window", "64", "--stride", "32", "--json"]
+        )
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["perplexity"]
+
+    assert perplexity(fp8) == pytest.approx(perplexity(copy), rel=1e-5)
+    args = ["skip-profile", "--model", str(fp8), "--samples", "4", "--seq-len", "32", "-o", str(tmp_path / "t.json")]
+    assert CliRunner().invoke(app, args).exit_code == 0
