@@ -248,7 +248,10 @@ def _load_export(exported_dir: Path, fmt: QuantFormat | None):
     from .quant.reader import DequantizingReader
     from .streaming import CheckpointReader
 
-    if fmt.transformers_decodes(DequantizingReader(CheckpointReader(exported_dir), fmt).shapes()):
+    reader = DequantizingReader(CheckpointReader(exported_dir), fmt)
+    exact = fmt.transformers_decodes(reader.shapes())
+    reader.close()
+    if exact:
         model = load_pretrained(exported_dir, torch.float32, **fmt.transformers_load_kwargs())
         return model, f"transformers' own {fmt.label} dequantization of the export"
     how = f"{_reference_note(fmt)} (transformers' own decode is not exact for these shapes)"

@@ -191,14 +191,21 @@ CHECKPOINTS = {  # name: (model, fused experts on disk)
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
-def fp8_pair(request, tmp_path_factory) -> tuple[Path, Path]:
-    """(FP8 checkpoint, float copy of what it encodes)."""
-    build, fused = CHECKPOINTS[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    save_with_tokenizer(build(), root / "float")
-    write_fp8(root / "float", root / "fp8", root / "copy", BLOCK, fused=fused)
-    return root / "fp8", root / "copy"
+@pytest.fixture(scope="module")
+def fp8_pair(tmp_path_factory):
+    """name -> (FP8 checkpoint, float copy of what it encodes), each built once."""
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def pair(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            build, fused = CHECKPOINTS[name]
+            root = tmp_path_factory.mktemp(name)
+            save_with_tokenizer(build(), root / "float")
+            write_fp8(root / "float", root / "fp8", root / "copy", BLOCK, fused=fused)
+            built[name] = root / "fp8", root / "copy"
+        return built[name]
+
+    return pair
 
 
 def _prune(source: Path, output: Path, *flags: str) -> dict:
@@ -218,11 +225,12 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
-def test_fp8_plan_equals_its_float_copy_and_the_export_keeps_the_bytes(fp8_pair, tmp_path, stream):
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_fp8_plan_equals_its_float_copy_and_the_export_keeps_the_bytes(fp8_pair, tmp_path, name, stream):
     from moe_sparsify.adapters import adapter_for
     from moe_sparsify.models import load_config, load_decoded, load_model
 
-    fp8, copy = fp8_pair
+    fp8, copy = fp8_pair(name)
     flags = ["--stream"] if stream else []
     got = _prune(fp8, tmp_path / "out", *flags)
     want = _prune(copy, tmp_path / "copy.plan.yaml", "--plan-only", *flags)
@@ -230,6 +238,10 @@ def test_fp8_plan_equals_its_float_copy_and_the_export_keeps_the_bytes(fp8_pair,
     for a, b in zip(got["layers"], want["layers"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert got["verified_max_abs_logit_diff"] <= 1e-4
+    verified_against = json.loads((tmp_path / "out" / "moe_sparsify_provenance.json").read_text())["verified_against"]
+    whole_blocks_in_memory = name == "mixtral" and not stream
+    assert ("transformers' own FP8" in verified_against) == whole_blocks_in_memory
+    assert ("reference decode" in verified_against) != whole_blocks_in_memory
 
     # Bytes: every export tensor is the source tensor under its renumbered name (router rows: the kept rows).
     source, export = _tensors(fp8), _tensors(tmp_path / "out")
@@ -269,20 +281,17 @@ def test_fp8_plan_equals_its_float_copy_and_the_export_keeps_the_bytes(fp8_pair,
 
 
 def test_fp8_export_reloads_through_transformers_quantizer(fp8_pair, tmp_path):
-    """Where every dimension is whole blocks, transformers' own FP8 load of the export matches the masked
-    float copy; with partial edge blocks it infers a wrong block, which is why verification decodes those
-    exports with the reference decode (the provenance says which)."""
+    """Where every dimension is whole blocks, transformers' own FP8 load of the export (which verification
+    used) matches the masked float copy. With partial edge blocks it infers a wrong block, so verification
+    decodes those exports with the reference decode, and the provenance says so."""
     from transformers import AutoModelForCausalLM
 
     from moe_sparsify.adapters import adapter_for
     from moe_sparsify.models import load_config, load_model
 
-    fp8, copy = fp8_pair
+    fp8, copy = fp8_pair("mixtral")
     got = _prune(fp8, tmp_path / "out")
     provenance = json.loads((tmp_path / "out" / "moe_sparsify_provenance.json").read_text())
-    if "deepseek" in str(fp8):
-        assert "reference decode" in provenance["verified_against"]
-        return
     assert "transformers' own FP8" in provenance["verified_against"]
     kept = {lp["layer"]: lp["kept"] for lp in got["layers"]}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -294,12 +303,14 @@ def test_fp8_export_reloads_through_transformers_quantizer(fp8_pair, tmp_path):
         assert (reloaded(input_ids=ids).logits - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
-def test_a_decode_that_ignores_the_scales_fails_verification(fp8_pair, tmp_path, monkeypatch, stream):
+# Each verification path once: transformers' decode (mixtral in memory), the reference decode in memory
+# (partial blocks) and streamed.
+@pytest.mark.parametrize(("name", "stream"), [("mixtral", False), ("deepseek_v3", False), ("deepseek_v3-fused", True)])
+def test_a_decode_that_ignores_the_scales_fails_verification(fp8_pair, tmp_path, monkeypatch, name, stream):
     """The search's decode is deliberately wrong (raw codes as numbers, as --stream once did): the export is
     decoded apart from it, so verification fails and no output is left."""
     monkeypatch.setattr(FP8Block, "dequantize", lambda self, logical, parts: parts["weight"].to(torch.float32))
-    fp8, _ = fp8_pair
+    fp8, _ = fp8_pair(name)
     args = ["prune", "--model", str(fp8), "--keep", "6", "--samples", "4", "--seq-len", "32", "-o", str(tmp_path / "o")]
     result = CliRunner().invoke(app, args + (["--stream"] if stream else []))
     assert result.exit_code == 1
