@@ -238,10 +238,10 @@ def test_fp8_plan_equals_its_float_copy_and_the_export_keeps_the_bytes(fp8_pair,
     for a, b in zip(got["layers"], want["layers"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert got["verified_max_abs_logit_diff"] <= 1e-4
-    verified_against = json.loads((tmp_path / "out" / "moe_sparsify_provenance.json").read_text())["verified_against"]
+    verified_by = json.loads((tmp_path / "out" / "moe_sparsify_provenance.json").read_text())["verified_by"]
     whole_blocks_in_memory = name == "mixtral" and not stream
-    assert ("transformers' own FP8" in verified_against) == whole_blocks_in_memory
-    assert ("reference decode" in verified_against) != whole_blocks_in_memory
+    assert ("transformers' own FP8" in verified_by) == whole_blocks_in_memory
+    assert ("reference decode" in verified_by) != whole_blocks_in_memory
 
     # Bytes: every export tensor is the source tensor under its renumbered name (router rows: the kept rows).
     source, export = _tensors(fp8), _tensors(tmp_path / "out")
@@ -292,7 +292,7 @@ def test_fp8_export_reloads_through_transformers_quantizer(fp8_pair, tmp_path):
     fp8, copy = fp8_pair("mixtral")
     got = _prune(fp8, tmp_path / "out")
     provenance = json.loads((tmp_path / "out" / "moe_sparsify_provenance.json").read_text())
-    assert "transformers' own FP8" in provenance["verified_against"]
+    assert "transformers' own FP8" in provenance["verified_by"]
     kept = {lp["layer"]: lp["kept"] for lp in got["layers"]}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     float_model, _ = load_model(copy, torch.float32)
