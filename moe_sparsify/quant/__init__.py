@@ -16,7 +16,7 @@ A format plugs in by subclassing `base.QuantFormat` and calling
 - `split(name) -> (logical, role) | None`: which raw tensors form one logical
   weight. The logical name is the float checkpoint's (`x.weight`,
   `mlp.experts.gate_up_proj`); roles name the parts (FP8: `weight`,
-  `weight_scale_inv`, `activation_scale`; MXFP4 would use `blocks`, `scales`;
+  `weight_scale_inv`, `activation_scale`; MXFP4 `blocks`, `scales`;
   compressed-tensors `weight_packed`, `weight_scale`, `weight_zero_point`,
   `weight_shape`). `roles` lists them, codes first; `optional_roles` those a
   weight may lack. `group(names)` (given) keeps the weights that have every
@@ -51,7 +51,9 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .base import QuantFormat
+from .compressed import CompressedTensors
 from .fp8 import FP8Block
+from .mxfp4 import Mxfp4
 
 FORMATS: dict[str, type[QuantFormat]] = {}
 
@@ -84,6 +86,8 @@ def register(cls: type[QuantFormat]) -> type[QuantFormat]:
 
 
 register(FP8Block)
+register(Mxfp4)
+register(CompressedTensors)
 
 
 def quantization_config(config: dict) -> dict | None:

@@ -19,8 +19,8 @@ class DequantizingReader:
         self.groups = fmt.group(raw.weight_map)
         parts = {name for group in self.groups.values() for name in group.values()}
         self.weight_map = {name: shard for name, shard in raw.weight_map.items() if name not in parts}
-        codes_role = fmt.roles[0]
-        self.weight_map.update({logical: raw.weight_map[g[codes_role]] for logical, g in self.groups.items()})
+        # Listed in the shard of one of its parts (which part holds the codes differs between formats).
+        self.weight_map.update({logical: raw.weight_map[next(iter(g.values()))] for logical, g in self.groups.items()})
         self._decode = fmt.reference_dequantize if reference else fmt.dequantize
 
     def names(self, prefix: str) -> list[str]:
