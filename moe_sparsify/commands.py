@@ -28,6 +28,7 @@ from .evaluate import perplexity
 from .export import (
     PLAN_FILE,
     THRESHOLDS_FILE,
+    VerificationFailed,
     check_quantized_source,
     check_target,
     estimated_output_bytes,
@@ -297,16 +298,20 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
         plan.save(output, settings.overwrite)
         result.update(plan=str(output), output=None)
     else:
-        provenance = export_checkpoint(
-            job.model_dir,
-            output,
-            plan,
-            job.adapter,
-            model,
-            token_ids[: settings.verify_samples],
-            overwrite=settings.overwrite,
-            streamed=settings.stream,
-        )
+        try:
+            provenance = export_checkpoint(
+                job.model_dir,
+                output,
+                plan,
+                job.adapter,
+                model,
+                token_ids[: settings.verify_samples],
+                overwrite=settings.overwrite,
+                streamed=settings.stream,
+            )
+        except VerificationFailed:
+            journal.finish()  # its decisions may rest on the same wrong decode: a rerun must not resume them
+            raise
         result.update(
             output=str(output),
             plan=str(output / PLAN_FILE),

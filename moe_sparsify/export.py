@@ -45,6 +45,12 @@ PROVENANCE_FILE = "moe_sparsify_provenance.json"
 THRESHOLDS_FILE = "moe_sparsify_thresholds.json"
 VERIFY_TOLERANCE = 1e-4
 _EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")
+
+
+class VerificationFailed(FailedRun):
+    """The export disagrees with the masked source: the plan may rest on a wrong decode of the weights."""
+
+
 # Files of the source directory that describe weights this export rewrites.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 # A source's own plan or thresholds describe the source, not the export.
@@ -368,7 +374,7 @@ def export_checkpoint(
         else:
             diff, how = verify_export(source_dir, original_model, adapter, plan, tmp, verify_tokens)
         if not diff <= VERIFY_TOLERANCE:
-            raise FailedRun(
+            raise VerificationFailed(
                 f"exported checkpoint disagrees with the pruned source model (max logit diff {diff:.3g} > "
                 f"{VERIFY_TOLERANCE}); this is a bug: report it with the plan"
             )

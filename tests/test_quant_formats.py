@@ -15,12 +15,14 @@ from typer.testing import CliRunner
 from moe_sparsify import quant
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.cli import app
+from moe_sparsify.errors import UsageError
 from moe_sparsify.models import load_config, load_model
 from moe_sparsify.quant.compressed import CompressedTensors, _unpack_int32
 from moe_sparsify.quant.mxfp4 import Mxfp4, _e2m1_values
 
 from .conftest import random_mixtral, save_with_tokenizer
 from .quant_checkpoints import ct_scheme, write_compressed, write_mxfp4
+from .test_quant import DEEPSEEK_V3
 
 CT_PRESETS = ["W4A16", "W4A16_ASYM", "W8A16", "FP8_DYNAMIC", "NVFP4A16"]
 
@@ -43,6 +45,13 @@ def random_gpt_oss(layers: int = 2, seed: int = 0):
         tie_word_embeddings=False,
     )
     return GptOssForCausalLM(config).eval()
+
+
+def random_deepseek_v3():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v3", **DEEPSEEK_V3)).eval()
 
 
 def _groups(fmt, directory):
@@ -72,7 +81,7 @@ def test_mxfp4_decode_equals_transformers_and_the_float_copy(tmp_path):
     assert not torch.equal(fmt.dequantize(logical, swapped), copy[logical])
 
 
-@pytest.mark.parametrize("preset", CT_PRESETS)
+@pytest.mark.parametrize("preset", [*CT_PRESETS, "W3A16"])  # 3-bit fields straddle int32 words
 def test_compressed_tensors_decode_equals_the_library(tmp_path, preset):
     save_with_tokenizer(random_mixtral(hidden=64), tmp_path / "float")
     written = write_compressed(tmp_path / "float", tmp_path / "q", tmp_path / "copy", ct_scheme(preset))
@@ -91,16 +100,30 @@ def test_compressed_tensors_decode_equals_the_library(tmp_path, preset):
 # --- end to end: search on the decoded weights, byte-identical export, verification ---------------
 
 
+# Kimi-K2-Thinking's recipe: INT4 W4A16 routed experts (group 32 there, 8 for these widths), attention, shared
+# experts, dense MLPs and router left float; on DeepSeek-V3's architecture with MLA, as Kimi-K2 is.
+KIMI_IGNORE = [
+    "lm_head",
+    "re:.*self_attn.*",
+    "re:.*shared_experts.*",
+    "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+    "re:.*mlp\\.gate$",
+]
+
+
 def _build(kind: str, root: Path) -> None:
     if kind == "mxfp4":
         save_with_tokenizer(random_gpt_oss(), root / "float")
         write_mxfp4(root / "float", root / "q", root / "copy")
+    elif kind == "kimi_k2":
+        save_with_tokenizer(random_deepseek_v3(), root / "float")
+        write_compressed(root / "float", root / "q", root / "copy", ct_scheme("W4A16", group_size=8), KIMI_IGNORE)
     else:
         save_with_tokenizer(random_mixtral(hidden=64), root / "float")
         write_compressed(root / "float", root / "q", root / "copy", ct_scheme(kind))
 
 
-@pytest.fixture(scope="module", params=["mxfp4", *CT_PRESETS])
+@pytest.fixture(scope="module", params=["mxfp4", *CT_PRESETS, "kimi_k2"])
 def quant_pair(request, tmp_path_factory) -> tuple[Path, Path]:
     """(quantized checkpoint, float copy of what it encodes, decoded by the format's library)."""
     root = tmp_path_factory.mktemp(request.param)
@@ -156,6 +179,7 @@ def test_plan_equals_the_float_copy_and_the_export_keeps_the_bytes(quant_pair, t
 
     source, export = _tensors(q), _tensors(tmp_path / "out")
     fmt = quant.detect(q)
+    assert any(".experts." in logical for logical in fmt.group(source))  # the experts are stored quantized
     kept = {lp["layer"]: lp["kept"] for lp in got["layers"]}
     expected, removed = _expected_export(source, adapter_for(load_config(q)), fmt, kept)
     assert {name: _raw_bytes(t) for name, t in export.items()} == expected
@@ -214,6 +238,7 @@ def test_a_decode_that_ignores_the_scales_fails_verification(kind, tmp_path, mon
     assert "disagrees with the pruned source" in result.stderr
     assert not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".o.partial*"))
+    assert not (tmp_path / "o.progress.json").exists()  # no journal of decisions made on the wrong decode
 
 
 def test_missing_compressed_tensors_is_one_line_naming_pip(tmp_path, monkeypatch):
@@ -248,3 +273,19 @@ def test_module_lists_naming_experts_are_renumbered_on_export():
     qconfig = dict(fmt.config)
     fmt.pruned_config(qconfig, {0: [0, 2, 3, 4, 5, 6]})
     assert qconfig["ignore"] == ["lm_head", "model.layers.0.block_sparse_moe.experts.4.w2"]
+
+
+def test_fused_compressed_tensors_experts_are_refused_by_name():
+    fmt = CompressedTensors(
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {"g": {"targets": ["Linear"]}},
+        }
+    )
+    names = [
+        "model.layers.0.mlp.experts.gate_up_proj.weight_packed",
+        "model.layers.0.mlp.experts.gate_up_proj.weight_scale",
+    ]
+    with pytest.raises(UsageError, match="experts.gate_up_proj holds compressed-tensors experts fused"):
+        fmt.group(names)

@@ -26,6 +26,8 @@ codes, so the export renumbers them with the codes. Activation parameters
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..errors import FailedRun, UsageError
@@ -34,6 +36,7 @@ from .base import QuantFormat
 # Every name a compressed-tensors format stores for one weight (transformers' serialized_names); the
 # codes are `weight` or `weight_packed` by format, and `weight_scale` is always there.
 ROLES = ("weight", "weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight_global_scale")
+_FUSED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|up_proj|down_proj)\.weight$")
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -61,8 +64,13 @@ class CompressedTensors(QuantFormat):
 
     def group(self, names) -> dict[str, dict[str, str]]:
         """A weight is stored quantized when it has a scale beside its codes (`weight` or `weight_packed`)."""
-        groups = super().group(names)
-        return {k: g for k, g in groups.items() if "weight" in g or "weight_packed" in g}
+        groups = {k: g for k, g in super().group(names).items() if "weight" in g or "weight_packed" in g}
+        if fused := next((k for k in groups if _FUSED_EXPERTS.search(k)), None):
+            raise UsageError(
+                f"{fused.removesuffix('.weight')} holds compressed-tensors experts fused in one tensor, a layout "
+                "moe-sparsify does not slice; use a checkpoint with per-expert tensors (what llm-compressor writes)"
+            )
+        return groups
 
     # --- the scheme of one module ----------------------------------------------------------------
     def scheme_for(self, logical: str):
@@ -154,13 +162,14 @@ def library_nvfp4_float32(parts: dict[str, torch.Tensor], scheme) -> torch.Tenso
 
 
 def _unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Unsigned `bits`-wide fields packed densely into int32 words, low bits first, as signed codes."""
-    if 32 % bits:
-        raise UsageError(f"pack-quantized weights of {bits} bits are not supported (4 and 8 are)")
+    """Unsigned `bits`-wide fields packed densely into each row's int32 words, low bits first (a field may
+    straddle two words), as signed codes."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, bits)
-    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return fields.flatten(-2)[..., :cols] - (1 << (bits - 1))
+    words = torch.cat([words, torch.zeros_like(words[..., :1])], dim=-1)  # the word after the last
+    start = torch.arange(cols) * bits
+    word, offset = start // 32, start % 32
+    fields = ((words[..., word] >> offset) | (words[..., word + 1] << (32 - offset))) & ((1 << bits) - 1)
+    return fields - (1 << (bits - 1))
 
 
 def _spread(values: torch.Tensor, shape: torch.Size, args) -> torch.Tensor:
