@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM
 from typer.testing import CliRunner
@@ -22,7 +21,7 @@ from moe_sparsify.quant.mxfp4 import Mxfp4, _e2m1_values
 
 from .conftest import random_mixtral, save_with_tokenizer
 from .quant_checkpoints import ct_scheme, write_compressed, write_mxfp4
-from .test_quant import DEEPSEEK_V3
+from .test_quant import DEEPSEEK_V3, _prune, _raw_bytes, _tensors
 
 CT_PRESETS = ["W4A16", "W4A16_ASYM", "W8A16", "FP8_DYNAMIC", "NVFP4A16"]
 
@@ -129,22 +128,6 @@ def quant_pair(request, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp(request.param)
     _build(request.param, root)
     return root / "q", root / "copy"
-
-
-def _prune(source: Path, output: Path, *flags: str) -> dict:
-    args = ["prune", "--model", str(source), "--keep", "6", "--samples", "8", "--seq-len", "32", "-o", str(output)]
-    result = CliRunner().invoke(app, [*args, "--json", *flags])
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    with safe_open(directory / "model.safetensors", framework="pt") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}
-
-
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _expected_export(source: dict, adapter, fmt, kept) -> tuple[dict[str, bytes], int]:
