@@ -181,9 +181,9 @@ def test_export_reloads_through_transformers_quantizer(quant_pair, tmp_path):
     provenance = json.loads((tmp_path / "out" / "moe_sparsify_provenance.json").read_text())
     fmt = quant.detect(q)
     if not isinstance(fmt, Mxfp4) and (q.parent.name.startswith(("W4A16_ASYM", "NVFP4"))):
-        assert "reference decode" in provenance["verified_against"]
+        assert "reference decode" in provenance["verified_by"]
         return
-    assert f"transformers' own {fmt.label}" in provenance["verified_against"]
+    assert f"transformers' own {fmt.label}" in provenance["verified_by"]
     kept = {lp["layer"]: lp["kept"] for lp in got["layers"]}
     reloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", dtype=torch.float32, **fmt.transformers_load_kwargs()
