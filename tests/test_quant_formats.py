@@ -272,3 +272,30 @@ def test_fused_compressed_tensors_experts_are_refused_by_name():
     ]
     with pytest.raises(UsageError, match="experts.gate_up_proj holds compressed-tensors experts fused"):
         fmt.group(names)
+
+
+@pytest.mark.parametrize("kind", ["mxfp4", "NVFP4A16"])
+def test_eval_and_skip_profile_run_on_the_decoded_model(kind, tmp_path):
+    _build(kind, tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+
+    def perplexity(model: Path) -> float:
+        args = ["eval", "--model", str(model), "--text", str(text), "--window", "64", "--stride", "32", "--json"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["perplexity"]
+
+    assert perplexity(tmp_path / "q") == pytest.approx(perplexity(tmp_path / "copy"), rel=1e-5)
+    args = [
+        "skip-profile",
+        "--model",
+        str(tmp_path / "q"),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "-o",
+        str(tmp_path / "t"),
+    ]
+    assert CliRunner().invoke(app, args).exit_code == 0
