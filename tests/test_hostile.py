@@ -123,7 +123,7 @@ def test_bad_calibration_specs(tmp_path, spec, fragment):
         ("keep: [6\n", "is not valid YAML"),
         ("keep: 6\nkepp: 4\n", "kepp: unknown setting"),
         ("keep: 6\nsamples: -3\nseed: x\n", "samples: Input should be greater than or equal to 1 (got -3); seed:"),
-        ("keep: 6\nmode: sideways\n", "mode: 'sideways' is not one of 'layerwise' or 'progressive'"),
+        ("keep: 6\nmode: sideways\n", "mode: 'sideways' is not one of 'layerwise', 'progressive' or 'compensating'"),
     ],
 )
 def test_bad_settings_files(tmp_path, yaml_text, fragment):
@@ -313,7 +313,7 @@ def test_plan_files_that_are_not_plans(tmp_path, content, fragment):
 
 
 def test_missing_plan_and_calibration_directory(tmp_path):
-    assert "cannot read plan" in refused(tmp_path, "export", "--plan", tmp_path / "none.yaml")
+    assert "none.yaml not found" in refused(tmp_path, "export", "--plan", tmp_path / "none.yaml")
     line = refused(tmp_path, "prune", "--keep", 6, "--from-calibration", tmp_path, "-o", tmp_path / "out")
     assert "is not a calibration directory" in line
 
@@ -381,6 +381,9 @@ def test_two_concurrent_runs_exactly_one_proceeds_and_a_killed_holder_is_stale(t
     out = tmp_path / "out"
     first = _cli("export", "--plan", plan_file, "-o", out)
     _wait_for(lambda: any(tmp_path.glob(".out.partial-*")), first)  # the first run holds the lock and writes
+    # Frozen while it holds the lock: a tiny export could otherwise finish before the second run starts,
+    # which would then meet an existing output instead of a live lock.
+    os.kill(first.pid, signal.SIGSTOP)
     second = _run("export", "--plan", plan_file, "-o", out)
     assert second.exit_code == 1
     assert f"another moe-sparsify run (PID {first.pid}) is writing {out}" in second.stderr
