@@ -548,7 +548,7 @@ def eval_(
             )
         _emit(commands.compare(settings, variants or [], report, _show_progress()), json_out, _compare_table)
         return
-    _emit(commands.evaluate(settings, plan, thresholds, card), json_out, _eval_summary)
+    _emit(commands.evaluate(settings, plan, thresholds, card, _show_progress()), json_out, _eval_summary)
 
 
 def _eval_summary(r: dict) -> None:

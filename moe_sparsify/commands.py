@@ -425,7 +425,11 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
 
 
 def evaluate(
-    settings: Settings, plan_path: Path | None, thresholds_path: Path | None = None, card: bool = False
+    settings: Settings,
+    plan_path: Path | None,
+    thresholds_path: Path | None = None,
+    card: bool = False,
+    show_progress: bool = False,
 ) -> dict:
     start = time.perf_counter()
     if not settings.perplexity and not settings.tasks:
@@ -461,7 +465,16 @@ def evaluate(
     def score() -> dict:
         scores = {}
         if settings.perplexity:
-            scores = perplexity(model, stream, settings.eval_window, settings.eval_stride, job.device)
+            with progress_bar(show_progress) as progress:
+                task = progress.add_task("perplexity windows") if progress is not None else None
+                scores = perplexity(
+                    model,
+                    stream,
+                    settings.eval_window,
+                    settings.eval_stride,
+                    job.device,
+                    on_window=(lambda: progress.advance(task)) if progress is not None else None,
+                )
         if settings.tasks:
             scores["harness"] = _harness(settings, model, tokenizer, job.device)
         return scores

@@ -175,8 +175,8 @@ def _cross_field_errors(s: Settings) -> list[str]:
     errors = []
     if s.quantile is not None and s.target_skip is not None:
         errors.append("quantile and target_skip: give one statistic, not both")
-    if s.eval_stride > s.eval_window:
-        errors.append(f"eval_stride: {s.eval_stride} is larger than eval_window {s.eval_window}")
+    if s.eval_stride >= s.eval_window:  # each window's first scored token needs a token of context before it
+        errors.append(f"eval_stride: {s.eval_stride} is not smaller than eval_window {s.eval_window}")
     return errors
 
 

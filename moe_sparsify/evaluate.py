@@ -10,6 +10,7 @@ predicted exactly once, with at least `window - stride` tokens of context
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,15 @@ from .divergence import mean_divergence
 
 
 @torch.no_grad()
-def perplexity(model, token_ids: torch.Tensor, window: int, stride: int, device: torch.device) -> dict:
+def perplexity(
+    model,
+    token_ids: torch.Tensor,
+    window: int,
+    stride: int,
+    device: torch.device,
+    on_window: Callable[[], None] | None = None,
+) -> dict:
+    """`on_window` is called after each scored window (progress on long texts)."""
     token_ids = token_ids.reshape(-1)
     nll, counted, scored_until = 0.0, 0, 1  # the first token has no prediction
     for start in range(0, max(1, len(token_ids) - 1), stride):
@@ -32,6 +41,8 @@ def perplexity(model, token_ids: torch.Tensor, window: int, stride: int, device:
         nll += F.cross_entropy(preds, targets, reduction="sum").item()
         counted += targets.numel()
         scored_until = end
+        if on_window is not None:
+            on_window()
         if end == len(token_ids):
             break
     return {

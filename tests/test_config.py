@@ -44,7 +44,8 @@ def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
         ("speed_batch: [0]\n", "speed_batch.0: Input should be greater than or equal to 1"),
         ("quantile: 1.5\n", "quantile: Input should be less than 1"),
         ("quantile: 0.5\ntarget_skip: 0.2\n", "give one statistic, not both"),
-        ("eval_window: 8\neval_stride: 16\n", "eval_stride: 16 is larger than eval_window 8"),
+        ("eval_window: 8\neval_stride: 16\n", "eval_stride: 16 is not smaller than eval_window 8"),
+        ("eval_window: 8\neval_stride: 8\n", "eval_stride: 8 is not smaller than eval_window 8"),
         ("tasks: 3\n", "tasks: Input should be a valid list (got 3)"),
     ],
 )

@@ -156,7 +156,7 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["eval", "stray", "words"], "variants as arguments go with --compare only"),
         (["eval", "--compare", "tiny"], "needs at least two variants"),
         (["eval", "--batch", "1,x"], "speed_batch: must be positive integers"),
-        (["eval", "--window", 8, "--stride", 16], "eval_stride: 16 is larger than eval_window 8"),
+        (["eval", "--window", 8, "--stride", 16], "eval_stride: 16 is not smaller than eval_window 8"),
         (["prune", "--model", "no/such/model", "--keep", 6], "not an alias"),
         (["nonsense"], "No such command 'nonsense'"),
         (["export", "-o", "out"], "Missing option '--plan'"),
