@@ -166,8 +166,7 @@ def load_model(model_dir: Path, dtype: torch.dtype):
     if detect(model_dir) is not None:
         return load_decoded(model_dir, dtype), load_tokenizer(model_dir)
     try:
-        with _no_loading_bar():
-            model = load_pretrained(model_dir, dtype)
+        model = load_pretrained(model_dir, dtype)
     except Exception as exc:  # safetensors, OSError and transformers' own errors all mean "unreadable"
         raise FailedRun(
             f"cannot load the weights in {model_dir}: {str(exc).splitlines()[0]}; re-save or re-download the checkpoint"
@@ -178,7 +177,8 @@ def load_model(model_dir: Path, dtype: torch.dtype):
 def load_pretrained(model_dir: Path, dtype: torch.dtype, **kwargs):
     """Stock transformers' load of a checkpoint, in eval mode, under `load_config`'s flags."""
     config = load_config(model_dir)
-    return auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype, **kwargs).eval()
+    with _no_loading_bar():  # every load, the export's verification reload included
+        return auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype, **kwargs).eval()
 
 
 def load_tokenizer(model_dir: Path):
