@@ -215,6 +215,18 @@ def _prune(source: Path, output: Path, *flags: str) -> dict:
     return json.loads(result.stdout)
 
 
+def _prune_both_and_compare(quantized: Path, copy: Path, tmp_path: Path, *flags: str) -> dict:
+    """Prune the quantized checkpoint (exported to tmp_path/out) and its float copy (plan only); both must
+    keep the same experts with the same losses. Returns the quantized run's result."""
+    got = _prune(quantized, tmp_path / "out", *flags)
+    want = _prune(copy, tmp_path / "copy.plan.yaml", "--plan-only", *flags)
+    assert [lp["kept"] for lp in got["layers"]] == [lp["kept"] for lp in want["layers"]]
+    for a, b in zip(got["layers"], want["layers"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert got["verified_max_abs_logit_diff"] <= 1e-4
+    return got
+
+
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     with safe_open(directory / "model.safetensors", framework="pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
@@ -232,12 +244,7 @@ def test_fp8_plan_equals_its_float_copy_and_the_export_keeps_the_bytes(fp8_pair,
 
     fp8, copy = fp8_pair(name)
     flags = ["--stream"] if stream else []
-    got = _prune(fp8, tmp_path / "out", *flags)
-    want = _prune(copy, tmp_path / "copy.plan.yaml", "--plan-only", *flags)
-    assert [lp["kept"] for lp in got["layers"]] == [lp["kept"] for lp in want["layers"]]
-    for a, b in zip(got["layers"], want["layers"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert got["verified_max_abs_logit_diff"] <= 1e-4
+    got = _prune_both_and_compare(fp8, copy, tmp_path, *flags)
     verified_by = json.loads((tmp_path / "out" / "moe_sparsify_provenance.json").read_text())["verified_by"]
     whole_blocks_in_memory = name == "mixtral" and not stream
     assert ("transformers' own FP8" in verified_by) == whole_blocks_in_memory

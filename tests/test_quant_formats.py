@@ -21,7 +21,7 @@ from moe_sparsify.quant.mxfp4 import Mxfp4, _e2m1_values
 
 from .conftest import random_mixtral, save_with_tokenizer
 from .quant_checkpoints import ct_scheme, write_compressed, write_mxfp4
-from .test_quant import DEEPSEEK_V3, _prune, _raw_bytes, _tensors
+from .test_quant import DEEPSEEK_V3, _prune, _prune_both_and_compare, _raw_bytes, _tensors
 
 CT_PRESETS = ["W4A16", "W4A16_ASYM", "W8A16", "FP8_DYNAMIC", "NVFP4A16"]
 
@@ -153,12 +153,7 @@ def _expected_export(source: dict, adapter, fmt, kept) -> tuple[dict[str, bytes]
 def test_plan_equals_the_float_copy_and_the_export_keeps_the_bytes(quant_pair, tmp_path, stream):
     q, copy = quant_pair
     flags = ["--stream"] if stream else []
-    got = _prune(q, tmp_path / "out", *flags)
-    want = _prune(copy, tmp_path / "copy.plan.yaml", "--plan-only", *flags)
-    assert [lp["kept"] for lp in got["layers"]] == [lp["kept"] for lp in want["layers"]]
-    for a, b in zip(got["layers"], want["layers"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert got["verified_max_abs_logit_diff"] <= 1e-4
+    got = _prune_both_and_compare(q, copy, tmp_path, *flags)
 
     source, export = _tensors(q), _tensors(tmp_path / "out")
     fmt = quant.detect(q)
