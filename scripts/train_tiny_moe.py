@@ -5,6 +5,9 @@
     # another test bed (other size, other text), e.g. to check a method was not tuned to the bundled one:
     python scripts/train_tiny_moe.py --documents docstrings --hidden 96 --intermediate 192 --layers 3 \
         --steps 600 --out /tmp/other --corpus-out /tmp/other-corpus
+    # any local text file (cut into ~2,000-character documents), on a GPU:
+    python scripts/train_tiny_moe.py --text plays.txt --hidden 160 --intermediate 320 --device cuda \
+        --out /tmp/plays --corpus-out /tmp/plays-corpus
 
 Writes, in `save_pretrained` layout, `moe_sparsify/assets/tiny/` (config, fp32
 safetensors, tokenizer, generation config) and the frozen calib/heldout text
@@ -56,6 +59,21 @@ def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
 
 
+def text_documents(path: Path, size: int = 2000) -> list[tuple[str, str]]:
+    """A plain text file as documents of about `size` characters, cut at blank lines, so the
+    calib / heldout / train split (by document name) keeps whole passages apart."""
+    paragraphs = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    documents, current = [], []
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        if sum(len(p) for p in current) >= size:
+            documents.append((f"{path.stem}:{len(documents)}", "\n\n".join(current)))
+            current = []
+    if current:
+        documents.append((f"{path.stem}:{len(documents)}", "\n\n".join(current)))
+    return documents
+
+
 def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
     """Switch-transformer balance loss computed for each layer on its own, then averaged."""
     losses = []
@@ -76,6 +94,7 @@ def main() -> None:
     ap.add_argument("--balance-coef", type=float, default=0.01)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu (the committed model) or cuda (other test beds, faster)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
@@ -85,6 +104,7 @@ def main() -> None:
         default="all",
         help="train (and split calib/heldout) on pydoc topics, stdlib docstrings, or both",
     )
+    ap.add_argument("--text", type=Path, help="train on this local text file instead of Python's documentation")
     ap.add_argument("--out", type=Path, default=ASSETS / "tiny")
     ap.add_argument("--corpus-out", type=Path, default=ASSETS / "corpus")
     args = ap.parse_args()
@@ -93,8 +113,8 @@ def main() -> None:
     random.seed(args.seed)
     torch.set_num_threads(2)
 
-    documents = build_documents()
-    if args.documents != "all":
+    documents = text_documents(args.text) if args.text else build_documents()
+    if args.documents != "all" and not args.text:
         documents = [
             (name, text) for name, text in documents if name.startswith("topic:") == (args.documents == "topics")
         ]
@@ -124,6 +144,11 @@ def main() -> None:
         sliding_window=None,
     )
     model = MixtralForCausalLM(config)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # The eager expert loop trains in float32 everywhere; the fused kernels may not.
+        model.set_experts_implementation("eager")
+    model.to(device)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", file=sys.stderr)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -139,7 +164,7 @@ def main() -> None:
     start = time.time()
     for step in range(args.steps):
         offsets = torch.randint(0, len(data) - args.seq_len - 1, (args.batch,), generator=gen)
-        batch = torch.stack([data[o : o + args.seq_len] for o in offsets.tolist()])
+        batch = torch.stack([data[o : o + args.seq_len] for o in offsets.tolist()]).to(device)
         out = model(input_ids=batch, labels=batch, output_router_logits=True)
         balance = per_layer_balance_loss(out.router_logits, config.num_experts_per_tok)
         loss = out.loss + args.balance_coef * balance
@@ -157,12 +182,13 @@ def main() -> None:
                 flush=True,
             )
 
-    model.eval()
+    model.eval().to("cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     (args.out / "training.json").write_text(
-        json.dumps({k: v for k, v in vars(args).items() if k not in ("out", "corpus_out")}, indent=2) + "\n"
+        json.dumps({k: v for k, v in vars(args).items() if k not in ("out", "corpus_out")}, indent=2, default=str)
+        + "\n"
     )
     args.corpus_out.mkdir(parents=True, exist_ok=True)
     for split in ("calib", "heldout"):
