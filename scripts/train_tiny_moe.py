@@ -29,6 +29,7 @@ import gzip
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,8 @@ def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
 def text_documents(path: Path, size: int = 2000) -> list[tuple[str, str]]:
     """A plain text file as documents of about `size` characters, cut at blank lines, so the
     calib / heldout / train split (by document name) keeps whole passages apart."""
-    paragraphs = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    # A blank line may hold spaces (WikiText's do).
+    paragraphs = [p for p in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8")) if p.strip()]
     documents, current = [], []
     for paragraph in paragraphs:
         current.append(paragraph)
