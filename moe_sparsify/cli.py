@@ -56,7 +56,9 @@ class OneLineUsageErrors(TyperGroup):
 
 
 def _fail_line(message: str, code: int) -> int:
-    typer.echo(f"error: {message}", err=True)
+    # One line whatever the message holds: a wrapped library error (transformers' run over several)
+    # must not break a pipeline's `2>&1 | tail -1` or a CI log grep.
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
     return code
 
 

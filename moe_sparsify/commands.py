@@ -6,6 +6,7 @@ progress go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass
@@ -445,64 +446,74 @@ def evaluate(
         check_card_target(job.model_dir)
     plan = _plan_without_recovery(plan_path) if plan_path else None
     thresholds = load_thresholds(thresholds_path) if thresholds_path else None
-    model, tokenizer = load_model(job.model_dir, job.dtype)
-    model.to(job.device)
-    stream = token_stream(tokenizer, load_documents(settings.eval_text))
-    result = {
-        "model": settings.model,
-        "text": settings.eval_text,
-        "device": str(job.device),
-        "dtype": str(job.dtype).removeprefix("torch."),
-        "plan": str(plan_path) if plan_path else None,
-        "thresholds": str(thresholds_path) if thresholds_path else None,
-    }
-    kept = {}
-    if plan is not None:
-        plan.check_matches(model_identity(model, job.adapter))
-        kept = plan.kept()
-    _check_thresholds(thresholds, model, job.adapter, kept)
+    with _task_index(settings) as index:
+        model, tokenizer = load_model(job.model_dir, job.dtype)
+        model.to(job.device)
+        stream = token_stream(tokenizer, load_documents(settings.eval_text))
+        result = {
+            "model": settings.model,
+            "text": settings.eval_text,
+            "device": str(job.device),
+            "dtype": str(job.dtype).removeprefix("torch."),
+            "plan": str(plan_path) if plan_path else None,
+            "thresholds": str(thresholds_path) if thresholds_path else None,
+        }
+        kept = {}
+        if plan is not None:
+            plan.check_matches(model_identity(model, job.adapter))
+            kept = plan.kept()
+        _check_thresholds(thresholds, model, job.adapter, kept)
 
-    def score() -> dict:
-        scores = {}
-        if settings.perplexity:
-            with progress_bar(show_progress) as progress:
-                task = progress.add_task("perplexity windows") if progress is not None else None
-                scores = perplexity(
-                    model,
-                    stream,
-                    settings.eval_window,
-                    settings.eval_stride,
-                    job.device,
-                    on_window=(lambda: progress.advance(task)) if progress is not None else None,
-                )
-        if settings.tasks:
-            scores["harness"] = _harness(settings, model, tokenizer, job.device)
-        return scores
+        def score() -> dict:
+            scores = {}
+            if settings.perplexity:
+                with progress_bar(show_progress) as progress:
+                    task = progress.add_task("perplexity windows") if progress is not None else None
+                    scores = perplexity(
+                        model,
+                        stream,
+                        settings.eval_window,
+                        settings.eval_stride,
+                        job.device,
+                        on_window=(lambda: progress.advance(task)) if progress is not None else None,
+                    )
+            if settings.tasks:
+                scores["harness"] = _harness(settings, model, tokenizer, job.device, index)
+            return scores
 
-    if thresholds is None or kept:
-        # A plan applied in memory runs through the reference router, skipping included.
-        skip = {e.layer: (e.beta, thresholds.rule) for e in thresholds.layers} if thresholds else None
-        with job.adapter.pruned_view(model, kept, skip):
-            result.update(score())
-    else:
-        with skipping(model, thresholds, job.adapter):
-            result.update(score())
-            result["skip_fraction"] = skip_fractions(model, job.adapter)
-    result["seconds"] = time.perf_counter() - start
-    result["peak_memory"] = peak_memory_bytes(job.device)
-    if card:
-        result["card"] = record_eval(job.model_dir, result)
-    return result
+        if thresholds is None or kept:
+            # A plan applied in memory runs through the reference router, skipping included.
+            skip = {e.layer: (e.beta, thresholds.rule) for e in thresholds.layers} if thresholds else None
+            with job.adapter.pruned_view(model, kept, skip):
+                result.update(score())
+        else:
+            with skipping(model, thresholds, job.adapter):
+                result.update(score())
+                result["skip_fraction"] = skip_fractions(model, job.adapter)
+        result["seconds"] = time.perf_counter() - start
+        result["peak_memory"] = peak_memory_bytes(job.device)
+        if card:
+            result["card"] = record_eval(job.model_dir, result)
+        return result
 
 
-def _harness(settings: Settings, model, tokenizer, device: torch.device) -> dict:
+def _task_index(settings: Settings):
+    """lm-eval's task index when --tasks asks for tasks (unknown names refused here), else nothing."""
+    if not settings.tasks:
+        return contextlib.nullcontext()
+    from .harness import task_index
+
+    return task_index(list(settings.tasks), [Path(d) for d in settings.task_dirs])
+
+
+def _harness(settings: Settings, model, tokenizer, device: torch.device, index) -> dict:
     from .harness import run_tasks
 
     return run_tasks(
         model,
         tokenizer,
         list(settings.tasks),
-        [Path(d) for d in settings.task_dirs],
+        index,
         num_fewshot=settings.num_fewshot,
         limit=settings.task_limit,
         batch_size=settings.batch_size,
@@ -572,6 +583,13 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
         check_output(report_dir, "directory", overwrite=True, flag="--report")
         lock_output(report_dir)
     variants = [cmp.parse_variant(spec) for spec in specs]
+    with _task_index(settings) as index:
+        return _compare(settings, variants, report_dir, show_progress, index)
+
+
+def _compare(settings: Settings, variants, report_dir: Path | None, show_progress: bool, index) -> dict:
+    from . import compare as cmp
+
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     tokenizers = [cmp.load_variant(v, dtype, device) for v in variants]
@@ -586,7 +604,7 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
         if settings.tasks:
 
             def harness(model):
-                return _harness(settings, model, tokenizers[0], device)
+                return _harness(settings, model, tokenizers[0], device, index)
 
         cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress, harness)
         rounds = cmp.Rounds(minimum=settings.repeats, budget_s=settings.speed_budget_s)

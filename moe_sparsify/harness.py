@@ -103,19 +103,12 @@ def output_to(log: Path):
                 os.close(copy)
 
 
-def run_tasks(
-    model,
-    tokenizer,
-    tasks: list[str],
-    task_dirs: list[Path],
-    *,
-    num_fewshot: int | None,
-    limit: int | None,
-    batch_size: int,
-    device: str,
-) -> dict:
-    """{task: {metric: value}} from lm_eval.simple_evaluate, plus the harness version."""
-    lm_eval, HFLM, TaskManager = _lm_eval()
+@contextmanager
+def task_index(tasks: list[str], task_dirs: list[Path]) -> Iterator:
+    """lm-eval's task index (its own tasks, the bundled ones, --task-dir ones), open for a whole command:
+    built once, since it reads thousands of YAML files (~30 s), and before any model is loaded, so an
+    unknown task name is refused first."""
+    _, _, TaskManager = _lm_eval()
     for task_dir in task_dirs:
         if not Path(task_dir).is_dir():
             raise UsageError(f"--task-dir {task_dir} is not a directory of lm-eval task YAML files")
@@ -128,12 +121,29 @@ def run_tasks(
                 f"unknown lm-eval task(s) {', '.join(unknown)}; bundled: {', '.join(BUNDLED_TASKS)}, "
                 "or add a --task-dir with their YAML"
             )
-        log = Path(tempfile.gettempdir()) / f"moe-sparsify-lm-eval-{os.getpid()}.log"
-        with output_to(log):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-            output = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit, log_samples=False
-            )
+        yield manager
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    index,
+    *,
+    num_fewshot: int | None,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+) -> dict:
+    """{task: {metric: value}} from lm_eval.simple_evaluate, plus the harness version. `index`: an open
+    `task_index` holding `tasks`."""
+    lm_eval, HFLM, _ = _lm_eval()
+    log = Path(tempfile.gettempdir()) / f"moe-sparsify-lm-eval-{os.getpid()}.log"
+    with _datasets_offline(), output_to(log):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=index, num_fewshot=num_fewshot, limit=limit, log_samples=False
+        )
     scores = {
         task: {k.replace(",none", ""): v for k, v in metrics.items() if isinstance(v, (int, float))}
         for task, metrics in output["results"].items()

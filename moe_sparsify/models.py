@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -91,8 +92,28 @@ def load_config(model_dir: Path):
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"cannot read the model config in {model_dir}: {exc}") from None
+        model_type = _declared_model_type(model_dir)
+        if model_type is not None and "does not recognize this architecture" in str(exc):
+            import transformers
+
+            raise UsageError(
+                f"{model_dir}/config.json declares model_type {model_type!r}, which transformers "
+                f"{transformers.__version__} does not know; check the model_type, or upgrade transformers"
+            ) from None
+        raise UsageError(f"cannot read the model config in {model_dir}: {first_line(exc)}") from None
     return for_inference(config)
+
+
+def _declared_model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line: library errors often add paragraphs of advice below it."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def for_inference(config):
@@ -169,7 +190,7 @@ def load_model(model_dir: Path, dtype: torch.dtype):
         model = load_pretrained(model_dir, dtype)
     except Exception as exc:  # safetensors, OSError and transformers' own errors all mean "unreadable"
         raise FailedRun(
-            f"cannot load the weights in {model_dir}: {str(exc).splitlines()[0]}; re-save or re-download the checkpoint"
+            f"cannot load the weights in {model_dir}: {first_line(exc)}; re-save or re-download the checkpoint"
         ) from None
     return model, load_tokenizer(model_dir)
 
@@ -181,10 +202,19 @@ def load_pretrained(model_dir: Path, dtype: torch.dtype, **kwargs):
         return auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype, **kwargs).eval()
 
 
+# What a tokenizer is made from (fast, sentencepiece, BPE vocab + merges, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:
-        raise FailedRun(f"cannot load the tokenizer in {model_dir}: {str(exc).splitlines()[0]}") from None
+        if Path(model_dir).is_dir() and not any(any(Path(model_dir).glob(p)) for p in TOKENIZER_FILES):
+            raise UsageError(
+                f"{model_dir} holds no tokenizer (tokenizer.json, tokenizer.model or vocab files); copy the "
+                "tokenizer files of the model it came from into it"
+            ) from None
+        raise FailedRun(f"cannot load the tokenizer in {model_dir}: {first_line(exc)}") from None

@@ -352,10 +352,20 @@ def test_no_perplexity_needs_tasks():
     assert result.exit_code == 2 and "nothing to measure" in _error_line(result)
 
 
-def test_unknown_task_is_refused(tmp_path):
+def test_unknown_task_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
+    import moe_sparsify.commands as commands
+    import moe_sparsify.compare as compare
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the task names were checked")
+
+    monkeypatch.setattr(commands, "load_model", no_loading)
+    monkeypatch.setattr(compare, "load_model", no_loading)
     result = run("eval", "--model", "tiny", "--tasks", "no_such_task")
     assert result.exit_code == 2 and "unknown lm-eval task" in _error_line(result)
+    compared = run("eval", "--compare", "tiny", "tiny", "--tasks", "no_such_task")
+    assert compared.exit_code == 2 and "unknown lm-eval task" in _error_line(compared)
 
 
 def test_interrupted_prune_resumes_to_the_identical_plan(tmp_path, monkeypatch):

@@ -393,3 +393,37 @@ def test_two_concurrent_runs_exactly_one_proceeds_and_a_killed_holder_is_stale(t
     third = _run("export", "--plan", plan_file, "-o", out)
     assert third.exit_code == 0, third.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _truncate_weights(model: Path) -> None:
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+
+
+def _set_model_type(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "zorblax"}))
+
+
+BROKEN_MODELS = [  # (what is broken, how, exit code, the line must name)
+    ("truncated weights", _truncate_weights, 1, "re-save or re-download"),
+    ("config not JSON", lambda m: (m / "config.json").write_text("{not json"), 2, "not a valid JSON"),
+    ("no weights", lambda m: (m / "model.safetensors").unlink(), 1, "no file named model.safetensors"),
+    ("unknown model_type", _set_model_type, 2, "'zorblax', which transformers"),
+    ("no tokenizer", lambda m: (m / "tokenizer.json").unlink(), 2, "holds no tokenizer"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage", "code", "fragment"), BROKEN_MODELS, ids=[c[0] for c in BROKEN_MODELS])
+def test_a_broken_model_directory_is_one_line_naming_the_fix(tmp_path, name, damage, code, fragment):
+    import shutil
+
+    from moe_sparsify.models import bundled_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_model_dir("tiny"), model)
+    damage(model)
+    line = refused(
+        tmp_path, "prune", "--model", model, "--keep", 6, "--plan-only", "-o", tmp_path / "p.json", *FAST, code=code
+    )
+    assert fragment in line, line
