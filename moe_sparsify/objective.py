@@ -38,7 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from .routing import (
+    Ranking,
     RoutingSpec,
+    Scoring,
     candidate_experts,
     choice_scores,
     group_relevant,
@@ -98,6 +100,9 @@ class LayerStats:
         (`routing.candidate_experts`), ranked as the router ranks them (scores plus any selection bias).
         rows_per_pass bounds the candidate-output buffer (rows x m x hidden floats): small on CPUs,
         where it keeps the expert matmuls in cache, large on GPUs; default by device."""
+        if selection_bias is not None and spec.scoring is Scoring.SOFTMAX and spec.ranking is Ranking.SCORES:
+            # The candidates would assume a fixed order that the bias breaks as experts go: a wrong search.
+            raise ValueError("a selection bias on softmax scores needs ranking=Ranking.BIASED_SOFTMAX")
         parts: dict[str, list[torch.Tensor]] = {
             "idx": [],
             "logits": [],
@@ -111,7 +116,7 @@ class LayerStats:
         for x, d in _split_aligned(inputs, offsets, rows_per_pass):
             logits = router_logits(x).float()
             probs = scores(logits, spec)
-            choice = choice_scores(probs, None, selection_bias, logits if spec.bias_on_logits else None)
+            choice = choice_scores(probs, None, selection_bias, logits if spec.ranking is Ranking.LOGITS else None)
             cand_idx, block = candidate_experts(choice, spec, keep, probs)
             outputs = torch.zeros(x.shape[0], cand_idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             for expert in range(num_experts):
@@ -187,7 +192,7 @@ class SubsetLoss:
     def __init__(self, stats: LayerStats, token_chunk: int = 16384, use_patterns: bool = True):
         self.stats = stats
         self.num_experts = stats.num_experts
-        self.groups = stats.spec.groups if stats.spec.grouped else 1  # keep sets take equally from each
+        self.groups = stats.spec.group_limit.groups if stats.spec.grouped else 1  # keep sets take equally from each
         self.token_chunk = token_chunk
         everything = torch.ones(1, stats.num_experts, dtype=torch.bool)
         cand_kept, selected, kept_logits = self._selection(everything, slice(None))
@@ -308,7 +313,7 @@ class SubsetLoss:
             return total
         if s.spec.grouped and not s.spec.needs_all_logits:
             return self._grouped_removal_losses(keep, removable)
-        if s.spec.grouped or s.spec.scoring == "sparsemixer" or s.spec.choice_depends_on_kept:
+        if s.spec.grouped or s.spec.scoring is Scoring.SPARSEMIXER or s.spec.choice_depends_on_kept:
             experts = torch.nonzero(removable).flatten()
             children = keep.expand(len(experts), n).clone()
             children[torch.arange(len(experts)), experts] = False

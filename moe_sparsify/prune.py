@@ -44,11 +44,11 @@ def check_keep(adapter: MoEAdapter, keep: int | None) -> int:
     if keep < k:
         raise UsageError(f"--keep {keep} is smaller than top_k={k} (experts each token uses); choose {k}..{n}")
     spec = adapter.routing
-    if spec.grouped and keep not in (allowed := group_keep_counts(n, spec)):
+    if (limit := spec.group_limit) is not None and keep not in (allowed := group_keep_counts(n, spec)):
         raise UsageError(
-            f"--keep {keep} does not fit group-limited routing ({spec.groups} groups of {n // spec.groups}, "
-            f"{spec.groups_chosen} chosen per token): every group keeps the same number of experts so routing "
-            f"stays exact; choose a multiple of {spec.groups} from {allowed[0]} to {allowed[-1]}"
+            f"--keep {keep} does not fit group-limited routing ({limit.groups} groups of {n // limit.groups}, "
+            f"{limit.chosen} chosen per token): every group keeps the same number of experts so routing "
+            f"stays exact; choose a multiple of {limit.groups} from {allowed[0]} to {allowed[-1]}"
         )
     return keep
 

@@ -11,93 +11,130 @@ without building the pruned model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
+
+
+class Scoring(Enum):
+    """What the router's logits become."""
+
+    SOFTMAX = "softmax"  # float32, over the kept experts
+    SIGMOID = "sigmoid"
+    # PhiMoE: top-2 by logit, each weighted by a softmax over the experts within a relative band
+    # `jitter` x 2 of it (`sparsemixer_weights`); those are its weights, as they are.
+    SPARSEMIXER = "sparsemixer"
+
+
+class Ranking(Enum):
+    """What experts are ranked by to choose a token's top-k. A layer's selection bias (DeepSeek-V3's
+    e_score_correction_bias), where it has one, is added to it; it never enters the weights."""
+
+    SCORES = "scores"  # the scores (plus a bias that cannot reorder them as experts go: sigmoid)
+    LOGITS = "logits"  # the logits plus the bias; the weights are still the scores (Kolibri)
+    # The softmax the pruned model takes over the kept experts, plus the bias (ERNIE-4.5): the order
+    # then depends on which experts are kept, not only on their order.
+    BIASED_SOFTMAX = "biased softmax"
+
+
+class Weighting(Enum):
+    """How the selected experts' weights are formed (then multiplied by `scale`)."""
+
+    SCORES = "scores"  # their scores as they are
+    RENORMALIZED = "renormalized"  # their scores divided by their sum (Mixtral)
+    # 1 each: the score scaled each selected expert's input, not its output (Llama 4: E_j(sigmoid(l_j) x));
+    # the adapter's expert outputs include that scaling.
+    UNIT = "unit"
+
+    @classmethod
+    def renormalized_if(cls, flag: bool) -> Weighting:
+        """A config's `norm_topk_prob`-style switch: renormalised, or the scores as they are."""
+        return cls.RENORMALIZED if flag else cls.SCORES
+
+
+class GroupScore(Enum):
+    """How a group is scored under group-limited routing; the value: how many of its best scores add up."""
+
+    MAX = 1  # its best expert's score (DeepSeek-V2)
+    TOP2 = 2  # the sum of its two best (DeepSeek-V3)
+
+
+@dataclass(frozen=True)
+class GroupLimit:
+    """Group-limited routing (DeepSeek's n_group, topk_group): experts form `groups` contiguous equal
+    groups; a token first picks the `chosen` groups with the best group score, then its top-k among
+    their experts."""
+
+    groups: int
+    chosen: int
+    score: GroupScore
+
+    @classmethod
+    def of(cls, groups: int | None, chosen: int | None, score: GroupScore) -> GroupLimit | None:
+        """The limit a config's (n_group, topk_group) sets, or None where it excludes nothing."""
+        groups, chosen = groups or 1, chosen or 1
+        return cls(groups, chosen, score) if groups > 1 and chosen < groups else None
 
 
 @dataclass(frozen=True)
 class RoutingSpec:
     """How a model family turns router logits into (expert, weight) pairs.
 
-    scoring: "softmax" or "sigmoid" applied to the logits, or "sparsemixer"
-        (PhiMoE: top-2 by logit, each weighted by a softmax over the experts
-        within a relative band `jitter` x 2 of it).
-    renormalize: divide the top-k weights by their sum (Mixtral: always).
-    scale: multiply the final weights (DeepSeek's routed_scaling_factor).
-    groups, groups_chosen, group_score: group-limited routing (DeepSeek's
-        n_group, topk_group): experts form `groups` contiguous equal groups, a
-        token first picks the `groups_chosen` groups with the best group score
-        ("max": best score in the group, V2; "top2": sum of the two best, V3)
-        and then its top-k among their experts. groups=1 is plain top-k.
-    renorm_eps: added to the sum the sigmoid weights are divided by (LFM2-MoE: 1e-6).
-    bias_on_logits: the selection bias is added to the logits, not the scores
-        (Kolibri); the weights are still the scores.
-    input_scaled: the score scales each selected expert's input, not its output
-        (Llama 4: E_j(sigmoid(l_j) x)); the adapter's expert outputs include that
-        scaling, so every selected expert weighs 1 (times `scale`).
-    softmax_bias: the selection bias is added to a softmax (ERNIE-4.5), which
-        the pruned model takes over the kept experts only: the ranking then
-        depends on which experts are kept, not only on their order.
-    A per-expert selection bias (DeepSeek-V3's e_score_correction_bias) is
-    added to the scores to choose experts, never to weight them; it is passed
-    separately because it belongs to a layer, not to the family.
+    scale: multiplies the final weights (DeepSeek's routed_scaling_factor).
+    group_limit: None for plain top-k.
+    jitter: sparsemixer's band (PhiMoE's router_jitter_noise).
+    renorm_eps: added to the sum renormalised sigmoid weights are divided by (LFM2-MoE: 1e-6).
     """
 
     top_k: int
-    scoring: str = "softmax"
-    renormalize: bool = True
+    scoring: Scoring = Scoring.SOFTMAX
+    weighting: Weighting = Weighting.RENORMALIZED
+    ranking: Ranking = Ranking.SCORES
     scale: float = 1.0
-    groups: int = 1
-    groups_chosen: int = 1
-    group_score: str = "max"
+    group_limit: GroupLimit | None = None
     jitter: float = 0.0
-    softmax_bias: bool = False
     renorm_eps: float = 0.0
-    input_scaled: bool = False
-    bias_on_logits: bool = False
 
     def __post_init__(self) -> None:
-        if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
-            raise ValueError(f"unknown scoring {self.scoring!r}")
-        if self.group_score not in GROUP_SCORES:
-            raise ValueError(f"unknown group score {self.group_score!r}")
-        if self.scoring == "sparsemixer" and (self.top_k != 2 or self.renormalize):
-            raise ValueError("sparsemixer routes to exactly 2 experts and does not renormalise")
-        if self.renorm_eps and self.scoring != "sigmoid":
-            raise ValueError("renorm_eps is for sigmoid scores")
-        if self.input_scaled and self.renormalize:
-            raise ValueError("input-scaled routing weighs every selected expert 1; it has nothing to renormalise")
-        if self.grouped and (self.softmax_bias or self.scoring == "sparsemixer"):
+        # What the enums cannot say alone: the few pairs of choices that no family uses and the
+        # objective does not score.
+        if self.scoring is Scoring.SPARSEMIXER and (self.top_k != 2 or self.weighting is not Weighting.SCORES):
+            raise ValueError("sparsemixer routes to exactly 2 experts, weighted as its scores say")
+        if self.renorm_eps and (self.scoring, self.weighting) != (Scoring.SIGMOID, Weighting.RENORMALIZED):
+            raise ValueError("renorm_eps is for renormalised sigmoid scores")
+        if self.ranking is Ranking.BIASED_SOFTMAX and self.scoring is not Scoring.SOFTMAX:
+            raise ValueError("a biased-softmax ranking needs softmax scores")
+        if self.grouped and (self.ranking is Ranking.BIASED_SOFTMAX or self.scoring is Scoring.SPARSEMIXER):
             raise ValueError("group-limited routing is combined with sigmoid or plain softmax scores only")
 
     @property
     def grouped(self) -> bool:
         """Whether the group rule can exclude experts (otherwise routing is plain top-k)."""
-        return self.groups > 1 and self.groups_chosen < self.groups
+        return self.group_limit is not None
+
+    @property
+    def renormalizes(self) -> bool:
+        return self.weighting is Weighting.RENORMALIZED
 
     @property
     def needs_all_logits(self) -> bool:
         """Whether a selected expert's weight, or the selection itself, depends on experts outside it."""
-        return (
-            self.scoring == "sparsemixer" or self.scoring == "softmax" and (self.softmax_bias or not self.renormalize)
+        return self.scoring is Scoring.SPARSEMIXER or (
+            self.scoring is Scoring.SOFTMAX and (self.choice_depends_on_kept or self.weighting is Weighting.SCORES)
         )
 
     @property
     def choice_depends_on_kept(self) -> bool:
-        return self.scoring == "softmax" and self.softmax_bias
-
-
-# How many of a group's best scores make up its group score.
-GROUP_SCORES = {"max": 1, "top2": 2}
+        return self.ranking is Ranking.BIASED_SOFTMAX
 
 
 def scores(logits: torch.Tensor, spec: RoutingSpec, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Routing scores in float32 (removed experts: 0), the softmax taken over the kept experts only.
     Sparsemixer ranks by the logits themselves (removed: -inf); its weights come from `route`."""
     logits = logits.float()
-    if spec.scoring == "sparsemixer":
+    if spec.scoring is Scoring.SPARSEMIXER:
         return logits if keep is None else logits.masked_fill(~keep, float("-inf"))
-    if spec.scoring == "softmax":
+    if spec.scoring is Scoring.SOFTMAX:
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         return logits.softmax(dim=-1)
@@ -118,21 +155,22 @@ def choice_scores(
     return choice if keep is None else choice.masked_fill(~keep, float("-inf"))
 
 
-def group_scores(choice: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+def group_scores(choice: torch.Tensor, limit: GroupLimit) -> torch.Tensor:
     """... x groups x members choice scores (removed: -inf) -> ... x groups (too few kept: -inf)."""
-    return choice.topk(GROUP_SCORES[spec.group_score], dim=-1).values.sum(-1)
+    return choice.topk(limit.score.value, dim=-1).values.sum(-1)
 
 
 def group_limited(choice: torch.Tensor, spec: RoutingSpec, groups: int | None = None) -> torch.Tensor:
     """Choice scores (... x n) with the experts outside each token's chosen groups set to -inf.
     `groups` overrides the spec's count where the columns are candidate blocks, not all experts."""
-    grouped = choice.reshape(*choice.shape[:-1], groups or spec.groups, -1)
-    return grouped.masked_fill(~chosen_groups(grouped, spec).unsqueeze(-1), float("-inf")).reshape(choice.shape)
+    limit = spec.group_limit
+    grouped = choice.reshape(*choice.shape[:-1], groups or limit.groups, -1)
+    return grouped.masked_fill(~chosen_groups(grouped, limit).unsqueeze(-1), float("-inf")).reshape(choice.shape)
 
 
-def chosen_groups(grouped: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
-    """... x groups bool: the `groups_chosen` groups with the best group scores."""
-    chosen = torch.topk(group_scores(grouped, spec), spec.groups_chosen, dim=-1).indices
+def chosen_groups(grouped: torch.Tensor, limit: GroupLimit) -> torch.Tensor:
+    """... x groups bool: the `limit.chosen` groups with the best group scores."""
+    chosen = torch.topk(group_scores(grouped, limit), limit.chosen, dim=-1).indices
     return torch.zeros(grouped.shape[:-1], dtype=torch.bool, device=grouped.device).scatter_(-1, chosen, True)
 
 
@@ -141,16 +179,16 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices), both tokens x top_k, as the (pruned) model computes them."""
     probs = scores(logits, spec, keep)
-    choice = choice_scores(probs, keep, bias, logits if spec.bias_on_logits else None)
+    choice = choice_scores(probs, keep, bias, logits if spec.ranking is Ranking.LOGITS else None)
     if spec.grouped:
         choice = group_limited(choice, spec)
     indices = torch.topk(choice, spec.top_k, dim=-1).indices
-    if spec.scoring == "sparsemixer":
+    if spec.scoring is Scoring.SPARSEMIXER:
         return sparsemixer_weights(probs, indices, spec.jitter), indices
-    if spec.input_scaled:
+    if spec.weighting is Weighting.UNIT:
         return torch.full(indices.shape, spec.scale, device=indices.device), indices
     weights = probs.gather(-1, indices)
-    if spec.renormalize:
+    if spec.weighting is Weighting.RENORMALIZED:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
     return weights * spec.scale, indices
 
@@ -182,14 +220,15 @@ def candidate_count(num_experts: int, top_k: int, keep: int) -> int:
 def group_candidate_count(num_experts: int, spec: RoutingSpec, keep: int) -> int:
     """Candidates per group under group-limited routing, where each group loses (n - r) / groups experts:
     a group's selected experts and the experts its group score reads lie in its top-(max(k, s) + removed)."""
-    size, removed = num_experts // spec.groups, (num_experts - keep) // spec.groups
-    return min(size, max(spec.top_k, GROUP_SCORES[spec.group_score]) + removed)
+    limit = spec.group_limit
+    size, removed = num_experts // limit.groups, (num_experts - keep) // limit.groups
+    return min(size, max(spec.top_k, limit.score.value) + removed)
 
 
 def max_candidate_count(num_experts: int, spec: RoutingSpec, keep: int) -> int:
     """The most candidates a token can have (`candidate_experts`): its width before padded blocks go."""
     if spec.grouped:
-        return group_candidate_count(num_experts, spec, keep) * spec.groups
+        return group_candidate_count(num_experts, spec, keep) * spec.group_limit.groups
     return candidate_count(num_experts, spec.top_k, keep)
 
 
@@ -197,8 +236,9 @@ def group_keep_counts(num_experts: int, spec: RoutingSpec) -> list[int]:
     """The kept counts group-limited routing allows: an equal share per group (so the pruned model's
     groups are the original ones), at least what a group score reads, and enough experts in the chosen
     groups for top-k."""
-    share_min = max(GROUP_SCORES[spec.group_score], -(-spec.top_k // spec.groups_chosen))
-    return [share * spec.groups for share in range(share_min, num_experts // spec.groups + 1)]
+    limit = spec.group_limit
+    share_min = max(limit.score.value, -(-spec.top_k // limit.chosen))
+    return [share * limit.groups for share in range(share_min, num_experts // limit.groups + 1)]
 
 
 def candidate_experts(
@@ -209,7 +249,7 @@ def candidate_experts(
 
     Plain top-k: the token's top-(k + n - r), best first; block None.
     Group-limited: one block of `group_candidate_count` slots per group that can still be chosen,
-    best first within it. A group cannot be chosen when at least `groups_chosen` other groups score
+    best first within it. A group cannot be chosen when at least `chosen` other groups score
     higher even after losing their best experts than it does before losing any; its block is left out
     (blocks are padded to the widest token), which spares its experts' outputs and Gram entries.
     Softmax plus bias (`probs` given): see `_biased_softmax_candidates`."""
@@ -218,14 +258,15 @@ def candidate_experts(
         return _biased_softmax_candidates(probs, choice, spec.top_k, keep), None
     if not spec.grouped:
         return torch.topk(choice, candidate_count(n, spec.top_k, keep), dim=-1).indices, None
+    limit = spec.group_limit
     per_group = group_candidate_count(n, spec, keep)
-    removed, reads = (n - keep) // spec.groups, GROUP_SCORES[spec.group_score]
-    ranked = torch.topk(choice.view(-1, spec.groups, n // spec.groups), per_group, dim=-1)
+    removed, reads = (n - keep) // limit.groups, limit.score.value
+    ranked = torch.topk(choice.view(-1, limit.groups, n // limit.groups), per_group, dim=-1)
     upper = ranked.values[..., :reads].sum(-1)  # tokens x groups: nothing removed
     lower = ranked.values[..., removed : removed + reads].sum(-1)  # its best `removed` gone
     surely_better = (lower.unsqueeze(1) > upper.unsqueeze(2)).sum(-1)  # [t, g]: groups h beating g always
-    possible = surely_better < spec.groups_chosen
-    members = ranked.indices + torch.arange(spec.groups, device=choice.device).unsqueeze(-1) * (n // spec.groups)
+    possible = surely_better < limit.chosen
+    members = ranked.indices + torch.arange(limit.groups, device=choice.device).unsqueeze(-1) * (n // limit.groups)
     # Possible groups first (stable, in group order), then as few padded blocks as the chunk needs.
     order = torch.sort((~possible).int(), dim=-1, stable=True).indices
     members = members.gather(1, order.unsqueeze(-1).expand_as(members))
@@ -292,9 +333,9 @@ def group_relevant(
     Removing any other expert leaves every group score and the selection as they are."""
     choice = cand_choice.unsqueeze(0).masked_fill(~cand_kept, float("-inf"))
     grouped = choice.reshape(*choice.shape[:-1], choice.shape[-1] // block, block)
-    best = grouped.topk(GROUP_SCORES[spec.group_score], dim=-1).indices
+    best = grouped.topk(spec.group_limit.score.value, dim=-1).indices
     readers = torch.zeros(grouped.shape, dtype=torch.bool, device=choice.device).scatter_(-1, best, True)
-    in_chosen = chosen_groups(grouped, spec).unsqueeze(-1)
+    in_chosen = chosen_groups(grouped, spec.group_limit).unsqueeze(-1)
     return ((readers & in_chosen).reshape(choice.shape) & cand_kept) | selected
 
 
@@ -315,19 +356,19 @@ def subset_weights(
     Returns subsets x tokens x m float32, zero off the selection.
     """
     logits = cand_logits.float().unsqueeze(0)
-    if spec.input_scaled:
+    if spec.weighting is Weighting.UNIT:
         return selected.float() * spec.scale
     if spec.needs_all_logits and kept_logits is None:
-        raise ValueError(f"{spec.scoring} routing without renormalisation needs every kept logit")
-    if spec.scoring == "sparsemixer":
+        raise ValueError(f"{spec.scoring.value} routing without renormalisation needs every kept logit")
+    if spec.scoring is Scoring.SPARSEMIXER:
         top2 = torch.topk(kept_logits, 2, dim=-1).indices  # the selected pair, best first
         pair = sparsemixer_weights(kept_logits, top2, spec.jitter)
         rank = torch.cumsum(cand_kept.to(torch.int32), dim=-1)
         return torch.where(selected & (rank == 1), pair[..., :1], 0.0) + torch.where(
             selected & (rank == 2), pair[..., 1:], 0.0
         )
-    if spec.scoring == "softmax":
-        if spec.renormalize:
+    if spec.scoring is Scoring.SOFTMAX:
+        if spec.weighting is Weighting.RENORMALIZED:
             # p_j / sum_selected p == softmax over the selected logits.
             weights = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
         else:
@@ -335,7 +376,7 @@ def subset_weights(
             weights = torch.exp(logits - lse) * selected
     else:
         weights = logits.sigmoid() * selected
-        if spec.renormalize:
+        if spec.weighting is Weighting.RENORMALIZED:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
     return weights * spec.scale
 

@@ -195,7 +195,7 @@ def enable_skipping(model: nn.Module, thresholds, adapter: MoEAdapter | None = N
     layers = adapter.decoder_layers(model)
     for entry in thresholds.layers:
         experts = adapter.moe_block(layers[entry.layer]).experts
-        setattr(experts, _STATE, LayerSkip(entry.beta, thresholds.rule, adapter.routing.renormalize, previous))
+        setattr(experts, _STATE, LayerSkip(entry.beta, thresholds.rule, adapter.routing.renormalizes, previous))
     setattr(model, _PREVIOUS, previous)
     model.set_experts_implementation(IMPLEMENTATION)
 

@@ -9,7 +9,7 @@ import torch
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.objective import LayerStats, SubsetLoss
 from moe_sparsify.prune import layer_stats
-from moe_sparsify.routing import RoutingSpec, route
+from moe_sparsify.routing import GroupLimit, GroupScore, Ranking, RoutingSpec, Scoring, Weighting, route
 from moe_sparsify.search import SearchContext, exhaustive
 
 from .conftest import random_mixtral
@@ -55,10 +55,10 @@ def test_mixtral_scores_equal_brute_force_for_every_subset(keep):
 @pytest.mark.parametrize(
     "spec",
     [
-        RoutingSpec(top_k=3, scoring="softmax", renormalize=False),
-        RoutingSpec(top_k=3, scoring="softmax", renormalize=True),
-        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=True),
-        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=False),
+        RoutingSpec(top_k=3, weighting=Weighting.SCORES),
+        RoutingSpec(top_k=3, weighting=Weighting.RENORMALIZED),
+        RoutingSpec(top_k=2, scoring=Scoring.SIGMOID, weighting=Weighting.RENORMALIZED),
+        RoutingSpec(top_k=2, scoring=Scoring.SIGMOID, weighting=Weighting.SCORES),
     ],
 )
 def test_other_routing_rules_score_exactly(spec):
@@ -113,9 +113,9 @@ def test_pattern_table_equals_direct_scoring():
     "spec",
     [
         RoutingSpec(top_k=2),
-        RoutingSpec(top_k=3, scoring="softmax", renormalize=False, scale=1.5),
-        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=True, scale=2.5),
-        RoutingSpec(top_k=2, scoring="sigmoid", renormalize=False),
+        RoutingSpec(top_k=3, weighting=Weighting.SCORES, scale=1.5),
+        RoutingSpec(top_k=2, scoring=Scoring.SIGMOID, scale=2.5),
+        RoutingSpec(top_k=2, scoring=Scoring.SIGMOID, weighting=Weighting.SCORES),
     ],
 )
 def test_removal_losses_equal_scoring_each_smaller_subset(spec):
@@ -136,10 +136,8 @@ def test_removal_losses_equal_scoring_each_smaller_subset(spec):
                 assert fast[e] == float("inf")
 
 
-V2_GROUPED = RoutingSpec(top_k=2, scoring="softmax", renormalize=False, scale=1.5, groups=3, groups_chosen=1)
-V3_GROUPED = RoutingSpec(
-    top_k=3, scoring="sigmoid", renormalize=True, scale=2.5, groups=4, groups_chosen=2, group_score="top2"
-)
+V2_GROUPED = RoutingSpec(top_k=2, weighting=Weighting.SCORES, scale=1.5, group_limit=GroupLimit(3, 1, GroupScore.MAX))
+V3_GROUPED = RoutingSpec(top_k=3, scoring=Scoring.SIGMOID, scale=2.5, group_limit=GroupLimit(4, 2, GroupScore.TOP2))
 
 
 def _linear_layer(n, d, seed):
@@ -158,10 +156,10 @@ def _linear_layer(n, d, seed):
         (V2_GROUPED, 12, 9),
         (V3_GROUPED, 16, 8),  # DeepSeek-V3: sigmoid + correction bias, groups by their two best
         (V3_GROUPED, 16, 12),
-        (RoutingSpec(top_k=2, scoring="softmax", softmax_bias=True), 8, 4),  # ERNIE-4.5: bias on the kept softmax
-        (RoutingSpec(top_k=3, scoring="softmax", softmax_bias=True), 10, 6),
-        (RoutingSpec(top_k=2, scoring="sparsemixer", renormalize=False, jitter=0.1), 8, 4),  # PhiMoE
-        (RoutingSpec(top_k=2, scoring="sparsemixer", renormalize=False, jitter=0.01), 8, 5),
+        (RoutingSpec(top_k=2, ranking=Ranking.BIASED_SOFTMAX), 8, 4),  # ERNIE-4.5: bias on the kept softmax
+        (RoutingSpec(top_k=3, ranking=Ranking.BIASED_SOFTMAX), 10, 6),
+        (RoutingSpec(2, Scoring.SPARSEMIXER, Weighting.SCORES, jitter=0.1), 8, 4),  # PhiMoE
+        (RoutingSpec(2, Scoring.SPARSEMIXER, Weighting.SCORES, jitter=0.01), 8, 5),
     ],
 )
 def test_group_limited_and_sparsemixer_routing_score_exactly(spec, n, keep):
@@ -171,7 +169,7 @@ def test_group_limited_and_sparsemixer_routing_score_exactly(spec, n, keep):
     from moe_sparsify.search import KeepSpace
 
     router_w, experts, x, bias = _linear_layer(n, 16, seed=n + keep)
-    bias = bias if spec.scoring == "sigmoid" or spec.softmax_bias else None
+    bias = bias if spec.scoring is Scoring.SIGMOID or spec.ranking is Ranking.BIASED_SOFTMAX else None
 
     def forward(keep_mask):
         weights, idx = route(x @ router_w.T, spec, keep_mask, bias)
@@ -187,21 +185,23 @@ def test_group_limited_and_sparsemixer_routing_score_exactly(spec, n, keep):
     )
     assert torch.allclose(fast, brute, rtol=1e-5, atol=1e-7)
     if spec.grouped:  # the group rule really moved tokens: some subset changes a token's groups
-        base_groups = route(x @ router_w.T, spec, None, bias)[1] // (n // spec.groups)
+        base_groups = route(x @ router_w.T, spec, None, bias)[1] // (n // spec.group_limit.groups)
         moved = any(
-            not torch.equal(route(x @ router_w.T, spec, _mask(s, n), bias)[1] // (n // spec.groups), base_groups)
+            not torch.equal(
+                route(x @ router_w.T, spec, _mask(s, n), bias)[1] // (n // spec.group_limit.groups), base_groups
+            )
             for s in subsets[:50]
         )
         assert moved
         assert (stats.cand_idx == n).any()  # and groups a token cannot reach were left out
 
 
-@pytest.mark.parametrize("spec", [V3_GROUPED, replace(V2_GROUPED, groups=4, groups_chosen=2)])
+@pytest.mark.parametrize("spec", [V3_GROUPED, replace(V2_GROUPED, group_limit=GroupLimit(4, 2, GroupScore.MAX))])
 def test_removal_losses_keep_each_group_at_its_share(spec):
     """Greedy's one-pass child losses (only the tokens a removal can affect are rescored) equal scoring
     each child subset; experts of a group already at its share are not removable."""
     router_w, experts, x, bias = _linear_layer(16, 12, seed=7)
-    bias = bias if spec.scoring == "sigmoid" else None
+    bias = bias if spec.scoring is Scoring.SIGMOID else None
     stats = _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, spec, 16, 8, bias)
     oracle = SubsetLoss(stats, token_chunk=50)
     for kept in [range(16), [0, 1, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14]]:  # the second: group 0 at its share of 2
@@ -219,8 +219,8 @@ def test_removal_losses_keep_each_group_at_its_share(spec):
 
 COMPENSATING_SPECS = [
     (RoutingSpec(top_k=2), 8, 4),
-    (RoutingSpec(top_k=3, scoring="softmax", renormalize=False, scale=1.5), 9, 5),  # weights read every kept logit
-    (RoutingSpec(top_k=2, scoring="sigmoid", renormalize=True, scale=2.5), 8, 5),
+    (RoutingSpec(top_k=3, weighting=Weighting.SCORES, scale=1.5), 9, 5),  # weights read every kept logit
+    (RoutingSpec(top_k=2, scoring=Scoring.SIGMOID, scale=2.5), 8, 5),
     (V3_GROUPED, 16, 8),
 ]
 
@@ -228,7 +228,7 @@ COMPENSATING_SPECS = [
 def _compensating_case(spec, n, keep, seed):
     """A linear layer seen on the pruned model's inputs x', whose target is the original output F(x)."""
     router_w, experts, x, bias = _linear_layer(n, 16, seed)
-    bias = bias if spec.scoring == "sigmoid" else None
+    bias = bias if spec.scoring is Scoring.SIGMOID else None
     x_pruned = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
 
     def forward(inputs, keep_mask):
@@ -291,3 +291,34 @@ def test_a_wrong_offset_is_caught_by_the_masked_forward():
     brute = ((forward(x_pruned, subset) - target).double() ** 2).sum().item() / len(x_pruned)
     assert SubsetLoss(stats)(subset[None])[0].item() == pytest.approx(brute, rel=1e-5)
     assert SubsetLoss(wrong)(subset[None])[0].item() != pytest.approx(brute, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(top_k=3, scoring=Scoring.SPARSEMIXER, weighting=Weighting.SCORES), "exactly 2"),
+        (dict(top_k=2, scoring=Scoring.SPARSEMIXER), "exactly 2"),  # renormalised by default
+        (dict(top_k=2, renorm_eps=1e-6), "renorm_eps"),  # softmax
+        (dict(top_k=2, scoring=Scoring.SIGMOID, weighting=Weighting.SCORES, renorm_eps=1e-6), "renorm_eps"),
+        (dict(top_k=2, scoring=Scoring.SIGMOID, ranking=Ranking.BIASED_SOFTMAX), "softmax scores"),
+        (dict(top_k=2, ranking=Ranking.BIASED_SOFTMAX, group_limit=GroupLimit(2, 1, GroupScore.MAX)), "group"),
+    ],
+)
+def test_routing_choices_no_family_makes_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        RoutingSpec(**fields)
+
+
+def test_a_group_limit_that_excludes_nothing_is_plain_top_k():
+    assert GroupLimit.of(None, None, GroupScore.TOP2) is None
+    assert GroupLimit.of(4, 4, GroupScore.TOP2) is None
+    assert GroupLimit.of(4, 2, GroupScore.TOP2) == GroupLimit(4, 2, GroupScore.TOP2)
+
+
+def test_a_softmax_bias_the_spec_does_not_rank_by_is_refused():
+    """Softmax scores plus a bias reorder the kept experts as others go; a spec ranking by the plain
+    scores would search candidates in a fixed order and score subsets wrongly, so collecting refuses."""
+    router_w, experts, x, bias = _linear_layer(8, 16, seed=11)
+    wrong = RoutingSpec(top_k=2)
+    with pytest.raises(ValueError, match="BIASED_SOFTMAX"):
+        _stats(x, lambda h: h @ router_w.T, lambda h, e: h @ experts[e].T, wrong, 8, 4, bias)

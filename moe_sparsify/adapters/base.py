@@ -121,13 +121,13 @@ class MoEAdapter:
     @property
     def routing(self) -> RoutingSpec:
         """A softmax over all experts, top-k, the k weights divided by their sum (Mixtral's rule)."""
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True)
+        return RoutingSpec(top_k=self.top_k)
 
     @property
     def routing_groups(self) -> int:
         """Contiguous expert groups that must each keep the same share (group-limited routing), else 1."""
         spec = self.routing
-        return spec.groups if spec.grouped else 1
+        return spec.group_limit.groups if spec.grouped else 1
 
     def text_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack: `model.model`, or a vision-language model's `model.model.language_model`."""
@@ -219,7 +219,7 @@ class MoEAdapter:
         weights, indices = self.route(block, x, keep)
         if skip is not None:
             survivors = skip_keep_mask(weights, *skip)
-            weights = skipped_weights(weights, survivors, self.routing.renormalize)
+            weights = skipped_weights(weights, survivors, self.routing.renormalizes)
         out = torch.zeros_like(x)
         for expert in indices.unique().tolist():
             token, slot = torch.nonzero(indices == expert, as_tuple=True)

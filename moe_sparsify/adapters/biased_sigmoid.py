@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..routing import Ranking, RoutingSpec, Scoring, Weighting
 from .base import MoEAdapter, TensorRule
 
 
@@ -47,7 +47,7 @@ class BiasedSigmoidAdapter(MoEAdapter):
     @property
     def routing(self) -> RoutingSpec:
         scale = getattr(self.config, self.scale_key) if self.scale_key else 1.0
-        return RoutingSpec(self.top_k, "sigmoid", renormalize=True, scale=scale)
+        return RoutingSpec(self.top_k, Scoring.SIGMOID, scale=scale)
 
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return attrgetter(self.bias_path)(block)
@@ -115,9 +115,10 @@ class Lfm2MoeAdapter(BiasedSigmoidAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        renormalize = bool(self.config.norm_topk_prob)
+        weighting = Weighting.renormalized_if(self.config.norm_topk_prob)
+        eps = 1e-6 if weighting is Weighting.RENORMALIZED else 0.0
         scale = self.config.routed_scaling_factor
-        return RoutingSpec(self.top_k, "sigmoid", renormalize, scale=scale, renorm_eps=1e-6 if renormalize else 0.0)
+        return RoutingSpec(self.top_k, Scoring.SIGMOID, weighting, scale=scale, renorm_eps=eps)
 
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return block.expert_bias if self.config.use_expert_bias else None
@@ -140,8 +141,8 @@ class KolibriAdapter(BiasedSigmoidAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        renormalize = bool(self.config.norm_topk_prob)
-        return RoutingSpec(self.top_k, "sigmoid", renormalize, bias_on_logits=True)
+        weighting = Weighting.renormalized_if(self.config.norm_topk_prob)
+        return RoutingSpec(self.top_k, Scoring.SIGMOID, weighting, ranking=Ranking.LOGITS)
 
     def tensor_rule(self, name: str) -> TensorRule | None:
         if m := self.disk_bias_pattern.match(name):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..routing import RoutingSpec
+from ..routing import RoutingSpec, Scoring, Weighting
 from .base import MoEAdapter
 
 
@@ -38,8 +38,10 @@ class Cohere2MoeAdapter(MoEAdapter):
     def routing(self) -> RoutingSpec:
         scale = 0.5 if self._averaged else 1.0
         if self.config.expert_selection_fn == "softmax":
-            return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True, scale=scale)
-        return RoutingSpec(self.top_k, "sigmoid", renormalize=bool(self.config.norm_topk_prob), scale=scale)
+            return RoutingSpec(top_k=self.top_k, scale=scale)
+        return RoutingSpec(
+            self.top_k, Scoring.SIGMOID, Weighting.renormalized_if(self.config.norm_topk_prob), scale=scale
+        )
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if self.config.num_shared_experts == 0:

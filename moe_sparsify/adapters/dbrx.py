@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..routing import RoutingSpec
+from ..routing import RoutingSpec, Weighting
 from .base import MoEAdapter, TensorRule
 
 
@@ -53,7 +53,7 @@ class DbrxAdapter(MoEAdapter):
     @property
     def routing(self) -> RoutingSpec:
         renormalize = self.config.ffn_config.moe_normalize_expert_weights is not None
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=renormalize)
+        return RoutingSpec(top_k=self.top_k, weighting=Weighting.renormalized_if(renormalize))
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.transformer.blocks

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..routing import RoutingSpec
+from ..routing import GroupLimit, GroupScore, RoutingSpec, Scoring, Weighting
 from .base import MoEAdapter
 
 
@@ -64,9 +64,13 @@ class DeepseekAdapter(MoEAdapter):
     @property
     def routing(self) -> RoutingSpec:
         config = self.config
-        groups = dict(groups=config.n_group or 1, groups_chosen=config.topk_group or 1, group_score="top2")
-        renormalize = bool(config.norm_topk_prob)
-        return RoutingSpec(self.top_k, "sigmoid", renormalize, scale=config.routed_scaling_factor, **groups)
+        return RoutingSpec(
+            self.top_k,
+            Scoring.SIGMOID,
+            Weighting.renormalized_if(config.norm_topk_prob),
+            scale=config.routed_scaling_factor,
+            group_limit=GroupLimit.of(config.n_group, config.topk_group, GroupScore.TOP2),
+        )
 
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return getattr(block.gate, "e_score_correction_bias", None)
@@ -91,10 +95,12 @@ class DeepseekV2Adapter(DeepseekAdapter):
     @property
     def routing(self) -> RoutingSpec:
         config = self.config
-        groups = {}
+        limit = None
         if getattr(config, "topk_method", "greedy") == "group_limited_greedy":
-            groups = dict(groups=config.n_group or 1, groups_chosen=config.topk_group or 1, group_score="max")
-        return RoutingSpec(self.top_k, "softmax", renormalize=False, scale=config.routed_scaling_factor, **groups)
+            limit = GroupLimit.of(config.n_group, config.topk_group, GroupScore.MAX)
+        return RoutingSpec(
+            self.top_k, weighting=Weighting.SCORES, scale=config.routed_scaling_factor, group_limit=limit
+        )
 
 
 class ExaoneMoeAdapter(DeepseekAdapter):
@@ -151,12 +157,10 @@ class Mistral4Adapter(DeepseekAdapter):
         config = self.config
         return RoutingSpec(
             self.top_k,
-            "softmax",
-            renormalize=bool(config.norm_topk_prob),
+            Scoring.SOFTMAX,
+            Weighting.renormalized_if(config.norm_topk_prob),
             scale=config.routed_scaling_factor,
-            groups=config.n_group or 1,
-            groups_chosen=config.topk_group or 1,
-            group_score="top2",
+            group_limit=GroupLimit.of(config.n_group, config.topk_group, GroupScore.TOP2),
         )
 
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ plain probabilities divided by max(their sum, `moe_norm_min`): a softmax top-k
 sum is at least k/n, far above the 1e-12 floor, so that is renormalisation.
 The pruned model's softmax runs over the kept experts only, so the bias weighs
 more against the rescaled probabilities and the ranking depends on the kept
-set (RoutingSpec.softmax_bias; the objective's candidates allow for it).
+set (Ranking.BIASED_SOFTMAX; the objective's candidates allow for it).
 The optional `shared_experts` are added ungated. MoE layers follow
 `moe_layer_start_index`, `moe_layer_end_index` and `moe_layer_interval`; the
 others have no experts.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..routing import Ranking, RoutingSpec
 from .base import MoEAdapter
 
 
@@ -34,7 +34,7 @@ class ErnieMoeAdapter(MoEAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=True, softmax_bias=True)
+        return RoutingSpec(top_k=self.top_k, ranking=Ranking.BIASED_SOFTMAX)
 
     def selection_bias(self, block: nn.Module) -> torch.Tensor | None:
         return block.gate.moe_statics.e_score_correction_bias.squeeze(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..routing import RoutingSpec, Weighting
 from .base import MoEAdapter
 
 
@@ -24,7 +24,7 @@ class JambaAdapter(MoEAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=False)
+        return RoutingSpec(top_k=self.top_k, weighting=Weighting.SCORES)
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.final_layernorm(hidden))

@@ -8,7 +8,7 @@ shared_expert(x) + sum_j E_j(sigmoid(l_j) x), densely over all experts (the
 unselected ones get x * 0 and, having no biases, return 0). The score depends
 on the expert's own logit only, not on which experts are kept, so each
 candidate's output E_j(sigmoid(l_j) x) is fixed per token and the block is a
-unit-weighted sum of them (RoutingSpec.input_scaled). Experts are
+unit-weighted sum of them (Weighting.UNIT). Experts are
 `gate_up_proj` (n, H, 2I) and `down_proj` (n, I, H), multiplied from the right,
 outside transformers' experts interface, so dynamic skipping is not offered.
 MoE layers follow `moe_layers` / `interleave_moe_layer_step`; the others hold a
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..routing import RoutingSpec, Scoring, Weighting
 from .base import MoEAdapter
 
 
@@ -35,7 +35,7 @@ class Llama4Adapter(MoEAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="sigmoid", renormalize=False, input_scaled=True)
+        return RoutingSpec(top_k=self.top_k, scoring=Scoring.SIGMOID, weighting=Weighting.UNIT)
 
     def expert_forward(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
         logit = F.linear(x, block.router.weight[expert : expert + 1])

@@ -16,7 +16,7 @@ the objective to bf16 rounding, float32 ones exactly. On disk the block is
 
 from __future__ import annotations
 
-from ..routing import RoutingSpec
+from ..routing import RoutingSpec, Scoring, Weighting
 from .base import MoEAdapter
 
 
@@ -32,4 +32,4 @@ class PhimoeAdapter(MoEAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(2, "sparsemixer", renormalize=False, jitter=self.config.router_jitter_noise)
+        return RoutingSpec(2, Scoring.SPARSEMIXER, Weighting.SCORES, jitter=self.config.router_jitter_noise)

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..routing import RoutingSpec, Scoring, Weighting
 from .base import MoEAdapter
 
 
@@ -38,7 +38,7 @@ class QwenMoeAdapter(MoEAdapter):
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring="softmax", renormalize=self.renormalizes)
+        return RoutingSpec(top_k=self.top_k, weighting=Weighting.renormalized_if(self.renormalizes))
 
     @property
     def renormalizes(self) -> bool:
@@ -80,11 +80,11 @@ class UngatedSharedExpertAdapter(MoEAdapter):
     model_types = ("lara_mini",)
     expert_count_keys = ("num_experts",)
 
-    scoring: ClassVar[str] = "softmax"
+    scoring: ClassVar[Scoring] = Scoring.SOFTMAX
 
     @property
     def routing(self) -> RoutingSpec:
-        return RoutingSpec(top_k=self.top_k, scoring=self.scoring, renormalize=bool(self.config.norm_topk_prob))
+        return RoutingSpec(self.top_k, self.scoring, Weighting.renormalized_if(self.config.norm_topk_prob))
 
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return block.shared_expert(x)
@@ -92,5 +92,5 @@ class UngatedSharedExpertAdapter(MoEAdapter):
 
 class FlintAdapter(UngatedSharedExpertAdapter):
     model_types = ("flint",)
-    scoring = "sigmoid"
+    scoring = Scoring.SIGMOID
     checkpoint_renames = ((".self_attn.softmax_offset", ".self_attn.sinks"),)
