@@ -31,7 +31,6 @@ from .export import (
     THRESHOLDS_FILE,
     VerificationFailed,
     check_quantized_source,
-    check_target,
     estimated_output_bytes,
     export_checkpoint,
 )
@@ -253,8 +252,8 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
         check_output(output, "file", settings.overwrite, inputs=(job.model_dir,))
     else:
         needed = estimated_output_bytes(job.model_dir, keep, job.adapter.num_experts)
-        check_output(output, "directory", settings.overwrite, needed, inputs=(job.model_dir,))
-        check_target(job.model_dir, output, settings.overwrite)
+        model = (job.model_dir,)
+        check_output(output, "directory", settings.overwrite, needed, inputs=model, outside=model)
         _check_exportable(job)
     if store is None:
         check_length(job, settings.seq_len, "--seq-len")
@@ -401,8 +400,8 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     job = open_job(settings)
     output = Path(settings.output or f"{_model_name(settings)}-keep{plan.uniform_keep() or 'mixed'}")
     needed = estimated_output_bytes(job.model_dir, plan.uniform_keep() or 0, job.adapter.num_experts)
-    check_output(output, "directory", settings.overwrite, needed, inputs=(job.model_dir, plan_path))
-    check_target(job.model_dir, output, settings.overwrite)
+    inputs, model = (job.model_dir, plan_path), (job.model_dir,)
+    check_output(output, "directory", settings.overwrite, needed, inputs=inputs, outside=model)
     _check_exportable(job)
     lock_output(output)
     for lp in plan.layers:

@@ -35,7 +35,7 @@ from .errors import FailedRun, UsageError
 from .files import save_tensors
 from .model_card import CARD_FILE, EVALS_FILE, render_card
 from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
-from .outputs import replacing, writing
+from .outputs import check_output, replacing, writing
 from .plan import Plan
 from .quant.base import QuantFormat
 
@@ -65,14 +65,6 @@ _NOT_COPIED_NAMES = {
     CARD_FILE,
     EVALS_FILE,
 }
-
-
-def check_target(source_dir: Path, output: Path, overwrite: bool) -> None:
-    source_dir, output = Path(source_dir).resolve(), Path(output).resolve()
-    if output == source_dir or source_dir in output.parents:
-        raise UsageError(f"output {output} is inside the source model {source_dir}; choose a directory outside it")
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output} exists; pass --overwrite or choose another --output")
 
 
 def estimated_output_bytes(source_dir: Path, keep: int, num_experts: int) -> int:
@@ -349,7 +341,7 @@ def export_checkpoint(
     """Returns the provenance record (config changes, verification diff). Where the plan says kept weights
     were re-fitted (`recover` in its options), those tensors are read from `original_model`, which holds them."""
     source_dir, output = Path(source_dir), Path(output)
-    check_target(source_dir, output, overwrite)
+    check_output(output, "directory", overwrite, inputs=(source_dir,), outside=(source_dir,))
     keep = plan.uniform_keep()
     if keep is None:
         raise UsageError("the plan keeps different expert counts per layer; stock transformers configs hold one count")

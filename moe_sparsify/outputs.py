@@ -78,6 +78,7 @@ def check_output(
     needed_bytes: int = 0,
     flag: str = "--output",
     inputs: tuple[Path, ...] = (),
+    outside: tuple[Path, ...] = (),
 ) -> None:
     """Refuse, before any heavy work, an output that cannot be written.
 
@@ -86,6 +87,8 @@ def check_output(
     needed_bytes: a lower bound of the output's size, checked against the free space.
     inputs: what the run reads (the model directory); an output that is one of them, or holds one,
     or holds the working directory, would be deleted by --overwrite, and is refused.
+    outside: directories the output must not lie in (the source model of an exported model, whose
+    files it would be mixed with).
     """
     path = Path(path)
     target = path.resolve()
@@ -93,6 +96,10 @@ def check_output(
         kept = Path(kept).resolve()
         if target == kept or target in kept.parents:
             raise UsageError(f"{flag} {path} is or holds {kept}, which this run must not replace; choose a new path")
+    for source in outside:
+        source = Path(source).resolve()
+        if source in target.parents:
+            raise UsageError(f"{flag} {path} is inside the source model {source}; choose a directory outside it")
     parent = path.absolute().parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
