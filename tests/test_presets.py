@@ -53,6 +53,19 @@ def test_c4_preset_reads_the_shard_shuffled_and_capped(local_c4):
     assert load_documents(str(path)) == texts
 
 
+def test_reading_a_preset_leaves_the_progress_bars_as_the_caller_had_them(local_c4):
+    datasets.enable_progress_bars()
+    load_documents("c4")
+    assert not datasets.are_progress_bars_disabled()
+    presets._documents.cache_clear()
+    datasets.disable_progress_bars()
+    try:
+        load_documents("c4")
+        assert datasets.are_progress_bars_disabled()
+    finally:
+        datasets.enable_progress_bars()
+
+
 def test_prune_with_the_c4_preset_records_it_in_the_manifest(local_c4, tmp_path):
     plan = tmp_path / "plan.json"
     args = ["prune", "--model", "tiny", "--keep", "6", "--calibration", "c4", "--samples", "8", "--seq-len", "64"]

@@ -68,16 +68,22 @@ def is_preset(source: str) -> bool:
 
 
 @contextmanager
-def _quiet_hub_logs():
+def _quiet_hub(datasets):
+    """Hub logs at ERROR and `datasets`' progress bars off for one load, then back as the caller had
+    them: both switches are process-wide."""
     loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
     levels = [logger.level for logger in loggers]
+    bars_were_on = not datasets.are_progress_bars_disabled()
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def preset_documents(name: str) -> tuple[str, ...]:
@@ -92,9 +98,8 @@ def _documents(name: str, preset: Preset) -> tuple[str, ...]:
         raise UsageError(
             f"calibration preset {name!r} is read through `datasets`; pip install datasets, or pass --calibration FILE"
         ) from None
-    datasets.disable_progress_bars()
     try:
-        with _quiet_hub_logs():  # offline, every retry would log a warning: the error below says it once
+        with _quiet_hub(datasets):  # offline, every retry would log a warning: the error below says it once
             parts = [
                 datasets.load_dataset(preset.repo, config, data_files=preset.data_files, split=preset.split)
                 for config in preset.configs
