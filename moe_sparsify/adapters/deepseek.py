@@ -35,6 +35,8 @@ identically and keeps the group reshape valid.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,13 +62,14 @@ class DeepseekAdapter(MoEAdapter):
     expert_count_keys = ("n_routed_experts", "num_experts")
 
     router_in_float32 = True
+    scoring: ClassVar[Scoring] = Scoring.SIGMOID
 
     @property
     def routing(self) -> RoutingSpec:
         config = self.config
         return RoutingSpec(
             self.top_k,
-            Scoring.SIGMOID,
+            self.scoring,
             Weighting.renormalized_if(config.norm_topk_prob),
             scale=config.routed_scaling_factor,
             group_limit=GroupLimit.of(config.n_group, config.topk_group, GroupScore.TOP2),
@@ -151,17 +154,7 @@ class Mistral4Adapter(DeepseekAdapter):
     probability) and the weights, renormalised if `norm_topk_prob`, times `routed_scaling_factor`."""
 
     model_types = ("mistral4",)
-
-    @property
-    def routing(self) -> RoutingSpec:
-        config = self.config
-        return RoutingSpec(
-            self.top_k,
-            Scoring.SOFTMAX,
-            Weighting.renormalized_if(config.norm_topk_prob),
-            scale=config.routed_scaling_factor,
-            group_limit=GroupLimit.of(config.n_group, config.topk_group, GroupScore.TOP2),
-        )
+    scoring = Scoring.SOFTMAX
 
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, block.gate.weight)
