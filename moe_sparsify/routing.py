@@ -69,6 +69,10 @@ class GroupLimit:
     chosen: int
     score: GroupScore
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.chosen < self.groups:
+            raise ValueError(f"{self.chosen} of {self.groups} groups excludes none; GroupLimit.of gives None there")
+
     @classmethod
     def of(cls, groups: int | None, chosen: int | None, score: GroupScore) -> GroupLimit | None:
         """The limit a config's (n_group, topk_group) sets, or None where it excludes nothing."""

@@ -313,6 +313,8 @@ def test_a_group_limit_that_excludes_nothing_is_plain_top_k():
     assert GroupLimit.of(None, None, GroupScore.TOP2) is None
     assert GroupLimit.of(4, 4, GroupScore.TOP2) is None
     assert GroupLimit.of(4, 2, GroupScore.TOP2) == GroupLimit(4, 2, GroupScore.TOP2)
+    with pytest.raises(ValueError, match="excludes none"):
+        GroupLimit(4, 4, GroupScore.TOP2)
 
 
 def test_a_softmax_bias_the_spec_does_not_rank_by_is_refused():
