@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
+from .outputs import write_atomically
 from .plan import Plan
 
 CARD_FILE = "README.md"
@@ -181,6 +182,7 @@ def record_eval(model_dir: Path, result: dict) -> str:
     if start < 0 or end < start:
         raise UsageError(f"{card_path} has no moe-sparsify evaluation section; re-export to restore the card")
     card = card[: start + len(_EVAL_START)] + "\n" + _evaluation(runs) + card[end:]
-    evals_path.write_text(json.dumps(runs, indent=2) + "\n")
-    card_path.write_text(card)
+    # Each file whole or not at all: an interrupted run must not leave the card or the evals half written.
+    write_atomically(evals_path, json.dumps(runs, indent=2) + "\n")
+    write_atomically(card_path, card)
     return str(card_path)
