@@ -3,7 +3,8 @@ algorithm modules all import (so validating a setting loads no algorithm)."""
 
 STRATEGIES = ("exhaustive", "greedy", "e2e", "reap", "frequency", "random")  # search.py registers each
 MODES = ("layerwise", "progressive", "compensating")
-RECOVERY_METHODS = ("router", "refit")  # prune --recover, in the order they are applied
+RECOVERY_METHODS = ("merge", "router", "refit")  # prune --recover, in the order they are applied
+MERGE_BY = ("output", "router")  # --recover merge: join each removed expert to the kept one closest by this
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 DTYPES = ("float32", "bfloat16", "float16")
 DIVERGENCES = ("kl", "reverse_kl", "js")  # e2e: KL(original || pruned), KL(pruned || original), Jensen-Shannon

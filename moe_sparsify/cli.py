@@ -369,8 +369,9 @@ def prune(
         Optional[str],
         typer.Option(
             "--recover",
-            help="After each layer's search, re-fit kept weights to the original output: router, refit, or "
-            "router,refit (each kept only if held-back calibration tokens improve). [default: none]",
+            help="After each layer's search, re-fit kept weights to the original output: any of merge (removed "
+            "experts averaged into kept ones), router, refit, comma-separated, applied in that order (each kept "
+            "only if held-back calibration tokens improve). [default: none]",
         ),
     ] = None,
     plan_only: Annotated[

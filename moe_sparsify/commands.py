@@ -376,6 +376,10 @@ def _check_recovery(job: Job) -> None:
         "refit": "refit" in settings.recover
         and not adapter.refittable
         and f"{adapter.config.model_type} computes its experts its own way; --recover router only",
+        "merge": "merge" in settings.recover
+        and not adapter.refittable
+        and f"{adapter.config.model_type} computes its experts its own way, so their weights cannot be averaged; "
+        "--recover router only",
         "quantized": getattr(config, "quantization_config", None) is not None
         and "the source is quantized (quantization_config in config.json); re-fitted weights would have to be "
         "re-quantized: prune it without --recover",

@@ -32,6 +32,7 @@ from .choices import (
     DEVICES,
     DIVERGENCES,
     DTYPES,
+    MERGE_BY,
     MODES,
     RECOVERY_METHODS,
     SKIP_RULES,
@@ -125,9 +126,11 @@ class Settings:
     e2e_shortlist: PositiveInt = DEFAULT_E2E_SHORTLIST  # e2e: subsets per layer re-scored end to end
     e2e_samples: PositiveInt = 64  # e2e: calibration sequences the divergence is measured on (whole batches)
     e2e_divergence: Literal[DIVERGENCES] = "kl"  # e2e: kl = KL(original || pruned), reverse_kl, or js
-    # after each layer's search: router and/or refit (prune --recover router,refit)
+    # after each layer's search, in this order: merge, router, refit (prune --recover merge,router,refit)
     recover: Annotated[list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated)] = field(default_factory=list)
     recover_holdout: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard
+    # --recover merge: join each removed expert to the kept one closest by mean output, or by router logits
+    recover_merge_by: Literal[MERGE_BY] = "output"
     output: StrictStr | None = None
     overwrite: StrictBool = False
     plan_only: StrictBool = False

@@ -121,8 +121,10 @@ def _slim_shard(
     dropped,
     fmt: QuantFormat | None,
     recovered: dict[int, object] | None = None,
+    merged: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """recovered: MoE layer -> its block in memory, whose re-fitted tensors replace the source's."""
+    """recovered: MoE layer -> its block in memory, whose re-fitted tensors replace the source's (with
+    merged, every expert tensor: merging changes gate and up projections too)."""
     out: dict[str, torch.Tensor] = {}
     for name in handle.keys():
         if dropped(name):
@@ -134,7 +136,7 @@ def _slim_shard(
             out[name] = handle.get_tensor(name)
             continue
         if recovered and rule.layer in recovered:
-            value = adapter.recovered_tensor(recovered[rule.layer], name, rule)
+            value = adapter.recovered_tensor(recovered[rule.layer], name, rule, whole_experts=merged)
             if value is not None:
                 out.update(_slim_recovered(handle, name, rule, value, kept[rule.layer], adapter.num_experts))
                 continue
@@ -170,6 +172,7 @@ def _write_weights(
     kept: dict[int, list[int]],
     fmt: QuantFormat | None,
     recovered: dict | None = None,
+    merged: bool = False,
 ) -> int:
     """Returns the number of MTP tensors dropped (see mtp.py)."""
     shards = source_shards(source_dir)
@@ -187,7 +190,7 @@ def _write_weights(
     for i, shard in enumerate(shards):
         try:
             with safe_open(source_dir / shard, framework="pt") as handle:
-                tensors = _slim_shard(handle, adapter, kept, drop, fmt, recovered)
+                tensors = _slim_shard(handle, adapter, kept, drop, fmt, recovered, merged)
                 metadata = handle.metadata() or {"format": "pt"}
         except (SafetensorError, OSError) as exc:
             raise FailedRun(f"cannot read {source_dir / shard}: {exc}; re-download or re-save the checkpoint") from None
@@ -280,21 +283,27 @@ def verify_export(
     else:
         reference = load_model(source_dir, torch.float32)[0]
         if plan.options.get("recover"):
-            _copy_recovered(original, reference, adapter, list(plan.kept()))
+            _copy_recovered(original, reference, adapter, list(plan.kept()), merged_experts(plan))
     with adapter.pruned_view(reference, plan.kept()):
         expected = reference(input_ids=token_ids, use_cache=False).logits
     got = exported(input_ids=token_ids, use_cache=False).logits
     return (got - expected).abs().max().item(), how
 
 
-def _copy_recovered(model, reference, adapter: MoEAdapter, layers: list[int]) -> None:
+def merged_experts(plan: Plan) -> bool:
+    """Whether the plan's recovery merged experts (which changes every expert tensor, not only down_proj)."""
+    return "merge" in (plan.options.get("recover") or {}).get("methods", ())
+
+
+def _copy_recovered(model, reference, adapter: MoEAdapter, layers: list[int], merged: bool) -> None:
     """Copy every parameter recovery may change from `model` into `reference`, by module, not by file name."""
     from .recover import recoverable_parameters
 
     for index in layers:
         source = adapter.moe_block(adapter.decoder_layers(model)[index])
         target = adapter.moe_block(adapter.decoder_layers(reference)[index])
-        for src, dst in zip(recoverable_parameters(adapter, source), recoverable_parameters(adapter, target)):
+        pairs = zip(recoverable_parameters(adapter, source, merged), recoverable_parameters(adapter, target, merged))
+        for src, dst in pairs:
             dst.data.copy_(src.detach().to(device=dst.device, dtype=dst.dtype))
 
 
@@ -354,7 +363,7 @@ def export_checkpoint(
         if plan.options.get("recover"):
             layers = adapter.decoder_layers(original_model)
             recovered = {index: adapter.moe_block(layers[index]) for index in plan.kept()}
-        mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept(), fmt, recovered)
+        mtp_tensors = _write_weights(source_dir, tmp, adapter, plan.kept(), fmt, recovered, merged_experts(plan))
         check_expert_ids(tmp, keep)
         changes = _write_config(source_dir, tmp, adapter, plan.kept(), keep, fmt)
         _copy_side_files(source_dir, tmp)

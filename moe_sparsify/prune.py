@@ -93,6 +93,7 @@ def search_fingerprint(settings: Settings, manifest: dict, identity: ModelIdenti
         "batch_size",
         "recover",
         "recover_holdout",
+        "recover_merge_by",
     )
     return {
         "settings": {k: getattr(settings, k) for k in keys},
@@ -356,7 +357,10 @@ def plan_pruning(
     end_to_end = strategy == "e2e"
     # e2e scores each layer with the earlier ones pruned, against either target.
     mode = settings.mode if not end_to_end or settings.mode == "compensating" else "progressive"
-    recovery = Recovery(tuple(settings.recover), holdout=settings.recover_holdout) if settings.recover else None
+    recovery = None
+    if settings.recover:
+        methods = tuple(settings.recover)
+        recovery = Recovery(methods, holdout=settings.recover_holdout, merge_by=settings.recover_merge_by)
     rescorer = None
     if end_to_end:
         rescorer = EndToEndRescorer(

@@ -1,4 +1,5 @@
-"""Recover quality after pruning, without training: re-calibrate the router, re-fit the kept experts.
+"""Recover quality after pruning, without training: re-calibrate the router, re-fit the kept experts
+(and, first, merge the removed experts into the kept ones: `merge.py`).
 
 Once a layer's kept set C is chosen, its kept weights are still tuned for the full layer. Both
 methods here change them so that the pruned layer's output F'(x', C) comes closer to the target y
@@ -17,7 +18,7 @@ exact loss sum_t ||F'(x'_t, C) - y_t||^2 the search scores:
   dD_e = (sum_t w r h^T) (sum_t w^2 h h^T + lambda I)^-1, dampened as SparseGPT/GPTQ do
   (lambda = damp x the mean diagonal). Each block step cannot raise the loss of the tokens it is fitted on.
 
-Both are guarded: fitted on the calibration tokens minus a held-back tail of whole sequences,
+All are guarded: fitted on the calibration tokens minus a held-back tail of whole sequences,
 and kept only where the held-back loss falls and the fitted tokens' loss does not rise; else the
 layer keeps its weights.
 """
@@ -47,10 +48,12 @@ class Recovery:
     router_patience: int = 20  # steps without a better held-back loss before stopping
     refit_damp: float = 0.01
     refit_sweeps: int = 2
+    merge_by: str = "output"  # which kept expert a removed one joins: closest mean output, or router logits
 
     def record(self, layers: list[dict]) -> dict:
         """What a plan records: the methods, the guard, and each layer's reports."""
-        return {"methods": list(self.methods), "holdout": self.holdout, "layers": layers}
+        merging = {"merge_by": self.merge_by} if "merge" in self.methods else {}
+        return {"methods": list(self.methods), "holdout": self.holdout, **merging, "layers": layers}
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,10 @@ def recover_layer(
     adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, data: LayerData, recovery: Recovery
 ) -> list[RecoveryReport]:
     """Apply each method of `recovery` to the block in place, in RECOVERY_METHODS order, each guarded."""
-    reports = []
-    for method in RECOVERY_METHODS:
-        if method in recovery.methods:
-            step = recalibrate_router if method == "router" else refit_experts
-            reports.append(step(adapter, block, keep, data, recovery))
-    return reports
+    from .merge import merge_removed_experts  # merge.py builds on this module's types
+
+    steps = {"merge": merge_removed_experts, "router": recalibrate_router, "refit": refit_experts}
+    return [steps[m](adapter, block, keep, data, recovery) for m in RECOVERY_METHODS if m in recovery.methods]
 
 
 # --- router re-calibration -----------------------------------------------------------------------------
@@ -133,10 +134,12 @@ def _router_parameters(adapter: MoEAdapter, block: nn.Module) -> list[nn.Paramet
     return [weight] + ([bias] if isinstance(bias, nn.Parameter) else [])
 
 
-def recoverable_parameters(adapter: MoEAdapter, block: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of the block that recovery may change: the router's, and the down projections."""
-    down = getattr(block.experts, "down_proj", None)
-    return [*_router_parameters(adapter, block)] + ([down] if isinstance(down, nn.Parameter) else [])
+def recoverable_parameters(adapter: MoEAdapter, block: nn.Module, whole_experts: bool = False) -> list[nn.Parameter]:
+    """Every parameter of the block that recovery may change: the router's, and the down projections
+    (with whole_experts, as merging changes them, every stacked expert tensor)."""
+    experts = adapter.expert_tensors(block)
+    changed = list(experts.values()) if whole_experts else [experts[n] for n in ("down_proj",) if n in experts]
+    return [*_router_parameters(adapter, block), *changed]
 
 
 @dataclass

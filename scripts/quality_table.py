@@ -54,19 +54,24 @@ RUNS = [
         {"strategy": "exhaustive", "mode": "compensating", "recover": ["router", "refit"]},
     ),
     ("e2e + router + refit", {"strategy": "e2e", "recover": ["router", "refit"]}),
+    # Merging removed experts into kept ones (M-SMoE / HC-SMoE), before router and refit where combined.
+    ("exhaustive + merge", {"strategy": "exhaustive", "recover": ["merge"]}),
+    ("e2e + merge", {"strategy": "e2e", "recover": ["merge"]}),
+    ("e2e + merge by router logits", {"strategy": "e2e", "recover": ["merge"], "recover_merge_by": "router"}),
+    ("e2e + merge + router + refit", {"strategy": "e2e", "recover": ["merge", "router", "refit"]}),
     ("e2e compensating + router + refit", {"strategy": "e2e", "mode": "compensating", "recover": ["router", "refit"]}),
 ]
 
 
 def changed_bytes(model, recovered, adapter, kept: dict[int, list[int]]) -> int:
     """Bytes of the exported weights that differ from the source's: kept experts' rows of each parameter
-    recovery may change (router rows, down projections) that are not bit-identical."""
+    recovery may change (router rows, every expert tensor) that are not bit-identical."""
     from moe_sparsify.recover import recoverable_parameters
 
     total = 0
     for index, experts in kept.items():
         blocks = [adapter.moe_block(adapter.decoder_layers(m)[index]) for m in (model, recovered)]
-        for before, after in zip(*(recoverable_parameters(adapter, b) for b in blocks)):
+        for before, after in zip(*(recoverable_parameters(adapter, b, whole_experts=True) for b in blocks)):
             for e in experts:
                 if not torch.equal(before[e], after[e]):
                     total += after[e].numel() * after[e].element_size()

@@ -201,7 +201,7 @@ def test_recovered_export_equals_the_in_memory_model_and_a_missed_tensor_is_caug
         expected = model(input_ids=fresh).logits
     assert (reloaded(input_ids=fresh).logits - expected).abs().max() <= 1e-4
 
-    monkeypatch.setattr(MoEAdapter, "recovered_tensor", lambda self, block, name, rule: None)
+    monkeypatch.setattr(MoEAdapter, "recovered_tensor", lambda *args, **kwargs: None)
     with pytest.raises(FailedRun, match="disagrees"):
         export_checkpoint(source, tmp_path / "wrong", plan, adapter, model, tokens[:2])
     assert not (tmp_path / "wrong").exists()
@@ -217,7 +217,7 @@ def test_bfloat16_recovery_verifies_against_the_refitted_model(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--recover", "magic"], "'magic' is not one of 'router' or 'refit'"),
+        (["--recover", "magic"], "'magic' is not one of 'merge', 'router' or 'refit'"),
         (["--recover", "refit", "--plan-only"], "--plan-only writes no weights"),
         (["--recover", "router", "--stream"], "--stream does not hold the layers"),
         (["--mode", "sideways"], "'sideways'"),

@@ -268,24 +268,56 @@ class MoEAdapter:
             return TensorRule("router", int(m["layer"]))
         return None
 
-    # One expert's down projection on disk: Mixtral's per-expert w2, the others' down_proj (the fused
-    # tensor is `experts.down_proj`, as in memory).
+    # One expert's projections on disk: Mixtral's per-expert w1/w3/w2, the others' gate/up/down_proj
+    # (transformers 5.x fuses them as gate_up_proj = [gate; up] and down_proj, as in memory).
+    gate_projection_tails: ClassVar[tuple[str, ...]] = (".w1.weight", ".gate_proj.weight")
+    up_projection_tails: ClassVar[tuple[str, ...]] = (".w3.weight", ".up_proj.weight")
     down_projection_tails: ClassVar[tuple[str, ...]] = (".w2.weight", ".down_proj.weight")
 
-    def recovered_tensor(self, block: nn.Module, name: str, rule: TensorRule) -> torch.Tensor | None:
+    def expert_tensors(self, block: nn.Module) -> dict[str, nn.Parameter]:
+        """The experts module's parameters stacked by expert along their first axis (gate_up_proj or
+        up_proj, down_proj, and their biases where the family has them), by name."""
+        return {
+            name: p
+            for name, p in block.experts.named_parameters(recurse=False)
+            if p.dim() >= 2 and p.shape[0] == self.num_experts
+        }
+
+    def recovered_tensor(
+        self, block: nn.Module, name: str, rule: TensorRule, whole_experts: bool = False
+    ) -> torch.Tensor | None:
         """The block's current value of checkpoint tensor `name`, in the checkpoint's layout and original
         expert numbering, where it is one that recovery changes (router weight and bias, down
-        projections); None for every other tensor, which is copied from the source."""
+        projections; with whole_experts, as merging changes them, every expert tensor); None for every
+        other tensor, which is copied from the source."""
         if rule.kind == "router":
             bias = getattr(self.router(block), "bias", None)
             if name.endswith(".weight"):
                 return self.router_weight(block)
             if name.endswith(".bias") and isinstance(bias, nn.Parameter):
                 return bias
-        elif rule.kind == "stacked" and name.endswith(".experts.down_proj"):
-            return block.experts.down_proj
+        elif rule.kind == "stacked":
+            memory_name = name
+            for old, new in self.checkpoint_renames:
+                memory_name = memory_name.replace(old, new)
+            tensor = memory_name.rsplit(".experts.", 1)[-1]
+            if tensor == "down_proj" or (whole_experts and ".experts." in memory_name):
+                return self.expert_tensors(block).get(tensor)
         elif rule.kind == "expert" and rule.tail in self.down_projection_tails:
             return self.down_projection(block, rule.expert)
+        elif rule.kind == "expert" and whole_experts:
+            return self._gate_or_up(block, rule)
+        return None
+
+    def _gate_or_up(self, block: nn.Module, rule: TensorRule) -> torch.Tensor | None:
+        """A per-expert gate or up projection on disk (intermediate x hidden): its half of gate_up_proj."""
+        fused = block.experts.gate_up_proj[rule.expert]
+        fused = fused.T if block.experts.is_transposed else fused
+        half = fused.shape[0] // 2
+        if rule.tail in self.gate_projection_tails:
+            return fused[:half]
+        if rule.tail in self.up_projection_tails:
+            return fused[half:]
         return None
 
     def pruned_config(self, config: dict, keep: int) -> list[str]:

@@ -1,0 +1,108 @@
+"""Merge each removed expert into one kept expert, weighted by how often the original layer routes to
+each (the M-SMoE / HC-SMoE baseline), before router re-calibration and re-fitting.
+
+Pruning throws the removed experts' weights away. Merging keeps some of what they computed: every
+removed expert joins the group of one kept expert, and each kept expert's weights (gate, up, down
+and their biases: every tensor of the experts module, stacked by expert) become the average of its
+group weighted by routing frequency, the share of calibration tokens whose original top-k holds the
+expert. The kept router rows are left as they are.
+
+Which kept expert a removed one joins (`merge_by`):
+- "output" (HC-SMoE): the kept expert whose mean output over the calibration tokens is closest
+  (Euclidean). It compares what the experts compute, which is what the layer loss sees.
+- "router" (M-SMoE): the kept expert whose router logits over the calibration tokens are most
+  similar (cosine of the logit columns). Cheaper (no expert runs), but it measures which tokens an
+  expert is sent, not what it returns.
+
+Averaging the weights of independently trained experts is not averaging their functions (neither
+baseline's neuron alignment is done here), so the merge is guarded like the other methods: fitted
+on the calibration sequences minus the held-back tail, kept only where the held-back layer loss
+falls and the fitted tokens' loss does not rise; else the layer keeps its weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import MoEAdapter
+from .recover import LayerData, Recovery, RecoveryReport, layer_loss
+
+
+def check_mergeable(adapter: MoEAdapter, block: nn.Module) -> None:
+    """Merging averages stacked expert tensors whose outputs are the standard gated MLP; refuse others."""
+    if not adapter.refittable:
+        raise ValueError(f"{type(adapter).__name__} computes its experts its own way; merging is not defined")
+    if "down_proj" not in adapter.expert_tensors(block):
+        raise ValueError(f"{type(adapter).__name__} does not stack its experts' weights; merging is not defined")
+
+
+@torch.no_grad()
+def routing_frequency(adapter: MoEAdapter, block: nn.Module, chunks) -> torch.Tensor:
+    """Per expert, the number of tokens whose top-k in the unpruned layer holds it (float64, n)."""
+    counts = torch.zeros(adapter.num_experts, dtype=torch.float64)
+    for x, _ in chunks:
+        _, indices = adapter.route(block, x, None)
+        counts += torch.bincount(indices.flatten().cpu(), minlength=adapter.num_experts).double()
+    return counts
+
+
+@torch.no_grad()
+def expert_profiles(adapter: MoEAdapter, block: nn.Module, chunks, merge_by: str) -> torch.Tensor:
+    """One row per expert to compare experts by: its mean output over every token ("output"), or its
+    router-logit column over the tokens, unit length ("router")."""
+    if merge_by == "output":
+        total = sum(
+            torch.stack([adapter.expert_forward(block, x, e).double().sum(0) for e in range(adapter.num_experts)])
+            for x, _ in chunks
+        )
+        return total / sum(len(x) for x, _ in chunks)
+    columns = torch.cat([adapter.router_logits(block, x).double() for x, _ in chunks]).T  # n x tokens
+    return torch.nn.functional.normalize(columns, dim=1)
+
+
+def assign_groups(profiles: torch.Tensor, keep: torch.Tensor) -> dict[int, list[int]]:
+    """Each kept expert's group: itself, then the removed experts whose profile is closest to its own
+    (Euclidean; for unit rows that is the largest cosine). Ties go to the lower expert id."""
+    kept = torch.nonzero(keep).flatten().tolist()
+    groups = {e: [e] for e in kept}
+    for removed in torch.nonzero(~keep).flatten().tolist():
+        distances = (profiles[kept] - profiles[removed]).norm(dim=1)
+        groups[kept[int(distances.argmin())]].append(removed)
+    return groups
+
+
+@torch.no_grad()
+def merge_groups_(adapter: MoEAdapter, block: nn.Module, groups: dict[int, list[int]], frequency: torch.Tensor):
+    """In place: each kept expert's tensors become the frequency-weighted average of its group (float64
+    sums); a group no token routed to keeps its kept expert as it is."""
+    for tensor in adapter.expert_tensors(block).values():
+        for target, members in groups.items():
+            weights = frequency[members]
+            if len(members) == 1 or weights.sum() == 0:
+                continue
+            stacked = tensor.detach()[members].double()
+            shares = (weights / weights.sum()).to(stacked.device).reshape(-1, *[1] * (stacked.dim() - 1))
+            tensor[target] = (stacked * shares).sum(0).to(tensor.dtype)
+
+
+@torch.no_grad()
+def merge_removed_experts(
+    adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, data: LayerData, recovery: Recovery
+) -> RecoveryReport:
+    """Merge the removed experts into the kept ones (statistics from the fitted tokens only), guarded."""
+    check_mergeable(adapter, block)
+    frequency = routing_frequency(adapter, block, data.fit)
+    groups = assign_groups(expert_profiles(adapter, block, data.fit, recovery.merge_by).cpu(), keep)
+    tensors = adapter.expert_tensors(block)
+    kept = torch.nonzero(keep).flatten().to(next(iter(tensors.values())).device)
+    originals = {name: t.detach()[kept].clone() for name, t in tensors.items()}
+    fit_before, held_before = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
+    merge_groups_(adapter, block, groups, frequency)
+    fit_after, held_after = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
+    accepted = held_after < held_before and fit_after <= fit_before
+    if not accepted:
+        for name, t in tensors.items():
+            t[kept] = originals[name]
+        fit_after, held_after = fit_before, held_before
+    return RecoveryReport("merge", accepted, fit_before, fit_after, held_before, held_after, steps=1)
