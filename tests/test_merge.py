@@ -169,32 +169,15 @@ def test_merged_export_reloads_equal_to_the_in_memory_model_and_a_missed_tensor_
     stock reload equals the in-memory merged model. Had the export copied the source's gate and up
     projections (only down_proj from memory, as refit does), its verification fails."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from moe_sparsify.adapters.base import MoEAdapter
-    from moe_sparsify.calibration.sources import parse_sources
-    from moe_sparsify.calibration.tokens import sample_windows
-    from moe_sparsify.config import Settings
     from moe_sparsify.errors import FailedRun
     from moe_sparsify.export import export_checkpoint
-    from moe_sparsify.models import load_model
-    from moe_sparsify.prune import plan_pruning
+
+    from .test_recover import export_recovered
 
     source = _twinned_mixtral_dir(tmp_path)
-    model, tokenizer = load_model(source, torch.float32)
-    adapter = adapter_for(model.config)
-    tokens, manifest = sample_windows(tokenizer, parse_sources("bundled"), 32, 64, seed=0)
-    settings = Settings(keep=4, seq_len=64, batch_size=16, strategy="exhaustive", recover=["merge"])
-    plan, _ = plan_pruning(model, adapter, settings, tokens, manifest, device=torch.device("cpu"))
-    reports = [m for layer in plan.options["recover"]["layers"] for m in layer["methods"]]
-    assert any(r["accepted"] for r in reports)
-    export_checkpoint(source, tmp_path / "ok", plan, adapter, model, tokens[:2])
-
-    fresh = sample_windows(tokenizer, parse_sources("bundled:heldout"), 2, 64, seed=1)[0]
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ok", dtype=torch.float32)
-    with torch.no_grad(), adapter.pruned_view(model, plan.kept()):
-        expected = model(input_ids=fresh).logits
-    assert (reloaded(input_ids=fresh).logits - expected).abs().max() <= 1e-4
+    plan, adapter, model, tokens = export_recovered(source, tmp_path / "ok", 32, keep=4, recover=["merge"])
     written, original = load_file(tmp_path / "ok" / "model.safetensors"), load_file(source / "model.safetensors")
     layer = next(r["layer"] for r in plan.options["recover"]["layers"] if r["methods"][0]["accepted"])
     kept = plan.kept()[layer]

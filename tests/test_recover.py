@@ -173,33 +173,44 @@ def test_prune_recover_exports_the_refitted_weights_it_verified(tmp_path):
     assert not (tmp_path / "again").exists()
 
 
-def test_recovered_export_equals_the_in_memory_model_and_a_missed_tensor_is_caught(tmp_path, monkeypatch):
-    """The re-fitted export reloads to the in-memory re-fitted model; had the export copied the source's
-    down projections instead (a wrong path), its verification fails."""
+def export_recovered(source, output, samples: int, **settings):
+    """Plan `source` with recovery (exhaustive, 64-token windows) in memory, export it to `output`, and
+    check the stock reload equals the in-memory recovered model on held-out tokens. Returns
+    (plan, adapter, model, calibration tokens) for the caller to export again."""
     from transformers import AutoModelForCausalLM
 
-    from moe_sparsify.adapters.base import MoEAdapter
     from moe_sparsify.calibration.sources import parse_sources
     from moe_sparsify.calibration.tokens import sample_windows
     from moe_sparsify.config import Settings
-    from moe_sparsify.errors import FailedRun
     from moe_sparsify.export import export_checkpoint
-    from moe_sparsify.models import bundled_model_dir, load_model
+    from moe_sparsify.models import load_model
     from moe_sparsify.prune import plan_pruning
 
-    source = bundled_model_dir("tiny")
     model, tokenizer = load_model(source, torch.float32)
     adapter = adapter_for(model.config)
-    tokens, manifest = sample_windows(tokenizer, parse_sources("bundled"), 64, 64, seed=0)
-    settings = Settings(keep=5, seq_len=64, batch_size=16, strategy="exhaustive", recover=["refit"])
+    tokens, manifest = sample_windows(tokenizer, parse_sources("bundled"), samples, 64, seed=0)
+    settings = Settings(seq_len=64, batch_size=16, strategy="exhaustive", **settings)
     plan, _ = plan_pruning(model, adapter, settings, tokens, manifest, device=torch.device("cpu"))
     assert any(m["accepted"] for layer in plan.options["recover"]["layers"] for m in layer["methods"])
-    export_checkpoint(source, tmp_path / "ok", plan, adapter, model, tokens[:2])
+    export_checkpoint(source, output, plan, adapter, model, tokens[:2])
     fresh = sample_windows(tokenizer, parse_sources("bundled:heldout"), 2, 64, seed=1)[0]
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ok", dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
     with torch.no_grad(), adapter.pruned_view(model, plan.kept()):
         expected = model(input_ids=fresh).logits
     assert (reloaded(input_ids=fresh).logits - expected).abs().max() <= 1e-4
+    return plan, adapter, model, tokens
+
+
+def test_recovered_export_equals_the_in_memory_model_and_a_missed_tensor_is_caught(tmp_path, monkeypatch):
+    """The re-fitted export reloads to the in-memory re-fitted model; had the export copied the source's
+    down projections instead (a wrong path), its verification fails."""
+    from moe_sparsify.adapters.base import MoEAdapter
+    from moe_sparsify.errors import FailedRun
+    from moe_sparsify.export import export_checkpoint
+    from moe_sparsify.models import bundled_model_dir
+
+    source = bundled_model_dir("tiny")
+    plan, adapter, model, tokens = export_recovered(source, tmp_path / "ok", 64, keep=5, recover=["refit"])
 
     monkeypatch.setattr(MoEAdapter, "recovered_tensor", lambda *args, **kwargs: None)
     with pytest.raises(FailedRun, match="disagrees"):
