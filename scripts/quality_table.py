@@ -56,6 +56,7 @@ RUNS = [
     ("e2e + router + refit", {"strategy": "e2e", "recover": ["router", "refit"]}),
     # Merging removed experts into kept ones (M-SMoE / HC-SMoE), before router and refit where combined.
     ("exhaustive + merge", {"strategy": "exhaustive", "recover": ["merge"]}),
+    ("exhaustive + merge + router + refit", {"strategy": "exhaustive", "recover": ["merge", "router", "refit"]}),
     ("e2e + merge", {"strategy": "e2e", "recover": ["merge"]}),
     ("e2e + merge by router logits", {"strategy": "e2e", "recover": ["merge"], "recover_merge_by": "router"}),
     ("e2e + merge + router + refit", {"strategy": "e2e", "recover": ["merge", "router", "refit"]}),
@@ -159,6 +160,8 @@ def main() -> None:
                     "recover": result.options.get("recover"),
                 }
             )
+            done = rows[-1]  # progress on stderr: a long table shows its rows as they come
+            print(f"keep {keep} {name}: perplexity {done['perplexity']:.2f} kl {done['kl']:.4f}", file=sys.stderr)
         if not args.random_seeds:
             continue
         randoms = [score(plan(keep, strategy="random", seed=seed)[0].kept()) for seed in range(args.random_seeds)]
