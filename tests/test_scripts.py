@@ -1,17 +1,22 @@
 """The benchmark scripts run (CPU, small shapes) and print what their docstrings promise."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_gpu_cpu_mode_runs_and_reports(tmp_path):
+    """Timings are reported, never compared here (a loaded machine would flip any ratio); what the run
+    decided is checked instead."""
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py", "--device", "cpu", "--tiny", "--out", str(out)],
+        [sys.executable, "scripts/bench_gpu.py", "--device", "cpu", "--tiny", "--layers", "1", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -19,8 +24,12 @@ def test_bench_gpu_cpu_mode_runs_and_reports(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["naive_over_fast_keep4"] > 1
+    assert all(math.isfinite(value) and value > 0 for value in summary.values())
     results = json.loads(out.read_text())
-    assert len(results["per_layer"]) == 2
-    assert all(len(row["keep4_kept"]) == 4 for row in results["per_layer"])
+    (layer,) = results["per_layer"]
+    for keep in (6, 4):
+        kept = layer[f"keep{keep}_kept"]
+        assert len(set(kept)) == keep and set(kept) <= set(range(8))
     assert set(results["skip"]) == {"prefill", "decode b1", "decode b8"}
+    # Median thresholds on top-2 routing: half the tokens drop their second expert, a quarter of the pairs.
+    assert results["skip"]["prefill"]["pairs_skipped"] == pytest.approx(0.25, abs=0.05)
