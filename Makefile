@@ -7,7 +7,7 @@ install:  ## CPU torch from the local wheel cache or PyPI, then the package with
 	$(PYTHON) -m pip install -e ".[dev,eval]"
 
 test:
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2
 
 lint:
 	$(PYTHON) -m ruff check moe_sparsify tests scripts
