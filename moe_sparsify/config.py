@@ -126,6 +126,8 @@ class Settings:
     e2e_shortlist: PositiveInt = DEFAULT_E2E_SHORTLIST  # e2e: subsets per layer re-scored end to end
     e2e_samples: PositiveInt = 64  # e2e: calibration sequences the divergence is measured on (whole batches)
     e2e_divergence: Literal[DIVERGENCES] = "kl"  # e2e: kl = KL(original || pruned), reverse_kl, or js
+    # e2e: later layers run before reading the divergence (final norm + head on that hidden state); unset: all
+    e2e_horizon: NonNegativeInt | None = None
     # after each layer's search, in this order: merge, router, refit (prune --recover merge,router,refit)
     recover: Annotated[list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated)] = field(default_factory=list)
     recover_holdout: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard

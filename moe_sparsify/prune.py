@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .calibration.layer_inputs import LayerInputs, PropagatedInputs, StoredInput
 from .calibration.propagate import LayerStep, Resident, run_layer
 from .calibration.store import CalibrationStore
 from .config import Settings
+from .cost import SearchCost, count_search_cost
 from .distributed import ReducedOracle, is_main, reduce_means, world
 from .divergence import mean_divergence
 from .errors import FailedRun, UsageError
@@ -90,6 +92,7 @@ def search_fingerprint(settings: Settings, manifest: dict, identity: ModelIdenti
         "e2e_shortlist",
         "e2e_samples",
         "e2e_divergence",
+        "e2e_horizon",
         "batch_size",
         "recover",
         "recover_holdout",
@@ -200,6 +203,11 @@ class EndToEndRescorer:
     and runs layers l..end, the final norm and the head, with layer l pruned to each candidate
     subset and the later layers as they are. The reference distribution is taken once, at the first
     MoE layer, before anything is pruned.
+
+    horizon h: run only layer l and the h layers after it, then the final norm and the head on that
+    hidden state (a logit lens), against the original model's hidden state at the same depth read the
+    same way. Cost per subset: h + 1 layers instead of every later one. A horizon that reaches the
+    last layer is exactly the above (None: always).
     """
 
     def __init__(
@@ -211,41 +219,64 @@ class EndToEndRescorer:
         device: torch.device,
         divergence: str = "kl",
         residency=None,
+        horizon: int | None = None,
     ):
         self.model, self.adapter, self.device, self.divergence = model, adapter, device, divergence
         self.residency = residency or Resident(model, adapter)
+        self.depth = len(adapter.decoder_layers(model))
+        # The depth (layers run) each MoE layer's divergence is read at.
+        self.stops = {i: self._stop(i, horizon) for i in adapter.moe_layers(model)}
         # Under torchrun each rank holds every world-th sequence: its first samples/world of them make up
         # the same first `samples` sequences a single process would score.
         per_rank = -(-samples // world()[1])
         self.batches = -(-per_rank // batch_size)
-        self.reference: list[torch.Tensor] | None = None
+        # The original model's hidden states at each depth some layer is read at (taken at the first MoE
+        # layer), and the reference log-probabilities of the current layer's depth.
+        self.original: dict[int, list[torch.Tensor]] | None = None
+        self.reference: tuple[int, list[torch.Tensor]] | None = None
 
-    def _log_probs(self, step, start: int) -> list[torch.Tensor]:
-        """Layers start..end over the cached batches; the later layers visit the device one at a time."""
+    def _stop(self, index: int, horizon: int | None) -> int:
+        return self.depth if horizon is None else min(self.depth, index + 1 + horizon)
+
+    def _states(self, step, start: int, stop: int, keep: set[int] = frozenset()) -> tuple[list, dict]:
+        """Layers start..stop-1 over the cached batches, the later layers visiting the device one at a
+        time; returns the states at `stop` and copies of those at the depths in `keep`."""
         layers = self.adapter.decoder_layers(self.model)
         # Each pass gets its own copies of the layer kwargs: outputs a layer hands to the next one differ
         # between the subsets being scored.
         batches = [(hidden, [dict(kw) for kw in kwargs]) for hidden, kwargs in step.batches[: self.batches]]
         states = [hidden.to(self.device) for hidden, _ in batches]
-        for index in range(start, len(layers)):
+        kept = {}
+        for index in range(start, stop):
             layer = layers[index] if index == start else self.residency.load_layer(index, self.device)
             states = [run_layer(layer, h, kwargs, index, self.adapter) for h, (_, kwargs) in zip(states, batches)]
             if index != start:
                 self.residency.release_layer(index)
+            if index + 1 in keep:
+                kept[index + 1] = states
+        return states, kept
+
+    def _log_probs(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.log_softmax(self.adapter.final_logits(self.model, h).float(), dim=-1) for h in states]
 
     def for_layer(self, step) -> Rescorer:
-        if self.reference is None:
-            self.reference = self._log_probs(step, step.index)
+        stop = self.stops[step.index]
+        if self.original is None:
+            _, self.original = self._states(step, step.index, self.depth, set(self.stops.values()))
+        # Later layers read at this depth or deeper: shallower states are no longer needed.
+        self.original = {d: states for d, states in self.original.items() if d >= stop}
+        if self.reference is None or self.reference[0] != stop:
+            self.reference = stop, self._log_probs(self.original[stop])
+        reference = self.reference[1]
 
         def rescore(subsets: list[tuple[int, ...]]) -> list[float]:
             divergences = []
             for subset in subsets:
                 with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
-                    pruned = self._log_probs(step, step.index)
-                divergences.append(mean_divergence(self.reference, pruned, self.divergence))
+                    pruned = self._log_probs(self._states(step, step.index, stop)[0])
+                divergences.append(mean_divergence(reference, pruned, self.divergence))
             # Under torchrun each rank scored its own sequences: weight their means by token counts.
-            return reduce_means(divergences, sum(ref[..., 0].numel() for ref in self.reference))
+            return reduce_means(divergences, sum(ref[..., 0].numel() for ref in reference))
 
         return rescore
 
@@ -275,10 +306,12 @@ class LayerDecider:
         compensating: bool = False,
         recovery: Recovery | None = None,
         seq_len: int = 0,
+        cost: SearchCost | None = None,
     ):
         self.adapter, self.strategy, self.keep, self.context = adapter, strategy, keep, context
         self.journal, self.rescorer = journal, rescorer
         self.compensating, self.recovery, self.seq_len = compensating, recovery, seq_len
+        self.cost = cost
         self.decisions: list[LayerPlan] = []
         self.timings: list[LayerTiming] = []
         self.recovered: list[dict] = []
@@ -308,6 +341,8 @@ class LayerDecider:
     def _searched(self, step: LayerStep, offsets: list | None) -> tuple[LayerPlan, LayerTiming]:
         start = time.perf_counter()
         stats = layer_stats(self.adapter, step.block, step.inputs, self.keep, offsets)
+        if self.cost is not None:
+            self.cost.expert_tokens += int((stats.cand_idx < self.adapter.num_experts).sum())
         mid = time.perf_counter()
         rescore = self.rescorer.for_layer(step) if self.rescorer else None
         oracle = SubsetLoss(stats)
@@ -345,10 +380,13 @@ def plan_pruning(
     residency=None,
     identity: ModelIdentity | None = None,
     activations=None,
+    cost: SearchCost | None = None,
 ) -> tuple[Plan, list[LayerTiming]]:
     """token_ids: this process's calibration sequences (with `store`, the stored calibration's).
     residency: how decoder layers reach the device (default: held in memory; `StreamedModel` reads
-    them from disk one at a time)."""
+    them from disk one at a time).
+    cost: filled with what the search computed (`cost.SearchCost`: layer, head and expert forwards x
+    tokens), counted on the model's own modules (a streamed model's layers are not counted)."""
     residency = residency or Resident(model, adapter)
     keep = check_keep(adapter, settings.keep)
     strategy = resolve_strategy(
@@ -364,7 +402,14 @@ def plan_pruning(
     rescorer = None
     if end_to_end:
         rescorer = EndToEndRescorer(
-            model, adapter, settings.e2e_samples, settings.batch_size, device, settings.e2e_divergence, residency
+            model,
+            adapter,
+            settings.e2e_samples,
+            settings.batch_size,
+            device,
+            settings.e2e_divergence,
+            residency,
+            settings.e2e_horizon,
         )
     context = SearchContext(
         layer=-1,  # set per layer by the decider
@@ -383,6 +428,7 @@ def plan_pruning(
         compensating=mode == "compensating",
         recovery=recovery,
         seq_len=token_ids.shape[1],
+        cost=cost,
     )
     inputs: LayerInputs
     if store is not None and mode == "layerwise":
@@ -409,7 +455,7 @@ def plan_pruning(
             activations=activations,
             progress=progress,
         )
-    with torch.no_grad():
+    with torch.no_grad(), count_search_cost(model, adapter, cost) if cost is not None else nullcontext():
         inputs.walk(decider)
 
     plan = Plan(
@@ -432,6 +478,8 @@ def plan_pruning(
                     "e2e_shortlist": settings.e2e_shortlist,
                     "e2e_samples": settings.e2e_samples,
                     "e2e_divergence": settings.e2e_divergence,
+                    # Only where set, so plans made before the setting existed read the same.
+                    **({"e2e_horizon": settings.e2e_horizon} if settings.e2e_horizon is not None else {}),
                 }
                 if end_to_end
                 else {}

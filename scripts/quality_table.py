@@ -9,7 +9,10 @@ each plan in memory and scores the bundled held-out split (which neither
 training nor calibration saw): perplexity (sliding window 256, stride 128)
 and the mean per-token KL(original || pruned) of next-token distributions on
 non-overlapping 256-token windows. Random runs 5 seeds: mean and best. Search
-time is the planning time of each strategy on the same tokens. Writes
+time is the planning time of each strategy on the same tokens; cost is what it
+computed (decoder-layer, head and expert forwards x tokens, counted by hooks,
+as FLOPs: `moe_sparsify.cost`) over the exhaustive layer-wise search's, a
+ratio that does not depend on machine load. Writes
 OUT/quality.json and, with matplotlib installed (pip install -e ".[report]"),
 OUT/quality.png.
 """
@@ -31,6 +34,7 @@ from moe_sparsify.adapters import adapter_for  # noqa: E402
 from moe_sparsify.calibration.sources import load_documents, parse_sources  # noqa: E402
 from moe_sparsify.calibration.tokens import sample_windows, token_stream  # noqa: E402
 from moe_sparsify.config import Settings  # noqa: E402
+from moe_sparsify.cost import SearchCost  # noqa: E402
 from moe_sparsify.evaluate import mean_kl, next_token_log_probs, perplexity  # noqa: E402
 from moe_sparsify.models import load_model, resolve_model_dir  # noqa: E402
 from moe_sparsify.prune import plan_pruning  # noqa: E402
@@ -137,17 +141,21 @@ def main() -> None:
             }
 
     def plan(keep: int, pruned=model, **overrides):
-        """pruned: the model the run may change (recovery re-fits kept weights in place)."""
+        """pruned: the model the run may change (recovery re-fits kept weights in place).
+        Returns the plan, its planning time and the FLOPs its search computed."""
         settings = Settings(model=args.model, keep=keep, batch_size=16, seq_len=args.seq_len, **overrides)
+        cost = SearchCost()
         start = time.perf_counter()
-        result, _ = plan_pruning(pruned, adapter, settings, tokens, manifest, device=CPU)
-        return result, time.perf_counter() - start
+        result, _ = plan_pruning(pruned, adapter, settings, tokens, manifest, device=CPU, cost=cost)
+        return result, time.perf_counter() - start, cost.flops(model.config, args.seq_len)
 
     rows = [{"keep": 8, "strategy": "original", **score({}), "search_s": 0.0, "changed_bytes": 0}]
     for keep in args.keep:
+        # The unit of cost: the paper's exhaustive layer-wise search on the same tokens.
+        exhaustive_flops = plan(keep, strategy="exhaustive", mode="layerwise")[2]
         for name, overrides in (run for run in RUNS if run[0] in args.runs):
             pruned = copy.deepcopy(model) if overrides.get("recover") else model
-            result, seconds = plan(keep, pruned, **overrides)
+            result, seconds, flops = plan(keep, pruned, **overrides)
             kept = result.kept()
             rows.append(
                 {
@@ -155,6 +163,7 @@ def main() -> None:
                     "strategy": name,
                     **score(kept, pruned),
                     "search_s": seconds,
+                    "cost": flops / exhaustive_flops,
                     "changed_bytes": changed_bytes(model, pruned, adapter, kept),
                     "kept": kept,
                     "recover": result.options.get("recover"),
@@ -179,14 +188,18 @@ def main() -> None:
 
     print(
         f"{args.model}; calibration {args.samples}x{args.seq_len} tokens; held-out split "
-        f"{len(heldout)} tokens; CPU, float32, 2 threads"
+        f"{len(heldout)} tokens; CPU, float32, 2 threads; cost: FLOPs over the exhaustive layer-wise search's"
     )
-    print(f"{'keep':>4}  {'strategy':<42} {'perplexity':>10} {'KL':>7} {'search s':>9} {'changed B':>10}")
+    print(f"{'keep':>4}  {'strategy':<42} {'perplexity':>10} {'KL':>7} {'search s':>9} {'cost':>6} {'changed B':>10}")
     for r in rows:
         search = "-" if r["search_s"] is None else f"{r['search_s']:.1f}"
+        cost = "-" if r.get("cost") is None else f"{r['cost']:.1f}x"
         changed = r.get("changed_bytes")
         changed = "-" if changed is None else str(changed)
-        print(f"{r['keep']:>4}  {r['strategy']:<42} {r['perplexity']:>10.2f} {r['kl']:>7.4f} {search:>9} {changed:>10}")
+        print(
+            f"{r['keep']:>4}  {r['strategy']:<42} {r['perplexity']:>10.2f} {r['kl']:>7.4f} {search:>9} {cost:>6} "
+            f"{changed:>10}"
+        )
     for keep in args.keep:
         by = {r["strategy"]: r for r in rows if r["keep"] == keep}
         if "e2e" not in by:

@@ -1,0 +1,108 @@
+"""The e2e divergence read a few layers ahead (`e2e_horizon`), against brute force, and what it costs."""
+
+import itertools
+
+import pytest
+import torch
+
+from moe_sparsify.adapters import adapter_for
+from moe_sparsify.config import Settings, resolve_settings
+from moe_sparsify.cost import SearchCost
+from moe_sparsify.errors import UsageError
+from moe_sparsify.prune import plan_pruning
+
+from .conftest import random_mixtral
+
+CPU = torch.device("cpu")
+LAYERS, KEEP, SEQUENCES, SEQ_LEN = 3, 6, 4, 16
+
+
+def _tokens():
+    return torch.randint(0, 2048, (SEQUENCES, SEQ_LEN), generator=torch.Generator().manual_seed(9))
+
+
+def _plan(model, cost=None, **overrides):
+    settings = Settings(model="test", keep=KEEP, strategy="e2e", e2e_samples=SEQUENCES, batch_size=2, **overrides)
+    return plan_pruning(model, adapter_for(model.config), settings, _tokens(), {}, device=CPU, cost=cost)[0]
+
+
+def _lens_log_probs(model, adapter, tokens, depth):
+    """Full forward of the model; the final norm and head applied to decoder layer depth-1's output."""
+    caught = {}
+    layer = adapter.decoder_layers(model)[depth - 1]
+    handle = layer.register_forward_hook(lambda m, a, out: caught.update(h=out[0] if isinstance(out, tuple) else out))
+    try:
+        model(input_ids=tokens)
+    finally:
+        handle.remove()
+    return torch.log_softmax(adapter.final_logits(model, caught["h"]).float(), -1)
+
+
+def test_horizon_reaching_the_logits_gives_todays_e2e_plan():
+    model = random_mixtral(layers=LAYERS)
+    today = _plan(model, e2e_shortlist=28)
+    reaching = _plan(model, e2e_shortlist=28, e2e_horizon=LAYERS - 1)
+    assert reaching.layers == today.layers
+    assert reaching.options["e2e_horizon"] == LAYERS - 1 and "e2e_horizon" not in today.options
+
+
+@pytest.mark.parametrize("horizon", [0, 1])
+def test_horizon_equals_brute_force_logit_lens_search(horizon):
+    """Every subset shortlisted: each layer keeps the subset whose pruned model, read at depth
+    layer + 1 + horizon through the final norm and head, diverges least from the original read there."""
+    model = random_mixtral(layers=LAYERS)
+    adapter = adapter_for(model.config)
+    tokens = _tokens()
+    plan = _plan(model, e2e_shortlist=28, e2e_horizon=horizon)
+    decided = {}
+    with torch.no_grad():
+        for layer in range(LAYERS):
+            depth = min(LAYERS, layer + 1 + horizon)
+            reference = _lens_log_probs(model, adapter, tokens, depth)
+            best = None
+            for subset in itertools.combinations(range(8), KEEP):
+                with adapter.pruned_view(model, {**decided, layer: list(subset)}):
+                    got = _lens_log_probs(model, adapter, tokens, depth)
+                kl = (reference.exp() * (reference - got)).sum(-1).mean().item()
+                if best is None or kl < best[0] - 1e-12:
+                    best = (kl, list(subset))
+            decided[layer] = best[1]
+            assert plan.layers[layer].kept == best[1]
+            assert plan.layers[layer].divergence == pytest.approx(best[0], rel=1e-4, abs=1e-9)
+
+
+def test_a_short_horizon_reads_the_divergence_earlier():
+    """The brute-force test above is not vacuous: horizon 0 reads layer 0's divergence at depth 1, not at
+    the logits (a different number), while the last layer is read at the logits either way."""
+    model = random_mixtral(layers=LAYERS)
+    logits, lens = _plan(model, e2e_shortlist=28), _plan(model, e2e_shortlist=28, e2e_horizon=0)
+    assert lens.layers[0].divergence != pytest.approx(logits.layers[0].divergence, rel=1e-3)
+    if lens.kept() == logits.kept():
+        assert lens.layers[-1].divergence == pytest.approx(logits.layers[-1].divergence, rel=1e-5)
+
+
+def test_cost_counter_counts_horizon_plus_one_layers_per_subset():
+    """Decoder-layer and head forwards x tokens, counted by hooks on the modules, equal the closed form:
+    progressive propagation (every layer once, then again pruned), the reference pass from the first
+    MoE layer, and per layer `shortlist` subsets through min(horizon + 1, layers left) layers and the head."""
+    model = random_mixtral(layers=LAYERS)
+    tokens, shortlist = SEQUENCES * SEQ_LEN, 5
+    for horizon in (None, 0, 1):
+        cost = SearchCost()
+        _plan(model, cost, e2e_shortlist=shortlist, e2e_horizon=horizon)
+        stops = [LAYERS if horizon is None else min(LAYERS, i + 1 + horizon) for i in range(LAYERS)]
+        rescored = sum(stop - i for i, stop in enumerate(stops))
+        assert cost.layer_tokens == (2 * LAYERS + LAYERS + shortlist * rescored) * tokens
+        assert cost.head_tokens == (len(set(stops)) + shortlist * LAYERS) * tokens
+        # Keep 6 of 8 with top-2: each token's candidates are its top 4 experts.
+        assert cost.expert_tokens == 4 * LAYERS * tokens
+    assert rescored < LAYERS * (LAYERS + 1) // 2  # horizon 1 runs fewer layers than the logits need
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5", "true"])
+def test_bad_horizon_is_refused_in_one_line(tmp_path, value):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"e2e_horizon: {value}\n")
+    with pytest.raises(UsageError) as err:
+        resolve_settings(cfg, {})
+    assert "e2e_horizon:" in str(err.value) and "\n" not in str(err.value)
