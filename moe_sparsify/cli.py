@@ -349,7 +349,8 @@ def prune(
         typer.Option(
             "--strategy",
             help=setting_help(
-                "auto (exhaustive, or greedy past --max-subsets), exhaustive, greedy, e2e, reap, frequency or random.",
+                "auto (exhaustive, or greedy past --max-subsets), exhaustive, greedy, e2e, e2e-fast, reap, frequency "
+                "or random.",
                 "strategy",
             ),
         ),

@@ -27,11 +27,11 @@ from pydantic import (
 )
 
 from .choices import (
-    DEFAULT_E2E_SHORTLIST,
     DEFAULT_MAX_SUBSETS,
     DEVICES,
     DIVERGENCES,
     DTYPES,
+    E2E_DEFAULTS,
     MERGE_BY,
     MODES,
     RECOVERY_METHODS,
@@ -123,11 +123,12 @@ class Settings:
     batch_size: PositiveInt = 8  # sequences per forward during calibration
     max_subsets: PositiveInt = DEFAULT_MAX_SUBSETS  # exhaustive refuses above this many subsets per layer
     beam: PositiveInt = 1  # greedy beam width
-    e2e_shortlist: PositiveInt = DEFAULT_E2E_SHORTLIST  # e2e: subsets per layer re-scored end to end
-    e2e_samples: PositiveInt = 64  # e2e: calibration sequences the divergence is measured on (whole batches)
-    e2e_divergence: Literal[DIVERGENCES] = "kl"  # e2e: kl = KL(original || pruned), reverse_kl, or js
-    # e2e: later layers run before reading the divergence (final norm + head on that hidden state); unset: all
+    # e2e and e2e-fast; unset: the strategy's default (choices.E2E_DEFAULTS: 16/8, 64/16, all/1)
+    e2e_shortlist: PositiveInt | None = None  # subsets per layer re-scored end to end
+    e2e_samples: PositiveInt | None = None  # calibration sequences the divergence is measured on (whole batches)
+    # later layers run before reading the divergence (the final norm and head on that hidden state)
     e2e_horizon: NonNegativeInt | None = None
+    e2e_divergence: Literal[DIVERGENCES] = "kl"  # kl = KL(original || pruned), reverse_kl, or js
     # after each layer's search, in this order: merge, router, refit (prune --recover merge,router,refit)
     recover: Annotated[list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated)] = field(default_factory=list)
     recover_holdout: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard
@@ -163,6 +164,11 @@ class Settings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def end_to_end(self, strategy: str) -> dict:
+        """The e2e settings `strategy` runs with: those given, else its defaults."""
+        given = {key: getattr(self, key) for key in E2E_DEFAULTS[strategy]}
+        return {key: default if given[key] is None else given[key] for key, default in E2E_DEFAULTS[strategy].items()}
 
     def skip_statistic(self) -> dict:
         if self.target_skip is not None:

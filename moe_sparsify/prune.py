@@ -24,6 +24,7 @@ from .adapters import MoEAdapter
 from .calibration.layer_inputs import LayerInputs, PropagatedInputs, StoredInputs
 from .calibration.propagate import LayerStep, Resident, run_layer
 from .calibration.store import CalibrationStore
+from .choices import E2E_DEFAULTS
 from .config import Settings
 from .cost import SearchCost, count_search_cost
 from .distributed import ReducedOracle, is_main, reduce_means, world
@@ -392,31 +393,31 @@ def plan_pruning(
     strategy = resolve_strategy(
         settings.strategy, adapter.num_experts, keep, settings.max_subsets, adapter.routing_groups
     )
-    end_to_end = strategy == "e2e"
+    end_to_end = settings.end_to_end(strategy) if strategy in E2E_DEFAULTS else None
     # e2e scores each layer with the earlier ones pruned, against either target.
-    mode = settings.mode if not end_to_end or settings.mode == "compensating" else "progressive"
+    mode = settings.mode if end_to_end is None or settings.mode == "compensating" else "progressive"
     recovery = None
     if settings.recover:
         methods = tuple(settings.recover)
         recovery = Recovery(methods, holdout=settings.recover_holdout, merge_by=settings.recover_merge_by)
     rescorer = None
-    if end_to_end:
+    if end_to_end is not None:
         rescorer = EndToEndRescorer(
             model,
             adapter,
-            settings.e2e_samples,
+            end_to_end["e2e_samples"],
             settings.batch_size,
             device,
             settings.e2e_divergence,
             residency,
-            settings.e2e_horizon,
+            end_to_end["e2e_horizon"],
         )
     context = SearchContext(
         layer=-1,  # set per layer by the decider
         seed=settings.seed,
         max_subsets=settings.max_subsets,
         beam=settings.beam,
-        shortlist=settings.e2e_shortlist,
+        shortlist=end_to_end["e2e_shortlist"] if end_to_end is not None else 0,
     )
     decider = LayerDecider(
         adapter,
@@ -475,13 +476,13 @@ def plan_pruning(
             **({"recover": recovery.record(decider.recovered)} if recovery else {}),
             **(
                 {
-                    "e2e_shortlist": settings.e2e_shortlist,
-                    "e2e_samples": settings.e2e_samples,
+                    "e2e_shortlist": end_to_end["e2e_shortlist"],
+                    "e2e_samples": end_to_end["e2e_samples"],
                     "e2e_divergence": settings.e2e_divergence,
-                    # Only where set, so plans made before the setting existed read the same.
-                    **({"e2e_horizon": settings.e2e_horizon} if settings.e2e_horizon is not None else {}),
+                    # Only where there is one, so e2e plans made before the setting existed read the same.
+                    **({"e2e_horizon": end_to_end["e2e_horizon"]} if end_to_end["e2e_horizon"] is not None else {}),
                 }
-                if end_to_end
+                if end_to_end is not None
                 else {}
             ),
         },

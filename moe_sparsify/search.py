@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .choices import DEFAULT_E2E_SHORTLIST, DEFAULT_MAX_SUBSETS
+from .choices import DEFAULT_MAX_SUBSETS, E2E_DEFAULTS
 from .errors import UsageError
 
 _SCORE_BATCH = 512
@@ -39,7 +39,7 @@ class SearchContext:
     seed: int = 0
     max_subsets: int = DEFAULT_MAX_SUBSETS
     beam: int = 1
-    shortlist: int = DEFAULT_E2E_SHORTLIST
+    shortlist: int = E2E_DEFAULTS["e2e"]["e2e_shortlist"]
     rescore: Rescorer | None = None  # e2e: supplied by the caller that has the model
 
 
@@ -197,11 +197,12 @@ def shortlist(oracle, keep: int, ctx: SearchContext, size: int) -> tuple[list[tu
 
 
 @strategy("e2e")
+@strategy("e2e-fast")  # the same search; prune gives it a shorter list, fewer sequences and a horizon
 def end_to_end(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Shortlist by exact reconstruction loss, then keep the subset whose pruned model's next-token
     distribution diverges least from the original's (ties: lower reconstruction loss)."""
     if ctx.rescore is None:
-        raise UsageError("the e2e strategy re-scores subsets with the model; run it through `prune`")
+        raise UsageError("the e2e strategies re-score subsets with the model; run them through `prune`")
     ranked, scored = shortlist(oracle, keep, ctx, ctx.shortlist)
     divergences = ctx.rescore([subset for _, subset in ranked])
     order = sorted(range(len(ranked)), key=lambda i: (divergences[i], i))

@@ -106,3 +106,23 @@ def test_bad_horizon_is_refused_in_one_line(tmp_path, value):
     with pytest.raises(UsageError) as err:
         resolve_settings(cfg, {})
     assert "e2e_horizon:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_e2e_fast_is_e2e_with_its_own_defaults_and_takes_overrides():
+    model = random_mixtral(layers=2)
+    adapter = adapter_for(model.config)
+
+    def options(**given):
+        settings = Settings(model="test", keep=KEEP, batch_size=2, **given)
+        plan = plan_pruning(model, adapter, settings, _tokens(), {}, device=CPU)[0]
+        return {k: v for k, v in plan.options.items() if k.startswith("e2e")}, plan
+
+    fast, fast_plan = options(strategy="e2e-fast")
+    assert fast == {"e2e_shortlist": 8, "e2e_samples": 16, "e2e_horizon": 1, "e2e_divergence": "kl"}
+    assert fast_plan.strategy == "e2e-fast" and fast_plan.mode == "progressive"
+    today, _ = options(strategy="e2e")
+    assert today == {"e2e_shortlist": 16, "e2e_samples": 64, "e2e_divergence": "kl"}  # as before e2e-fast
+    given, _ = options(strategy="e2e-fast", e2e_shortlist=3, e2e_samples=2, e2e_horizon=0)
+    assert given == {"e2e_shortlist": 3, "e2e_samples": 2, "e2e_horizon": 0, "e2e_divergence": "kl"}
+    explicit, explicit_plan = options(strategy="e2e", e2e_shortlist=8, e2e_samples=16, e2e_horizon=1)
+    assert explicit_plan.layers == fast_plan.layers
