@@ -3,6 +3,7 @@
     python scripts/quality_table.py                      # keep 6 and 4, ~10 min on 2 CPU cores
     python scripts/quality_table.py --keep 6 --out docs/quality
     python scripts/quality_table.py --model DIR --calibration a.txt --heldout b.txt --runs e2e "e2e + router + refit"
+    python scripts/quality_table.py --samples 8 --seq-len 64 --keep 6 --random-seeds 0 --runs e2e e2e-fast  # a tiny run
 
 Calibrates once (the bundled calib split), plans with every strategy, applies
 each plan in memory and scores the bundled held-out split (which neither
@@ -49,6 +50,7 @@ RUNS = [
     ("frequency", {"strategy": "frequency"}),
     ("e2e", {"strategy": "e2e"}),
     ("e2e compensating", {"strategy": "e2e", "mode": "compensating"}),
+    ("e2e-fast", {"strategy": "e2e-fast"}),  # e2e read one layer ahead, 8 subsets, 16 sequences
     # Recovery after the search (prune --recover): each kept only where held-back calibration tokens improve.
     ("exhaustive + router", {"strategy": "exhaustive", "recover": ["router"]}),
     ("exhaustive + refit", {"strategy": "exhaustive", "recover": ["refit"]}),
