@@ -241,7 +241,7 @@ class EndToEndRescorer:
 
     def _states(self, step, start: int, stop: int, keep: set[int] = frozenset()) -> tuple[list, dict]:
         """Layers start..stop-1 over the cached batches, the later layers visiting the device one at a
-        time; returns the states at `stop` and copies of those at the depths in `keep`."""
+        time; returns the states at `stop` and, by depth, those at the depths in `keep`."""
         layers = self.adapter.decoder_layers(self.model)
         # Each pass gets its own copies of the layer kwargs: outputs a layer hands to the next one differ
         # between the subsets being scored.
