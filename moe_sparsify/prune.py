@@ -227,10 +227,18 @@ class EndToEndRescorer:
         self.depth = len(adapter.decoder_layers(model))
         # The depth (layers run) each MoE layer's divergence is read at.
         self.stops = {i: self._stop(i, horizon) for i in adapter.moe_layers(model)}
-        # Under torchrun each rank holds every world-th sequence: its first samples/world of them make up
-        # the same first `samples` sequences a single process would score.
-        per_rank = -(-samples // world()[1])
-        self.batches = -(-per_rank // batch_size)
+        # One process scores the first ceil(samples / batch_size) whole batches. Under torchrun each rank
+        # holds every world-th sequence, so its first batches/world batches make up the same sequences
+        # only when the batches share out evenly; otherwise the ranks together would score more
+        # sequences than one process and the plans would differ.
+        whole, processes = -(-samples // batch_size), world()[1]
+        if whole % processes:
+            fits = -(-whole // processes) * processes * batch_size
+            raise UsageError(
+                f"e2e scores {whole} batch(es) of {batch_size} sequences, which {processes} processes cannot share "
+                f"evenly (the plan would differ from one process's); set e2e_samples to {fits}"
+            )
+        self.batches = whole // processes
         # The original model's hidden states at each depth some layer is read at (taken at the first MoE
         # layer), and the reference log-probabilities of the current layer's depth.
         self.original: dict[int, list[torch.Tensor]] | None = None

@@ -181,3 +181,24 @@ def test_compensating_loss_is_the_original_output_against_the_pruned_layer_on_pr
         assert plan.layers[layer].loss == pytest.approx(brute.item(), rel=1e-4)
     progressive = _plan(model, "progressive", 5, tokens)
     assert progressive.layers[2].loss != pytest.approx(plan.layers[2].loss, rel=1e-3)  # another target
+
+
+@pytest.mark.parametrize(
+    ("samples", "processes", "batches_per_rank"), [(64, 2, 4), (60, 2, 4), (4, 2, None), (24, 2, None)]
+)
+def test_e2e_sequences_are_shared_evenly_between_ranks_or_refused(monkeypatch, samples, processes, batches_per_rank):
+    """Each rank scores batches/world of its own sequences; together they must be exactly the batches one
+    process scores (batch size 8: 64 or 60 samples are 8 batches, 4 each; 4 samples are one batch and
+    24 are three, which two ranks cannot share, so the union would hold more sequences)."""
+    import moe_sparsify.prune as prune_module
+    from moe_sparsify.errors import UsageError
+    from moe_sparsify.prune import EndToEndRescorer
+
+    monkeypatch.setattr(prune_module, "world", lambda: (0, processes))
+    model = random_mixtral()
+    build = lambda: EndToEndRescorer(model, adapter_for(model.config), samples, 8, torch.device("cpu"))  # noqa: E731
+    if batches_per_rank is None:
+        with pytest.raises(UsageError, match="cannot share"):
+            build()
+    else:
+        assert build().batches == batches_per_rank
