@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_sparsify.models import bundled_model_dir
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on two cores: one thread per worker, and per CLI process it starts. Two workers of
+    # two OpenMP threads each, spinning on oversubscribed cores, ran some tests 30x slower than alone.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
