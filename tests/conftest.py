@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -72,3 +73,23 @@ def text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "heldout.txt"
     path.write_text(bundled_text("heldout")[:12_000], encoding="utf-8")
     return ["--text", path]
+
+
+def assert_brute_force_e2e(plan, model, adapter, keep: int, log_probs) -> None:
+    """The e2e plan equals a brute-force search: layer by layer, with the earlier layers as decided,
+    every subset by a masked forward, keeping the one whose `log_probs(layer)` is closest in KL to
+    the unpruned model's (same kept experts, divergence within rounding)."""
+    decided = {}
+    with torch.no_grad():
+        for layer in range(len(plan.layers)):
+            reference = log_probs(layer)
+            best = None
+            for subset in itertools.combinations(range(adapter.num_experts), keep):
+                with adapter.pruned_view(model, {**decided, layer: list(subset)}):
+                    got = log_probs(layer)
+                kl = (reference.exp() * (reference - got)).sum(-1).mean().item()
+                if best is None or kl < best[0] - 1e-12:
+                    best = (kl, list(subset))
+            decided[layer] = best[1]
+            assert plan.layers[layer].kept == best[1]
+            assert plan.layers[layer].divergence == pytest.approx(best[0], rel=1e-4, abs=1e-9)

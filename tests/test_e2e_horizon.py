@@ -1,7 +1,5 @@
 """The e2e divergence read a few layers ahead (`e2e_horizon`), against brute force, and what it costs."""
 
-import itertools
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from moe_sparsify.cost import SearchCost
 from moe_sparsify.errors import UsageError
 from moe_sparsify.prune import plan_pruning
 
-from .conftest import random_mixtral
+from .conftest import assert_brute_force_e2e, random_mixtral
 
 CPU = torch.device("cpu")
 LAYERS, KEEP, SEQUENCES, SEQ_LEN = 3, 6, 4, 16
@@ -54,21 +52,13 @@ def test_horizon_equals_brute_force_logit_lens_search(horizon):
     adapter = adapter_for(model.config)
     tokens = _tokens()
     plan = _plan(model, e2e_shortlist=28, e2e_horizon=horizon)
-    decided = {}
-    with torch.no_grad():
-        for layer in range(LAYERS):
-            depth = min(LAYERS, layer + 1 + horizon)
-            reference = _lens_log_probs(model, adapter, tokens, depth)
-            best = None
-            for subset in itertools.combinations(range(8), KEEP):
-                with adapter.pruned_view(model, {**decided, layer: list(subset)}):
-                    got = _lens_log_probs(model, adapter, tokens, depth)
-                kl = (reference.exp() * (reference - got)).sum(-1).mean().item()
-                if best is None or kl < best[0] - 1e-12:
-                    best = (kl, list(subset))
-            decided[layer] = best[1]
-            assert plan.layers[layer].kept == best[1]
-            assert plan.layers[layer].divergence == pytest.approx(best[0], rel=1e-4, abs=1e-9)
+    assert_brute_force_e2e(
+        plan,
+        model,
+        adapter,
+        KEEP,
+        lambda layer: _lens_log_probs(model, adapter, tokens, min(LAYERS, layer + 1 + horizon)),
+    )
 
 
 def test_a_short_horizon_reads_the_divergence_earlier():

@@ -1,7 +1,5 @@
 """Layer-wise and progressive modes against an independent recomputation."""
 
-import itertools
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from moe_sparsify.objective import SubsetLoss
 from moe_sparsify.prune import layer_stats, plan_pruning
 from moe_sparsify.search import SearchContext, exhaustive
 
-from .conftest import random_mixtral
+from .conftest import assert_brute_force_e2e, random_mixtral
 
 CPU = torch.device("cpu")
 
@@ -75,20 +73,9 @@ def test_e2e_with_every_subset_shortlisted_equals_brute_force_end_to_end_search(
     settings = Settings(model="test", keep=6, strategy="e2e", e2e_shortlist=28, e2e_samples=4, batch_size=2)
     plan = plan_pruning(model, adapter, settings, tokens, {}, device=CPU)[0]
     assert plan.mode == "progressive"
-    with torch.no_grad():
-        reference = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
-        decided = {}
-        for layer in range(3):
-            best = None
-            for subset in itertools.combinations(range(8), 6):
-                with adapter.pruned_view(model, {**decided, layer: list(subset)}):
-                    got = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
-                kl = (reference.exp() * (reference - got)).sum(-1).mean().item()
-                if best is None or kl < best[0] - 1e-12:
-                    best = (kl, list(subset))
-            decided[layer] = best[1]
-            assert plan.layers[layer].kept == best[1]
-            assert plan.layers[layer].divergence == pytest.approx(best[0], rel=1e-4, abs=1e-9)
+    assert_brute_force_e2e(
+        plan, model, adapter, 6, lambda layer: torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
+    )
 
 
 def test_e2e_needs_the_model():
