@@ -98,6 +98,7 @@ PositiveInt = Annotated[StrictInt, Field(ge=1)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 Share = Annotated[StrictFloat, Field(ge=0, lt=1)]  # StrictFloat takes ints too (0 is a share)
 GiB = Annotated[StrictFloat, Field(ge=0)]
+PositiveFiniteFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 Names = Annotated[list[StrictStr], BeforeValidator(_comma_separated)]
 WritableDirectory = Annotated[StrictStr, AfterValidator(_writable_directory)]
 Directories = Annotated[list[Annotated[StrictStr, AfterValidator(_directory)]], BeforeValidator(_comma_separated)]
@@ -128,6 +129,9 @@ class Settings:
     e2e_samples: PositiveInt | None = None  # calibration sequences the divergence is measured on (whole batches)
     # later layers run before reading the divergence (the final norm and head on that hidden state)
     e2e_horizon: NonNegativeInt | None = None
+    # race the shortlist a batch of sequences at a time, dropping a subset once its paired per-sequence
+    # divergence differences to the leader's are this many standard errors above zero
+    e2e_race_z: PositiveFiniteFloat | None = None
     e2e_divergence: Literal[DIVERGENCES] = "kl"  # kl = KL(original || pruned), reverse_kl, or js
     # after each layer's search, in this order: merge, router, refit (prune --recover merge,router,refit)
     recover: Annotated[list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated)] = field(default_factory=list)

@@ -75,6 +75,21 @@ def reduce_means(values: list[float], count: int) -> list[float]:
     return (sums[:-1] / sums[-1]).tolist()
 
 
+def gather_columns(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's columns side by side in rank order (rows: the same on every rank; columns: this rank's
+    own, which may number one fewer on some ranks), in float64."""
+    rank, size = world()
+    if size == 1:
+        return values.double()
+    counts = torch.zeros(size, dtype=torch.float64)
+    counts[rank] = values.shape[1]
+    counts = all_sum(counts).long().tolist()
+    slots = torch.zeros(values.shape[0], size, max(counts), dtype=torch.float64, device=values.device)
+    slots[:, rank, : values.shape[1]] = values
+    slots = all_sum(slots)
+    return torch.cat([slots[:, r, :count] for r, count in enumerate(counts)], dim=1)
+
+
 class ReducedOracle:
     """A `SubsetLoss` whose answers cover every rank's tokens."""
 

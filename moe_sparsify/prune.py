@@ -27,15 +27,15 @@ from .calibration.store import CalibrationStore
 from .choices import E2E_DEFAULTS
 from .config import Settings
 from .cost import SearchCost, count_search_cost
-from .distributed import ReducedOracle, is_main, reduce_means, world
-from .divergence import mean_divergence
+from .distributed import ReducedOracle, gather_columns, is_main, reduce_means, world
+from .divergence import mean_divergence, sequence_divergences
 from .errors import FailedRun, UsageError
 from .files import dumps, load_mapping, write_atomically
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
 from .recover import LayerData, Recovery, recover_layer
 from .routing import group_keep_counts, max_candidate_count
-from .search import Rescorer, SearchContext, resolve_strategy, run_strategy
+from .search import Rescorer, RoundScorer, SearchContext, resolve_strategy, run_strategy
 
 
 def check_keep(adapter: MoEAdapter, keep: int | None) -> int:
@@ -94,6 +94,7 @@ def search_fingerprint(settings: Settings, manifest: dict, identity: ModelIdenti
         "e2e_samples",
         "e2e_divergence",
         "e2e_horizon",
+        "e2e_race_z",
         "batch_size",
         "recover",
         "recover_holdout",
@@ -247,13 +248,17 @@ class EndToEndRescorer:
     def _stop(self, index: int, horizon: int | None) -> int:
         return self.depth if horizon is None else min(self.depth, index + 1 + horizon)
 
-    def _states(self, step, start: int, stop: int, keep: set[int] = frozenset()) -> tuple[list, dict]:
-        """Layers start..stop-1 over the cached batches, the later layers visiting the device one at a
-        time; returns the states at `stop` and, by depth, those at the depths in `keep`."""
+    def _states(
+        self, step, start: int, stop: int, keep: set[int] = frozenset(), batches: slice | None = None
+    ) -> tuple[list, dict]:
+        """Layers start..stop-1 over the cached batches (those in `batches`: of the first self.batches), the
+        later layers visiting the device one at a time; returns the states at `stop` and, by depth, those
+        at the depths in `keep`."""
         layers = self.adapter.decoder_layers(self.model)
         # Each pass gets its own copies of the layer kwargs: outputs a layer hands to the next one differ
         # between the subsets being scored.
-        batches = [(hidden, [dict(kw) for kw in kwargs]) for hidden, kwargs in step.batches[: self.batches]]
+        chosen = step.batches[: self.batches][batches or slice(None)]
+        batches = [(hidden, [dict(kw) for kw in kwargs]) for hidden, kwargs in chosen]
         states = [hidden.to(self.device) for hidden, _ in batches]
         kept = {}
         for index in range(start, stop):
@@ -268,7 +273,8 @@ class EndToEndRescorer:
     def _log_probs(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.log_softmax(self.adapter.final_logits(self.model, h).float(), dim=-1) for h in states]
 
-    def for_layer(self, step) -> Rescorer:
+    def _reference(self, step) -> tuple[int, list[torch.Tensor]]:
+        """The depth layer `step.index` is read at and the original model's log-probabilities there."""
         stop = self.stops[step.index]
         if self.original is None:
             _, self.original = self._states(step, step.index, self.depth, set(self.stops.values()))
@@ -276,18 +282,51 @@ class EndToEndRescorer:
         self.original = {d: states for d, states in self.original.items() if d >= stop}
         if self.reference is None or self.reference[0] != stop:
             self.reference = stop, self._log_probs(self.original[stop])
-        reference = self.reference[1]
+        return self.reference
+
+    def _pruned_log_probs(self, step, subset: tuple[int, ...], stop: int, batches: slice | None = None) -> list:
+        """Log-probabilities read at depth `stop` with layer `step.index` pruned to `subset`."""
+        with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
+            return self._log_probs(self._states(step, step.index, stop, batches=batches)[0])
+
+    def rounds_for_layer(self, step) -> RoundScorer:
+        """The divergence per sequence, a batch a round, for racing the shortlist (`search.race`)."""
+        return _SequenceRounds(self, step, *self._reference(step))
+
+    def for_layer(self, step) -> Rescorer:
+        stop, reference = self._reference(step)
 
         def rescore(subsets: list[tuple[int, ...]]) -> list[float]:
             divergences = []
             for subset in subsets:
-                with self.adapter.pruned_view(self.model, {step.index: list(subset)}):
-                    pruned = self._log_probs(self._states(step, step.index, stop)[0])
+                pruned = self._pruned_log_probs(step, subset, stop)
                 divergences.append(mean_divergence(reference, pruned, self.divergence))
             # Under torchrun each rank scored its own sequences: weight their means by token counts.
             return reduce_means(divergences, sum(ref[..., 0].numel() for ref in reference))
 
         return rescore
+
+
+@dataclass
+class _SequenceRounds:
+    """A `search.RoundScorer` for one MoE layer: round r is cached batch r (under torchrun, every rank's
+    batch r, gathered in rank order)."""
+
+    rescorer: EndToEndRescorer
+    step: LayerStep
+    stop: int
+    reference: list[torch.Tensor]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.reference)
+
+    def __call__(self, subsets: list[tuple[int, ...]], round: int) -> torch.Tensor:
+        rows = []
+        for subset in subsets:
+            (pruned,) = self.rescorer._pruned_log_probs(self.step, subset, self.stop, slice(round, round + 1))
+            rows.append(sequence_divergences(self.reference[round], pruned, self.rescorer.divergence))
+        return gather_columns(torch.stack(rows))
 
 
 class LayerDecider:
@@ -353,13 +392,17 @@ class LayerDecider:
         if self.cost is not None:
             self.cost.expert_tokens += int((stats.cand_idx < self.adapter.num_experts).sum())
         mid = time.perf_counter()
-        rescore = self.rescorer.for_layer(step) if self.rescorer else None
+        scorers = {}
+        if self.rescorer is not None and self.context.race_z is not None:
+            scorers["race"] = self.rescorer.rounds_for_layer(step)
+        elif self.rescorer is not None:
+            scorers["rescore"] = self.rescorer.for_layer(step)
         oracle = SubsetLoss(stats)
         result = run_strategy(
             self.strategy,
             ReducedOracle(oracle) if world()[1] > 1 else oracle,
             self.keep,
-            replace(self.context, layer=step.index, rescore=rescore),
+            replace(self.context, layer=step.index, **scorers),
         )
         timing = LayerTiming(step.index, mid - start, time.perf_counter() - mid)
         decision = LayerPlan(
@@ -426,6 +469,7 @@ def plan_pruning(
         max_subsets=settings.max_subsets,
         beam=settings.beam,
         shortlist=end_to_end["e2e_shortlist"] if end_to_end is not None else 0,
+        race_z=end_to_end["e2e_race_z"] if end_to_end is not None else None,
     )
     decider = LayerDecider(
         adapter,
@@ -487,8 +531,8 @@ def plan_pruning(
                     "e2e_shortlist": end_to_end["e2e_shortlist"],
                     "e2e_samples": end_to_end["e2e_samples"],
                     "e2e_divergence": settings.e2e_divergence,
-                    # Only where there is one, so e2e plans made before the setting existed read the same.
-                    **({"e2e_horizon": end_to_end["e2e_horizon"]} if end_to_end["e2e_horizon"] is not None else {}),
+                    # Only where set, so e2e plans made before these settings existed read the same.
+                    **{key: end_to_end[key] for key in ("e2e_horizon", "e2e_race_z") if end_to_end[key] is not None},
                 }
                 if end_to_end is not None
                 else {}

@@ -11,6 +11,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -33,6 +34,15 @@ class SearchResult:
 Rescorer = Callable[[list[tuple[int, ...]]], list[float]]
 
 
+class RoundScorer(Protocol):
+    """The same divergence per calibration sequence, a round (a batch of sequences) at a time, for racing."""
+
+    rounds: int
+
+    def __call__(self, subsets: list[tuple[int, ...]], round: int) -> torch.Tensor:
+        """subsets x the sequences of `round`: each sequence's mean divergence per token."""
+
+
 @dataclass(frozen=True)
 class SearchContext:
     layer: int
@@ -41,6 +51,9 @@ class SearchContext:
     beam: int = 1
     shortlist: int = E2E_DEFAULTS["e2e"]["e2e_shortlist"]
     rescore: Rescorer | None = None  # e2e: supplied by the caller that has the model
+    # e2e racing (`e2e_race_z`): drop a subset once it is this many standard errors worse than the leader
+    race_z: float | None = None
+    race: RoundScorer | None = None  # with race_z, instead of rescore
 
 
 Strategy = Callable[..., SearchResult]
@@ -196,19 +209,62 @@ def shortlist(oracle, keep: int, ctx: SearchContext, size: int) -> tuple[list[tu
     return (ranked or [(0.0, tuple(range(n)))])[:size], scored
 
 
+@dataclass(frozen=True)
+class RaceOutcome:
+    order: list[int]  # the last round's survivors, best mean divergence first (ties: the earlier index)
+    divergence: float  # the winner's mean over every sequence it was scored on
+    evaluations: int  # (subset, sequence) pairs scored
+
+
+def race(subsets: list[tuple[int, ...]], score: RoundScorer, z: float) -> RaceOutcome:
+    """Paired racing: every surviving subset is scored on the same sequences, a round at a time. After
+    each round the leader is the lowest mean divergence so far; a subset whose per-sequence differences
+    to the leader have a mean above `z` standard errors is dropped. The race ends when one is left or
+    the rounds run out. Without drops it ranks exactly as scoring every subset on every sequence."""
+    alive = list(range(len(subsets)))
+    scored: list[torch.Tensor] = []  # per round: len(subsets) x its sequences, NaN where not scored
+    evaluations = 0
+    for round in range(score.rounds):
+        got = score([subsets[i] for i in alive], round).double()
+        evaluations += got.numel()
+        rows = torch.full((len(subsets), got.shape[1]), math.nan, dtype=torch.float64)
+        rows[alive] = got
+        scored.append(rows)
+        table = torch.cat(scored, dim=1)[alive]  # the survivors were scored on every sequence so far
+        means = table.mean(dim=1)
+        ranking = sorted(range(len(alive)), key=lambda i: (means[i].item(), alive[i]))
+        leader, last = ranking[0], round == score.rounds - 1
+        differences = table - table[leader]
+        if not last and differences.shape[1] > 1:
+            margin = z * differences.std(dim=1) / math.sqrt(differences.shape[1])
+            ranking = [i for i in ranking if i == leader or not differences[i].mean() > margin[i]]
+        order, divergence = [alive[i] for i in ranking], means[leader].item()
+        if last or len(order) == 1:
+            break
+        alive = sorted(order)
+    return RaceOutcome(order, divergence, evaluations)
+
+
 @strategy("e2e")
 @strategy("e2e-fast")  # the same search; prune gives it a shorter list, fewer sequences and a horizon
 def end_to_end(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Shortlist by exact reconstruction loss, then keep the subset whose pruned model's next-token
-    distribution diverges least from the original's (ties: lower reconstruction loss)."""
-    if ctx.rescore is None:
+    distribution diverges least from the original's (ties: lower reconstruction loss); with `race_z`,
+    by racing the shortlist (`race`) instead of scoring every subset on every sequence."""
+    if (ctx.race if ctx.race_z is not None else ctx.rescore) is None:
         raise UsageError("the e2e strategies re-score subsets with the model; run them through `prune`")
     ranked, scored = shortlist(oracle, keep, ctx, ctx.shortlist)
-    divergences = ctx.rescore([subset for _, subset in ranked])
-    order = sorted(range(len(ranked)), key=lambda i: (divergences[i], i))
+    subsets = [subset for _, subset in ranked]
+    if ctx.race_z is not None:
+        outcome = race(subsets, ctx.race, ctx.race_z)
+        order, divergence = outcome.order, outcome.divergence
+    else:
+        divergences = ctx.rescore(subsets)
+        order = sorted(range(len(ranked)), key=lambda i: (divergences[i], i))
+        divergence = divergences[order[0]]
     best = order[0]
     runner_up = ranked[order[1]][0] if len(order) > 1 else None
-    return SearchResult(ranked[best][1], ranked[best][0], runner_up, scored, divergences[best])
+    return SearchResult(ranked[best][1], ranked[best][0], runner_up, scored, divergence)
 
 
 @strategy("frequency")
