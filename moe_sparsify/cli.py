@@ -83,11 +83,18 @@ def _shown(value) -> str:
     return str(value)
 
 
+@functools.cache
+def _aliases_for_help() -> dict[str, dict]:
+    """models.yaml, read once per process: typer evaluates every option's help text (each a string
+    annotation) each time it builds the command, which re-read and re-parsed the file ~80 times a build."""
+    return model_aliases()
+
+
 def default_of(setting: str) -> str:
     """`[default: X]` for a help text: the built-in value, and any model alias in configs/models.yaml that
     sets its own (tiny runs 256-token sequences, not 2048)."""
     shown = _shown(getattr(_DEFAULTS, setting))
-    by_alias = [f"{alias}: {entry[setting]}" for alias, entry in model_aliases().items() if setting in entry]
+    by_alias = [f"{alias}: {entry[setting]}" for alias, entry in _aliases_for_help().items() if setting in entry]
     return f"[default: {shown}{'; ' + ', '.join(by_alias) if by_alias else ''}]"
 
 
