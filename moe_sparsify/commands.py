@@ -244,7 +244,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
 def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start: float) -> dict:
     settings = job.settings
     keep = check_keep(job.adapter, settings.keep)
-    _check_recovery(job)
+    _check_recovery(job, len(store.token_ids()) if store is not None else settings.samples)
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
     settings.output = str(output)  # the JSON's settings then name the path written, default or not
@@ -363,8 +363,9 @@ def _plan_without_recovery(path: Path) -> Plan:
     return plan
 
 
-def _check_recovery(job: Job) -> None:
-    """--recover changes kept weights in memory and exports them: refuse what it cannot do, before any work."""
+def _check_recovery(job: Job, sequences: int) -> None:
+    """--recover changes kept weights in memory and exports them: refuse what it cannot do, before any work.
+    sequences: how many calibration sequences the run has."""
     settings, adapter = job.settings, job.adapter
     if not settings.recover:
         return
@@ -373,6 +374,9 @@ def _check_recovery(job: Job) -> None:
         "plan_only": settings.plan_only and "--plan-only writes no weights; drop it to export the re-fitted model",
         "stream": settings.stream and "--stream does not hold the layers it would re-fit; run without --stream",
         "world": world()[1] > 1 and "torchrun: re-fitting is not shared out between processes yet; run one process",
+        "batches": sequences <= settings.batch_size
+        and f"it holds back whole calibration batches to check each change, so it needs more than one batch: "
+        f"{sequences} sequences at --batch-size {settings.batch_size}; raise --samples or lower --batch-size",
         "refit": "refit" in settings.recover
         and not adapter.refittable
         and f"{adapter.config.model_type} computes its experts its own way; --recover router only",

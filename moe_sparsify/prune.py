@@ -31,6 +31,7 @@ from .distributed import ReducedOracle, gather_columns, is_main, reduce_means, w
 from .divergence import mean_divergence, sequence_divergences
 from .errors import FailedRun, UsageError
 from .files import dumps, load_mapping, write_atomically
+from .guard import EndToEndGuard
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
 from .recover import LayerData, Recovery, recover_layer
@@ -339,7 +340,8 @@ class LayerDecider:
 
     compensating: score against the original model's output (the step carries the original inputs).
     recovery: after the decision (resumed ones too: re-fitted weights live only in memory), re-fit the
-    kept weights in place (`recover.recover_layer`); `recovered` collects its per-layer reports.
+    kept weights in place (`recover.recover_layer`), each change judged end to end by `guard` on the
+    held-back batches; `recovered` collects its per-layer reports.
     """
 
     def __init__(
@@ -353,12 +355,12 @@ class LayerDecider:
         rescorer: EndToEndRescorer | None = None,
         compensating: bool = False,
         recovery: Recovery | None = None,
-        seq_len: int = 0,
+        guard: EndToEndGuard | None = None,
         cost: SearchCost | None = None,
     ):
         self.adapter, self.strategy, self.keep, self.context = adapter, strategy, keep, context
         self.journal, self.rescorer = journal, rescorer
-        self.compensating, self.recovery, self.seq_len = compensating, recovery, seq_len
+        self.compensating, self.recovery, self.guard = compensating, recovery, guard
         self.cost = cost
         self.decisions: list[LayerPlan] = []
         self.timings: list[LayerTiming] = []
@@ -374,8 +376,9 @@ class LayerDecider:
         if self.recovery is not None:
             keep = torch.zeros(self.adapter.num_experts, dtype=torch.bool)
             keep[list(decision.kept)] = True
-            data = LayerData.split(list(step.inputs), targets, self.seq_len, self.recovery.holdout)
-            reports = recover_layer(self.adapter, step.block, keep, data, self.recovery)
+            data = LayerData.split(list(step.inputs), targets, self.recovery.holdout)
+            judge = self.guard.for_layer(step, list(decision.kept), data.held_batches) if self.guard else None
+            reports = recover_layer(self.adapter, step.block, keep, data, self.recovery, judge)
             self.recovered.append({"layer": step.index, "methods": [r.as_dict() for r in reports]})
         return list(decision.kept)
 
@@ -480,11 +483,12 @@ def plan_pruning(
         rescorer=rescorer,
         compensating=mode == "compensating",
         recovery=recovery,
-        seq_len=token_ids.shape[1],
+        guard=EndToEndGuard(model, adapter, device, residency) if recovery is not None else None,
         cost=cost,
     )
     inputs: LayerInputs
-    if store is not None and mode == "layerwise":
+    # Recovery's end-to-end guard runs the later layers from each layer's decoder inputs: propagate them.
+    if store is not None and mode == "layerwise" and recovery is None:
         inputs = StoredInputs(
             store,
             model,

@@ -18,15 +18,16 @@ exact loss sum_t ||F'(x'_t, C) - y_t||^2 the search scores:
   dD_e = (sum_t w r h^T) (sum_t w^2 h h^T + lambda I)^-1, dampened as SparseGPT/GPTQ do
   (lambda = damp x the mean diagonal). Each block step cannot raise the loss of the tokens it is fitted on.
 
-All are guarded: fitted on the calibration tokens minus a held-back tail of whole sequences,
-and kept only where the held-back loss falls and the fitted tokens' loss does not rise; else the
-layer keeps its weights.
+All are guarded: fitted on the calibration tokens minus a held-back tail of whole batches, and kept
+only where the held-back loss falls and the fitted tokens' loss does not rise; in `prune`, also only
+where the next-token divergence of the whole model on the held-back batches falls (`guard.py`: a
+lower layer loss need not mean a better model). Otherwise the layer keeps its weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -58,7 +59,10 @@ class Recovery:
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    """One method on one layer: mean per-token losses before and after, on fitted and held-back tokens."""
+    """One method on one layer: mean per-token losses before and after, on fitted and held-back tokens,
+    and with an end-to-end judge, the mean next-token KL on the held-back batches before and after.
+    A change the layer losses refuse reports its before values as after; one they accept but the
+    end-to-end KL refuses reports what it reached (so the KL that refused it is on record)."""
 
     method: str
     accepted: bool
@@ -67,6 +71,8 @@ class RecoveryReport:
     held_before: float
     held_after: float
     steps: int
+    end_to_end_before: float | None = None
+    end_to_end_after: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -75,28 +81,25 @@ class RecoveryReport:
 @dataclass
 class LayerData:
     """One MoE layer's calibration tokens: the block's inputs x' and the target y of its whole output
-    (shared experts included), in chunks of rows; `fit` and `held` split them by whole sequences."""
+    (shared experts included), in chunks of rows, one per calibration batch; `fit` and `held` split them
+    by whole batches (the held-back ones are also run end to end: `guard.EndToEndGuard`)."""
 
     fit: list[tuple[torch.Tensor, torch.Tensor]]
     held: list[tuple[torch.Tensor, torch.Tensor]]
+    held_batches: range = range(0)  # the held-back chunks' indices among all chunks
 
     @classmethod
-    def split(cls, inputs: list[torch.Tensor], targets: list[torch.Tensor], seq_len: int, holdout: float) -> LayerData:
-        """Hold back the last round(holdout x sequences) sequences (at least one, and at least one fitted)."""
-        total = sum(len(x) for x in inputs)
-        sequences = max(total // seq_len, 1)
-        held_rows = min(max(round(holdout * sequences), 1), sequences - 1) * seq_len if sequences > 1 else 0
-        fit, held, start = [], [], 0
-        for x, y in zip(inputs, targets, strict=True):
-            cut = min(max(total - held_rows - start, 0), len(x))
-            if cut:
-                fit.append((x[:cut], y[:cut]))
-            if cut < len(x):
-                held.append((x[cut:], y[cut:]))
-            start += len(x)
-        if not held:
-            raise ValueError("recovery needs at least two calibration sequences: one to fit, one to hold back")
-        return cls(fit, held)
+    def split(cls, inputs: list[torch.Tensor], targets: list[torch.Tensor], holdout: float) -> LayerData:
+        """Hold back the last round(holdout x batches) batches (at least one, and at least one fitted)."""
+        batches = len(inputs)
+        if batches < 2:
+            raise ValueError(
+                "recovery holds back whole calibration batches: it needs at least two "
+                "(more sequences than --batch-size)"
+            )
+        held = min(max(round(holdout * batches), 1), batches - 1)
+        pairs = list(zip(inputs, targets, strict=True))
+        return cls(pairs[: batches - held], pairs[batches - held :], range(batches - held, batches))
 
 
 def layer_loss(adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, chunks) -> float:
@@ -115,13 +118,37 @@ def _block_output(adapter: MoEAdapter, block: nn.Module, x: torch.Tensor, keep: 
 
 
 def recover_layer(
-    adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, data: LayerData, recovery: Recovery
+    adapter: MoEAdapter,
+    block: nn.Module,
+    keep: torch.Tensor,
+    data: LayerData,
+    recovery: Recovery,
+    judge: Callable[[], float] | None = None,
 ) -> list[RecoveryReport]:
-    """Apply each method of `recovery` to the block in place, in RECOVERY_METHODS order, each guarded."""
+    """Apply each method of `recovery` to the block in place, in RECOVERY_METHODS order, each guarded.
+
+    judge: the end-to-end divergence with the block as it stands (`guard.EndToEndGuard.for_layer`); a
+    method's change that the layer losses accept is also undone, bit for bit, unless the judge falls."""
     from .merge import merge_removed_experts  # merge.py builds on this module's types
 
     steps = {"merge": merge_removed_experts, "router": recalibrate_router, "refit": refit_experts}
-    return [steps[m](adapter, block, keep, data, recovery) for m in RECOVERY_METHODS if m in recovery.methods]
+    reports = []
+    divergence = judge() if judge is not None else None
+    for method in (m for m in RECOVERY_METHODS if m in recovery.methods):
+        changed = recoverable_parameters(adapter, block, whole_experts=method == "merge")
+        saved = [p.detach().clone() for p in changed] if judge is not None else []
+        report = steps[method](adapter, block, keep, data, recovery)
+        if judge is not None:
+            after = judge() if report.accepted else divergence
+            kept = report.accepted and after < divergence
+            if report.accepted and not kept:
+                with torch.no_grad():
+                    for p, value in zip(changed, saved, strict=True):
+                        p.data = value
+            report = replace(report, accepted=kept, end_to_end_before=divergence, end_to_end_after=after)
+            divergence = after if kept else divergence
+        reports.append(report)
+    return reports
 
 
 # --- router re-calibration -----------------------------------------------------------------------------

@@ -60,3 +60,35 @@ def test_bad_records_are_refused(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps({"body": "no text field"}))
     with pytest.raises(UsageError, match="'text'"):
         load_documents(str(tmp_path / "x.jsonl"))
+
+
+def test_a_visiting_layer_returns_home_with_exactly_the_changes_made_on_the_device():
+    """Resident keeps a layer's host tensors while it visits another device (here "cpu:0", which forces
+    real copies): unchanged tensors go back to their host copies, changed ones are copied back. A write
+    the residency missed would leave the host weights stale: the check fails if changes were dropped."""
+    import torch
+
+    from moe_sparsify.adapters import adapter_for
+    from moe_sparsify.calibration.propagate import Resident
+
+    from .conftest import random_mixtral
+
+    model = random_mixtral()
+    adapter = adapter_for(model.config)
+    residency = Resident(model, adapter)
+    layer = adapter.decoder_layers(model)[0]
+    block = adapter.moe_block(layer)
+    hosts = {name: p.data for name, p in layer.named_parameters()}
+    down, router = block.experts.down_proj.detach().clone(), adapter.router_weight(block).detach().clone()
+
+    residency.load_layer(0, torch.device("cpu", 0))
+    assert all(p.data_ptr() != hosts[name].data_ptr() for name, p in layer.named_parameters())
+    with torch.no_grad():
+        adapter.down_projection(block, 3).add_(1.0)  # in place through a view: the version counter
+        adapter.router_weight(block).data = router * 2  # a new tensor
+    residency.release_layer(0)
+
+    assert torch.equal(block.experts.down_proj[3], down[3] + 1.0)
+    assert torch.equal(adapter.router_weight(block), router * 2)
+    unchanged = [n for n, p in layer.named_parameters() if "down_proj" not in n and "gate.weight" not in n]
+    assert unchanged and all(layer.get_parameter(n).data_ptr() == hosts[n].data_ptr() for n in unchanged)

@@ -67,14 +67,14 @@ def test_merged_weights_equal_a_frequency_weighted_average_computed_apart(merge_
     block = adapter.moe_block(model.model.layers[0])
     x = _inputs(model)
     keep = _keep_mask(KEEP)
-    fit_rows = 18 * SEQ  # LayerData.split holds back the last 6 of 24 sequences; statistics come from the rest
+    fit_rows = 18 * SEQ  # LayerData.split holds back the last 2 of 8 batches (6 of 24 sequences)
     expected = _expected_merge(block, x[:fit_rows], KEEP, merge_by)
     merged_block = copy.deepcopy(block)
     with torch.no_grad():
         for name, value in expected.items():
             getattr(merged_block.experts, name).copy_(value.float())
         y = adapter.routed_forward(merged_block, x, keep)
-    data = LayerData.split(list(x.split(3 * SEQ)), list(y.split(3 * SEQ)), SEQ, 0.25)
+    data = LayerData.split(list(x.split(3 * SEQ)), list(y.split(3 * SEQ)), 0.25)
     assert sum(len(c) for c, _ in data.fit) == fit_rows
     untouched = {name: getattr(block.experts, name)[~keep].clone() for name in expected}
 
@@ -100,7 +100,7 @@ def test_merge_never_raises_the_layer_loss_on_calibration_tokens():
         x = _inputs(model, seed=seed)
         with torch.no_grad():
             y = adapter.routed_forward(block, x, None)
-        data = LayerData.split(list(x.split(3 * SEQ)), list(y.split(3 * SEQ)), SEQ, 0.25)
+        data = LayerData.split(list(x.split(3 * SEQ)), list(y.split(3 * SEQ)), 0.25)
         before = {name: p.detach().clone() for name, p in block.named_parameters()}
         fit, held = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
         report = recover_layer(adapter, block, keep, data, Recovery(("merge",)))[0]
@@ -122,7 +122,7 @@ def test_a_merge_the_held_back_tokens_refuse_leaves_the_weights_untouched():
         for name, value in _expected_merge(block, x[: 18 * SEQ], KEEP, "output").items():
             getattr(merged.experts, name).copy_(value.float())
         y = adapter.routed_forward(merged, x, keep)  # the fitted tokens would accept this merge
-    data = LayerData.split(list(x.split(3 * SEQ)), list(y.split(3 * SEQ)), SEQ, 0.25)
+    data = LayerData.split(list(x.split(3 * SEQ)), list(y.split(3 * SEQ)), 0.25)
     data.held = [(c, torch.randn_like(t) * 100) for c, t in data.held]
     before = {name: p.detach().clone() for name, p in block.named_parameters()}
     report = merge_removed_experts(adapter, block, keep, data, Recovery(("merge",)))

@@ -33,19 +33,19 @@ def _layer(keep_ids=(0, 2, 3, 5), sequences=48, seed=0):
     keep = torch.zeros(8, dtype=torch.bool)
     keep[list(keep_ids)] = True
     chunks_x, chunks_y = list(x.split(3 * SEQ)), list(y.split(3 * SEQ))
-    return adapter, block, keep, LayerData.split(chunks_x, chunks_y, SEQ, 0.25)
+    return adapter, block, keep, LayerData.split(chunks_x, chunks_y, 0.25)
 
 
 def _all(data):
     return data.fit + data.held
 
 
-def test_holdout_is_the_tail_of_whole_sequences():
+def test_holdout_is_the_tail_of_whole_batches():
     *_, data = _layer(sequences=12)
     assert sum(len(x) for x, _ in data.held) == 3 * SEQ  # 25 % of 12 sequences
     assert sum(len(x) for x, _ in data.fit) == 9 * SEQ
-    with pytest.raises(ValueError, match="two calibration sequences"):
-        LayerData.split([torch.zeros(SEQ, 4)], [torch.zeros(SEQ, 4)], SEQ, 0.25)
+    with pytest.raises(ValueError, match="at least two"):
+        LayerData.split([torch.zeros(SEQ, 4)], [torch.zeros(SEQ, 4)], 0.25)
 
 
 def test_router_gram_loss_equals_the_reference_forward():
@@ -144,6 +144,8 @@ def test_prune_recover_exports_the_refitted_weights_it_verified(tmp_path):
     recover = data["recover"]
     assert recover["methods"] == ["router", "refit"]
     assert any(m["accepted"] for layer in recover["layers"] for m in layer["methods"])
+    for method in (m for layer in recover["layers"] for m in layer["methods"] if m["accepted"]):
+        assert method["end_to_end_after"] < method["end_to_end_before"]  # judged end to end, and kept for it
     source = load_file(bundled_model_dir("tiny") / "model.safetensors")
     exported = load_file(out / "model.safetensors")
     for layer in recover["layers"]:
@@ -254,3 +256,76 @@ def test_recover_refuses_a_quantized_source(tmp_path):
     result = _cli("prune", "--model", source, "--keep", 6, "--recover", "refit", "--output", tmp_path / "out", *FAST)
     assert result.exit_code == 2
     assert "quantized" in _one_error_line(result)
+
+
+# --- the end-to-end guard ---------------------------------------------------------------------------------
+
+
+def _stock_kl(model, tokens, kept: dict[int, list[int]]) -> float:
+    """Mean per-token KL(original || pruned) from two whole-model forwards (no layer-by-layer path)."""
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
+        with adapter_for(model.config).pruned_view(model, kept):
+            q = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_the_guard_equals_the_stock_forward_divergence_and_tells_a_wrong_kept_set_apart():
+    """The guard's KL, run from a layer's cached inputs through the later layers, equals the KL of two
+    stock forwards of the whole model on the held-back batches; judging another kept set differs."""
+    from moe_sparsify.calibration.propagate import propagate
+    from moe_sparsify.guard import EndToEndGuard
+
+    model = random_mixtral(layers=3)
+    adapter = adapter_for(model.config)
+    tokens = torch.randint(0, 2048, (6, 24), generator=torch.Generator().manual_seed(1))
+    held = range(1, 3)  # batches of 2 sequences: the last two
+    guard, judged = EndToEndGuard(model, adapter, torch.device("cpu")), {}
+
+    def on_layer(step):
+        if step.index == 1:
+            judged["right"] = guard.for_layer(step, [0, 2, 3, 5, 6, 7], held)()
+            judged["wrong"] = guard.for_layer(step, [1, 2, 3, 5, 6, 7], held)()
+        return None
+
+    propagate(model, adapter, tokens, on_layer, batch_size=2, device=torch.device("cpu"))
+    expected = _stock_kl(model, tokens[2:], {1: [0, 2, 3, 5, 6, 7]})
+    assert judged["right"] == pytest.approx(expected, rel=1e-4)
+    assert judged["wrong"] != pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize(("divergences", "kept"), [((1.0, 0.5), True), ((1.0, 1.5), False)])
+def test_a_change_the_layer_accepts_is_kept_only_where_the_end_to_end_divergence_falls(divergences, kept):
+    """A refit the layer losses accept is undone, bit for bit, when the judge says the model got worse."""
+    adapter, block, keep, data = _layer()
+    before = {name: p.detach().clone() for name, p in block.named_parameters()}
+    judged = iter(divergences)
+    report = recover_layer(adapter, block, keep, data, Recovery(("refit",)), judge=lambda: next(judged))[0]
+    assert report.fit_after < report.fit_before  # the layer guard accepted it
+    assert report.accepted == kept
+    assert (report.end_to_end_before, report.end_to_end_after) == divergences
+    unchanged = all(torch.equal(p, before[name]) for name, p in block.named_parameters())
+    assert unchanged != kept
+
+
+def test_recover_refuses_a_single_calibration_batch_before_loading(tmp_path):
+    result = _cli(
+        "prune",
+        "--model",
+        "tiny",
+        "--keep",
+        6,
+        "--recover",
+        "refit",
+        "-o",
+        tmp_path / "o",
+        "--samples",
+        8,
+        "--batch-size",
+        8,
+        "--seq-len",
+        64,
+    )
+    assert result.exit_code == 2
+    assert "raise --samples or lower --batch-size" in _one_error_line(result)
+    assert not (tmp_path / "o").exists()
