@@ -66,13 +66,43 @@ def token_ids() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def text(tmp_path_factory):
-    """`--text` with a slice of the held-out split, for CLI `eval` runs: enough tokens to compare
-    perplexities, a fraction of the time of the whole split."""
+    """`--text` with a slice of the held-out split, for CLI `eval` runs: ~1,300 tokens, enough to compare
+    perplexities (the bundled model pruned to 6 experts scores ~70 against ~40), a fraction of the time
+    of the whole split."""
     from moe_sparsify.corpus import bundled_text
 
     path = tmp_path_factory.mktemp("text") / "heldout.txt"
-    path.write_text(bundled_text("heldout")[:12_000], encoding="utf-8")
+    path.write_text(bundled_text("heldout")[:4_000], encoding="utf-8")
     return ["--text", path]
+
+
+@pytest.fixture(scope="session")
+def lm_eval_tasks_indexed_once():
+    """lm-eval's own ~15,000 task files indexed once per session (~5 CPU-s a time), for tests about what the
+    project does with the index, not about building it; the bundled and --task-dir tasks are still read
+    afresh on every call."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
+    from lm_eval.tasks import manager
+
+    own = Path(manager.__file__).parent
+    build = manager.TaskIndex.build
+    cache = {}
+
+    def build_caching_own(paths, **options):
+        index = {}
+        for root in paths:  # later roots override earlier ones, as lm-eval merges them
+            if Path(root) == own:
+                key = tuple(sorted(options.items()))
+                if key not in cache:
+                    cache[key] = build([root], **options)
+                index.update(cache[key])
+            else:
+                index.update(build([root], **options))
+        return index
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(manager.TaskIndex, "build", staticmethod(build_caching_own))
+        yield
 
 
 def assert_brute_force_e2e(plan, model, adapter, keep: int, log_probs) -> None:

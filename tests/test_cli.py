@@ -359,8 +359,7 @@ def test_no_perplexity_needs_tasks():
     assert result.exit_code == 2 and "nothing to measure" in _error_line(result)
 
 
-def test_unknown_task_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
+def test_unknown_task_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch, lm_eval_tasks_indexed_once):
     import moe_sparsify.commands as commands
     import moe_sparsify.compare as compare
 

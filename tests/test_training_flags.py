@@ -67,46 +67,26 @@ def _without_counts(config: dict) -> dict:
 
 
 def test_trained_flags_stream_eval_and_skip_profile(tmp_path, text):
+    """Streamed prune, skip-profile and eval on a flagged checkpoint: the plan applied in memory and the
+    exported checkpoint give the same thresholds and the same perplexity with skipping on."""
     model, _ = build("mixtral")
     window = ["--window", "64", "--stride", "32"]  # the tiny config holds 128 positions
+    profile = ["--samples", "8", "--seq-len", "32", "--json"]
     flagged = save_with_tokenizer(model, tmp_path / "flagged")
     _with_trained_flags(flagged)
-    streamed = _run("prune", "--model", flagged, *ARGS, "--stream", "-o", tmp_path / "out")
+    out = tmp_path / "out"
+    streamed = _run("prune", "--model", flagged, *ARGS, "--stream", "-o", out)
     assert streamed["verified_max_abs_logit_diff"] <= 1e-4
-    plan = tmp_path / "out" / "moe_sparsify_plan.yaml"
-    thresholds = tmp_path / "thresholds.json"
-    _run(
-        "skip-profile",
-        "--model",
-        flagged,
-        "--plan",
-        plan,
-        "--samples",
-        "8",
-        "--seq-len",
-        "32",
-        "-o",
-        thresholds,
-        "--json",
-    )
-    pruned_in_memory = _run(
-        "eval", "--model", flagged, "--plan", plan, "--thresholds", thresholds, "--json", *text, *window
-    )
-    assert pruned_in_memory["perplexity"] > 0
-    _run(
-        "skip-profile",
-        "--model",
-        tmp_path / "out",
-        "--samples",
-        "8",
-        "--seq-len",
-        "32",
-        "-o",
-        tmp_path / "t2.json",
-        "--json",
-    )
-    skipped = _run("eval", "--model", tmp_path / "out", "--thresholds", tmp_path / "t2.json", "--json", *text, *window)
-    assert skipped["perplexity"] > 0
+    plan = out / "moe_sparsify_plan.yaml"
+    in_memory, exported = tmp_path / "in-memory.json", tmp_path / "exported.json"
+    _run("skip-profile", "--model", flagged, "--plan", plan, *profile, "-o", in_memory)
+    _run("skip-profile", "--model", out, *profile, "-o", exported)
+    betas = [[layer["beta"] for layer in json.loads(path.read_text())["layers"]] for path in (in_memory, exported)]
+    assert betas[1] == pytest.approx(betas[0], rel=1e-5) and len(betas[0]) == len(streamed["layers"])
+    pruned = _run("eval", "--model", flagged, "--plan", plan, "--thresholds", in_memory, *text, *window, "--json")
+    skipped = _run("eval", "--model", out, "--thresholds", exported, *text, *window, "--json")
+    assert skipped["perplexity"] == pytest.approx(pruned["perplexity"], rel=1e-4)
+    assert len(skipped["skip_fraction"]) == len(betas[0]) and 0 < min(skipped["skip_fraction"].values())
 
 
 def test_load_config_neutralises_flags_in_nested_configs(tmp_path):
