@@ -40,7 +40,6 @@ from moe_sparsify.evaluate import mean_kl, next_token_log_probs, perplexity  # n
 from moe_sparsify.models import load_model, resolve_model_dir  # noqa: E402
 from moe_sparsify.prune import plan_pruning  # noqa: E402
 
-CPU = torch.device("cpu")
 RUNS = [
     ("exhaustive layerwise", {"strategy": "exhaustive", "mode": "layerwise"}),
     ("exhaustive progressive", {"strategy": "exhaustive", "mode": "progressive"}),
@@ -121,6 +120,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="alias or model directory (default: the bundled model)")
     ap.add_argument("--calibration", default="bundled", help="calibration source, as prune --calibration")
     ap.add_argument("--heldout", default="bundled:heldout", help="held-out text source")
+    ap.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (float32 either way)")
     ap.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS], help="rows to run (default: all)")
     args = ap.parse_args()
     unknown = set(args.runs) - {name for name, _ in RUNS}
@@ -128,18 +128,20 @@ def main() -> None:
         ap.error(f"unknown runs {sorted(unknown)}; choose from {[name for name, _ in RUNS]}")
     torch.set_num_threads(2)
 
+    device = torch.device(args.device)
     model, tokenizer = load_model(resolve_model_dir(args.model), torch.float32)
+    model.to(device)
     adapter = adapter_for(model.config)
     tokens, manifest = sample_windows(tokenizer, parse_sources(args.calibration), args.samples, args.seq_len, seed=0)
     heldout = token_stream(tokenizer, load_documents(args.heldout))
     windows = heldout[: len(heldout) // 256 * 256].reshape(-1, 256)
-    reference = next_token_log_probs(model, windows, CPU)
+    reference = next_token_log_probs(model, windows, device)
 
     def score(kept, scored=model) -> dict:
         with adapter.pruned_view(scored, kept):
             return {
-                "perplexity": perplexity(scored, heldout, 256, 128, CPU)["perplexity"],
-                "kl": mean_kl(scored, windows, reference, CPU),
+                "perplexity": perplexity(scored, heldout, 256, 128, device)["perplexity"],
+                "kl": mean_kl(scored, windows, reference, device),
             }
 
     def plan(keep: int, pruned=model, **overrides):
@@ -148,7 +150,7 @@ def main() -> None:
         settings = Settings(model=args.model, keep=keep, batch_size=16, seq_len=args.seq_len, **overrides)
         cost = SearchCost()
         start = time.perf_counter()
-        result, _ = plan_pruning(pruned, adapter, settings, tokens, manifest, device=CPU, cost=cost)
+        result, _ = plan_pruning(pruned, adapter, settings, tokens, manifest, device=device, cost=cost)
         return result, time.perf_counter() - start, cost.flops(model.config, args.seq_len)
 
     rows = [{"keep": 8, "strategy": "original", **score({}), "search_s": 0.0, "changed_bytes": 0}]
@@ -190,7 +192,7 @@ def main() -> None:
 
     print(
         f"{args.model}; calibration {args.samples}x{args.seq_len} tokens; held-out split "
-        f"{len(heldout)} tokens; CPU, float32, 2 threads; cost: FLOPs over the exhaustive layer-wise search's"
+        f"{len(heldout)} tokens; {device}, float32, 2 threads; cost: FLOPs over the exhaustive layer-wise search's"
     )
     print(f"{'keep':>4}  {'strategy':<42} {'perplexity':>10} {'KL':>7} {'search s':>9} {'cost':>6} {'changed B':>10}")
     for r in rows:
