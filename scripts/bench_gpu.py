@@ -3,6 +3,7 @@
     python scripts/bench_gpu.py                          # CUDA: Mixtral-8x7B-shaped layers, 128 x 2048 tokens
     python scripts/bench_gpu.py --device cpu --tiny      # CPU: small shapes, runs in CI time
     python scripts/bench_gpu.py --out results.json       # also write the full results
+    python scripts/bench_gpu.py --calibration-only       # stage 1 only
 
 Runs from the repository root without installing the package, with only
 torch, transformers and safetensors. Builds a Mixtral with --layers decoder
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small shapes and token counts (CPU, CI)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--calibration-only", action="store_true", help="stop after measuring calibration")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -190,6 +192,11 @@ def main() -> None:
             lambda: propagate(model, adapter, tokens, keep_inputs, batch_size=args.batch_size, device=device), device
         )
     results["calibration_tokens_per_s"] = tokens.numel() / calib_s
+    if args.calibration_only:
+        print(json.dumps(results))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        return
     model.to(device)
 
     per_layer = [measure_layer(adapter, model, index, inputs, args, device) for index, inputs in captured.items()]
