@@ -6,23 +6,30 @@ import itertools
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe_sparsify.models import bundled_model_dir
+# torch, transformers and the package are imported where used, not here: under `pytest -n 2` the
+# controlling process loads this file too, and importing them (~4 CPU-s) there delays every worker's start.
+if TYPE_CHECKING:
+    import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` on two cores: one thread per worker, and per CLI process it starts. Two workers of
     # two OpenMP threads each, spinning on oversubscribed cores, ran some tests 30x slower than alone.
     os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
     torch.set_num_threads(1)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def random_mixtral(num_experts: int = 8, top_k: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
     torch.manual_seed(seed)
     config = MixtralConfig(
         vocab_size=2048,  # the bundled tokenizer's, so the CLI can run on these models
@@ -42,6 +49,8 @@ def random_mixtral(num_experts: int = 8, top_k: int = 2, layers: int = 2, hidden
 
 
 def save_with_tokenizer(model, directory: Path) -> Path:
+    from moe_sparsify.models import bundled_model_dir
+
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES:
         shutil.copy(bundled_model_dir("tiny") / name, directory / name)
@@ -56,11 +65,15 @@ def random_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
+    from moe_sparsify.models import bundled_model_dir
+
     return bundled_model_dir("tiny")
 
 
 @pytest.fixture
 def token_ids() -> torch.Tensor:
+    import torch
+
     return torch.randint(0, 2048, (4, 24), generator=torch.Generator().manual_seed(1))
 
 
@@ -109,6 +122,8 @@ def assert_brute_force_e2e(plan, model, adapter, keep: int, log_probs) -> None:
     """The e2e plan equals a brute-force search: layer by layer, with the earlier layers as decided,
     every subset by a masked forward, keeping the one whose `log_probs(layer)` is closest in KL to
     the unpruned model's (same kept experts, divergence within rounding)."""
+    import torch
+
     decided = {}
     with torch.no_grad():
         for layer in range(len(plan.layers)):
