@@ -78,15 +78,27 @@ def token_ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def text(tmp_path_factory):
-    """`--text` with a slice of the held-out split, for CLI `eval` runs: ~1,300 tokens, enough to compare
-    perplexities (the bundled model pruned to 6 experts scores ~70 against ~40), a fraction of the time
-    of the whole split."""
+def heldout_slice(tmp_path_factory) -> Path:
+    """The first 4,000 characters of the bundled held-out split: ~1,300 tokens."""
     from moe_sparsify.corpus import bundled_text
 
     path = tmp_path_factory.mktemp("text") / "heldout.txt"
     path.write_text(bundled_text("heldout")[:4_000], encoding="utf-8")
-    return ["--text", path]
+    return path
+
+
+@pytest.fixture(scope="session")
+def text(heldout_slice):
+    """`--text` for CLI `eval` runs: enough tokens to compare perplexities (the bundled model pruned to 6
+    experts scores ~70 against ~40), a fraction of the time of the whole split."""
+    return ["--text", heldout_slice]
+
+
+@pytest.fixture(scope="session")
+def small_calibration(heldout_slice):
+    """`--calibration` for runs whose few windows (8 x 32) need no more text: the bundled calibration
+    split is tokenised whole on every run, for any number of windows."""
+    return ["--calibration", heldout_slice]
 
 
 @pytest.fixture(scope="session")

@@ -537,7 +537,7 @@ def test_routed_forward_is_the_stock_block_and_scores_are_exact(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_calibrate_prune_export_reload_and_skip(family, tmp_path):
+def test_calibrate_prune_export_reload_and_skip(family, tmp_path, small_calibration):
     from typer.testing import CliRunner
 
     from moe_sparsify.cli import app
@@ -546,7 +546,9 @@ def test_calibrate_prune_export_reload_and_skip(family, tmp_path):
     source = save_with_tokenizer(model, tmp_path / "source")
     out, calib = tmp_path / "pruned", tmp_path / "calib"
     calibrated = CliRunner().invoke(
-        app, ["calibrate", "--model", str(source), "--output", str(calib), "--samples", "8", "--seq-len", "32"]
+        app,
+        ["calibrate", "--model", str(source), "--output", str(calib), "--samples", "8", "--seq-len", "32"]
+        + list(map(str, small_calibration)),
     )
     assert calibrated.exit_code == 0, calibrated.stderr
     result = CliRunner().invoke(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -342,10 +343,53 @@ def test_malformed_threshold_files(tmp_path, change, fragment):
 # --- locks, signals and the temporaries of killed runs ---------------------------------------------
 
 
-def _cli(*args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "moe_sparsify", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def _cli_in_child(args: list[str], logs: Path) -> None:
+    """The forked child: stdout and stderr to files at the descriptor level, then the command line."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        log = os.open(logs / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, fd)
+        os.close(log)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+    app(args)  # exits with the command's code
+
+
+class ForkedCli:
+    """`moe-sparsify ARGS` in a process of its own, forked from this one instead of started afresh: its PID,
+    locks, signal handlers and file descriptors are a real process's, without a new interpreter importing
+    torch and transformers (~5 CPU-s, more than the export it runs). The subset of Popen the tests use."""
+
+    def __init__(self, logs: Path, *args):
+        self.logs = logs
+        self._process = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=(list(args), logs))
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._process.join(timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return tuple((self.logs / name).read_text() for name in ("stdout", "stderr"))
+
+
+@pytest.fixture
+def cli(tmp_path_factory):
+    """Start `moe-sparsify ARGS` as its own process; its output is kept outside the test's directory."""
+    return lambda *args: ForkedCli(tmp_path_factory.mktemp("logs"), *map(str, args))
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
@@ -359,7 +403,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert alive.exists() and not stale.exists()
 
 
-def _wait_for(predicate, process: subprocess.Popen, seconds: float = 120) -> None:
+def _wait_for(predicate, process: ForkedCli, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
         assert process.poll() is None, process.communicate()
@@ -367,8 +411,8 @@ def _wait_for(predicate, process: subprocess.Popen, seconds: float = 120) -> Non
         time.sleep(0.01)
 
 
-def test_sigterm_mid_export_unwinds_and_removes_its_temporaries(tmp_path, plan_file):
-    process = _cli("export", "--plan", plan_file, "-o", tmp_path / "out")
+def test_sigterm_mid_export_unwinds_and_removes_its_temporaries(tmp_path, plan_file, cli):
+    process = cli("export", "--plan", plan_file, "-o", tmp_path / "out")
     _wait_for(lambda: any(tmp_path.glob(".out.partial-*")), process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
@@ -377,9 +421,9 @@ def test_sigterm_mid_export_unwinds_and_removes_its_temporaries(tmp_path, plan_f
     assert _listing(tmp_path) == set()
 
 
-def test_two_concurrent_runs_exactly_one_proceeds_and_a_killed_holder_is_stale(tmp_path, plan_file):
+def test_two_concurrent_runs_exactly_one_proceeds_and_a_killed_holder_is_stale(tmp_path, plan_file, cli):
     out = tmp_path / "out"
-    first = _cli("export", "--plan", plan_file, "-o", out)
+    first = cli("export", "--plan", plan_file, "-o", out)
     _wait_for(lambda: any(tmp_path.glob(".out.partial-*")), first)  # the first run holds the lock and writes
     # Frozen while it holds the lock: a tiny export could otherwise finish before the second run starts,
     # which would then meet an existing output instead of a live lock.
