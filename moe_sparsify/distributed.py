@@ -75,19 +75,23 @@ def reduce_means(values: list[float], count: int) -> list[float]:
     return (sums[:-1] / sums[-1]).tolist()
 
 
-def gather_columns(values: torch.Tensor) -> torch.Tensor:
-    """Every rank's columns side by side in rank order (rows: the same on every rank; columns: this rank's
-    own, which may number one fewer on some ranks), in float64."""
+def gather_sequences(values: torch.Tensor) -> torch.Tensor:
+    """Per-sequence values (columns) of every rank, in the calibration's own sequence order, in float64.
+
+    Rank r holds sequences r, r + world, r + 2 world, ... (`shard`); each rank passes the columns of the
+    same run of its own sequences (e.g. its batch j), which may be one shorter on the later ranks. Rows
+    are the same on every rank."""
     rank, size = world()
     if size == 1:
         return values.double()
     counts = torch.zeros(size, dtype=torch.float64)
     counts[rank] = values.shape[1]
     counts = all_sum(counts).long().tolist()
-    slots = torch.zeros(values.shape[0], size, max(counts), dtype=torch.float64, device=values.device)
-    slots[:, rank, : values.shape[1]] = values
-    slots = all_sum(slots)
-    return torch.cat([slots[:, r, :count] for r, count in enumerate(counts)], dim=1)
+    slots = torch.zeros(values.shape[0], max(counts), size, dtype=torch.float64, device=values.device)
+    slots[:, : values.shape[1], rank] = values
+    slots = all_sum(slots)  # [:, i, r]: rank r's i-th column, the (i * size + r)-th sequence of the run
+    present = torch.arange(max(counts))[:, None] < torch.tensor(counts)[None, :]
+    return slots[:, present.to(slots.device)]
 
 
 class ReducedOracle:

@@ -27,7 +27,7 @@ from .calibration.store import CalibrationStore
 from .choices import E2E_DEFAULTS
 from .config import Settings
 from .cost import SearchCost, count_search_cost
-from .distributed import ReducedOracle, gather_columns, is_main, reduce_means, world
+from .distributed import ReducedOracle, gather_sequences, is_main, reduce_means, world
 from .divergence import mean_divergence, sequence_divergences
 from .errors import FailedRun, UsageError
 from .files import dumps, load_mapping, write_atomically
@@ -225,6 +225,7 @@ class EndToEndRescorer:
         horizon: int | None = None,
     ):
         self.model, self.adapter, self.device, self.divergence = model, adapter, device, divergence
+        self.batch_size = batch_size
         self.residency = residency or Resident(model, adapter)
         self.depth = len(adapter.decoder_layers(model))
         # The depth (layers run) each MoE layer's divergence is read at.
@@ -292,7 +293,7 @@ class EndToEndRescorer:
 
     def rounds_for_layer(self, step) -> RoundScorer:
         """The divergence per sequence, a batch a round, for racing the shortlist (`search.race`)."""
-        return _SequenceRounds(self, step, *self._reference(step))
+        return _SequenceRounds(self, step, *self._reference(step), look=self.batch_size)
 
     def for_layer(self, step) -> Rescorer:
         stop, reference = self._reference(step)
@@ -318,6 +319,8 @@ class _SequenceRounds:
     stop: int
     reference: list[torch.Tensor]
 
+    look: int  # sequences per batch: one look per batch of one process, however many ranks share a round
+
     @property
     def rounds(self) -> int:
         return len(self.reference)
@@ -327,7 +330,7 @@ class _SequenceRounds:
         for subset in subsets:
             (pruned,) = self.rescorer._pruned_log_probs(self.step, subset, self.stop, slice(round, round + 1))
             rows.append(sequence_divergences(self.reference[round], pruned, self.rescorer.divergence))
-        return gather_columns(torch.stack(rows))
+        return gather_sequences(torch.stack(rows))
 
 
 class LayerDecider:

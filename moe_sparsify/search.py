@@ -38,9 +38,10 @@ class RoundScorer(Protocol):
     """The same divergence per calibration sequence, a round (a batch of sequences) at a time, for racing."""
 
     rounds: int
+    look: int  # sequences between two looks at the race: a round may hold several (one batch per rank)
 
     def __call__(self, subsets: list[tuple[int, ...]], round: int) -> torch.Tensor:
-        """subsets x the sequences of `round`: each sequence's mean divergence per token."""
+        """subsets x the sequences of `round`, in calibration order: each sequence's mean divergence per token."""
 
 
 @dataclass(frozen=True)
@@ -217,36 +218,46 @@ class RaceOutcome:
 
 
 def race(subsets: list[tuple[int, ...]], score: RoundScorer, z: float) -> RaceOutcome:
-    """Paired racing: every surviving subset is scored on the same sequences, a round at a time. After
-    each round the leader is the lowest mean divergence so far; a subset whose per-sequence differences
-    to the leader have a mean above `z` standard errors is dropped. The race ends when one is left or
-    the rounds run out. Without drops it ranks exactly as scoring every subset on every sequence."""
+    """Paired racing: every surviving subset is scored on the same sequences, a round at a time. At each
+    look (every `score.look` sequences) the leader is the lowest mean divergence so far; a subset whose
+    per-sequence differences to the leader have a mean above `z` standard errors is dropped. The race ends
+    when one is left or the rounds run out. Without drops it ranks exactly as scoring every subset on
+    every sequence; the looks fall on the same sequences however many processes score a round."""
     alive = list(range(len(subsets)))
-    scored: list[torch.Tensor] = []  # per round: len(subsets) x its sequences, NaN where not scored
+    seen = torch.zeros(len(subsets), 0, dtype=torch.float64)  # NaN where a subset was already dropped
     evaluations = 0
     for round in range(score.rounds):
         got = score([subsets[i] for i in alive], round).double()
         evaluations += got.numel()
         rows = torch.full((len(subsets), got.shape[1]), math.nan, dtype=torch.float64)
         rows[alive] = got
-        scored.append(rows)
-        table = torch.cat(scored, dim=1)[alive]  # the survivors were scored on every sequence so far
-        means = table.mean(dim=1)
-        ranking = sorted(range(len(alive)), key=lambda i: (means[i].item(), alive[i]))
-        leader, last = ranking[0], round == score.rounds - 1
-        differences = table - table[leader]
-        if not last and differences.shape[1] > 1:
-            margin = z * differences.std(dim=1) / math.sqrt(differences.shape[1])
-            ranking = [i for i in ranking if i == leader or not differences[i].mean() > margin[i]]
-        order, divergence = [alive[i] for i in ranking], means[leader].item()
-        if last or len(order) == 1:
-            break
-        alive = sorted(order)
-    return RaceOutcome(order, divergence, evaluations)
+        for start in range(0, got.shape[1], score.look):
+            seen = torch.cat([seen, rows[:, start : start + score.look]], dim=1)
+            last = round == score.rounds - 1 and start + score.look >= got.shape[1]
+            order, divergence = _look(seen, alive, z, last)
+            if last or len(order) == 1:
+                return RaceOutcome(order, divergence, evaluations)
+            rows[[i for i in alive if i not in order]] = math.nan
+            alive = sorted(order)
+    raise ValueError("a race needs at least one round of sequences")
+
+
+def _look(seen: torch.Tensor, alive: list[int], z: float, last: bool) -> tuple[list[int], float]:
+    """The survivors of one look, best mean first (ties: the earlier index), and the leader's mean; on the
+    last look nobody is dropped."""
+    table = seen[alive]
+    means = table.mean(dim=1)
+    ranking = sorted(range(len(alive)), key=lambda i: (means[i].item(), alive[i]))
+    leader = ranking[0]
+    differences = table - table[leader]
+    if not last and differences.shape[1] > 1:
+        margin = z * differences.std(dim=1) / math.sqrt(differences.shape[1])
+        ranking = [i for i in ranking if i == leader or not differences[i].mean() > margin[i]]
+    return [alive[i] for i in ranking], means[leader].item()
 
 
 @strategy("e2e")
-@strategy("e2e-fast")  # the same search; prune gives it a shorter list, fewer sequences and a horizon
+@strategy("e2e-fast")  # the same search; prune gives it a horizon and races the shortlist
 def end_to_end(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Shortlist by exact reconstruction loss, then keep the subset whose pruned model's next-token
     distribution diverges least from the original's (ties: lower reconstruction loss); with `race_z`,

@@ -429,14 +429,19 @@ def test_torchrun_with_two_gloo_processes_gives_the_single_process_plan(tmp_path
 
 
 def test_torchrun_shares_every_strategy_and_mode_to_the_single_process_plan(tmp_path):
-    """Greedy (removal losses), REAP (routing counts and saliency) and e2e (divergences) reduce other sums
-    over ranks than the exhaustive search: the same decisions and losses as one process, in one launch."""
+    """Greedy (removal losses), REAP (routing counts and saliency), e2e (divergences) and its race
+    (per-sequence divergences) reduce other sums over ranks than the exhaustive search: the same decisions
+    and losses as one process, in one launch."""
     e2e = tmp_path / "e2e.yaml"
     e2e.write_text("e2e_shortlist: 4\n")  # fewer subsets re-scored: a quarter of the default's time
+    # Racing looks at per-sequence divergences gathered from the ranks, every batch of one process.
+    race = tmp_path / "race.yaml"
+    race.write_text("e2e_shortlist: 4\ne2e_race_z: 0.5\n")
     runs = {
         "greedy": ["--strategy", "greedy", "--mode", "progressive"],
         "reap": ["--strategy", "reap"],
         "e2e": ["--strategy", "e2e", "--config", str(e2e)],
+        "e2e-race": ["--strategy", "e2e", "--config", str(race)],
     }
     launched = []
     for name, extra in runs.items():

@@ -22,10 +22,11 @@ LAYERS, KEEP, SEQUENCES, SEQ_LEN, BATCH = 3, 6, 8, 16, 2
 
 
 class TableScorer:
-    """A round scorer reading a fixed table (subsets x sequences), `width` sequences a round."""
+    """A round scorer reading a fixed table (subsets x sequences), `width` sequences a round, looking at
+    the race every `look` of them (default: once a round, as one process does)."""
 
-    def __init__(self, table: torch.Tensor, width: int):
-        self.table, self.width = table, width
+    def __init__(self, table: torch.Tensor, width: int, look: int | None = None):
+        self.table, self.width, self.look = table, width, look or width
         self.rounds = math.ceil(table.shape[1] / width)
         self.calls: list[tuple[list, int]] = []
 
@@ -70,6 +71,18 @@ def test_race_equals_the_rule_written_out(seed, z):
     winner, pairs = reference_race(table.double().tolist(), 4, z)
     assert outcome.order[0] == winner and outcome.evaluations == pairs
     assert outcome.divergence == pytest.approx(table[winner, : 4 * len({r for _, r in scorer.calls})].mean().item())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rounds_of_several_looks_race_as_one_look_a_round(seed):
+    """Under torchrun a round holds one batch per rank, in calibration order: looking every batch inside it
+    drops the same subsets at the same sequences as one process scoring a batch a round."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.rand(6, 1, generator=gen) + 0.2 * torch.randn(6, 30, generator=gen, dtype=torch.float64)
+    one = race([(i,) for i in range(6)], TableScorer(table, 3), 1.0)
+    shared = race([(i,) for i in range(6)], TableScorer(table, 6, look=3), 1.0)
+    assert shared.order == one.order and shared.divergence == one.divergence
+    assert shared.evaluations >= one.evaluations  # a subset dropped mid-round was scored to the round's end
 
 
 def test_race_drops_a_clearly_worse_subset_and_stops_scoring_it():
@@ -154,3 +167,37 @@ def test_bad_race_margin_is_refused_in_one_line(tmp_path, value):
     with pytest.raises(UsageError) as err:
         resolve_settings(cfg, {})
     assert "e2e_race_z:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sequences_gathered_from_ranks_come_in_calibration_order(monkeypatch):
+    """Two ranks in two threads, summing through a shared inbox: rank r holds sequences r, r + 2, ...
+    (`shard`), and the gathered columns are every sequence in calibration order, on both ranks."""
+    import threading
+
+    from moe_sparsify import distributed
+
+    barrier, inbox, local = threading.Barrier(2), {}, threading.local()
+
+    def all_sum(tensor):
+        inbox[local.rank] = tensor.clone()
+        barrier.wait()
+        total = inbox[0] + inbox[1]
+        barrier.wait()
+        return total
+
+    monkeypatch.setattr(distributed, "world", lambda: (local.rank, 2))
+    monkeypatch.setattr(distributed, "all_sum", all_sum)
+    sequences = torch.arange(7, dtype=torch.float64)  # rank 0: 0, 2, 4, 6; rank 1: 1, 3, 5 (one fewer)
+    values = torch.stack([sequences, 10 - sequences])  # two subsets
+    gathered = {}
+
+    def rank(r):
+        local.rank = r
+        gathered[r] = distributed.gather_sequences(values[:, r::2])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert torch.equal(gathered[0], values) and torch.equal(gathered[1], values)
