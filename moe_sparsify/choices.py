@@ -16,6 +16,6 @@ DEFAULT_MAX_SUBSETS = 100_000  # exhaustive search refuses above this many subse
 # were chosen by measurement (README, "e2e at a fraction of its cost").
 E2E_DEFAULTS = {
     "e2e": {"e2e_shortlist": 16, "e2e_samples": 64, "e2e_horizon": None, "e2e_race_z": None},
-    "e2e-fast": {"e2e_shortlist": 8, "e2e_samples": 16, "e2e_horizon": 1, "e2e_race_z": None},
+    "e2e-fast": {"e2e_shortlist": 16, "e2e_samples": 64, "e2e_horizon": 1, "e2e_race_z": 2.0},
 }
 STATISTICS = ("quantile", "target_skip")  # how skip-profile picks each layer's beta

@@ -124,7 +124,7 @@ class Settings:
     batch_size: PositiveInt = 8  # sequences per forward during calibration
     max_subsets: PositiveInt = DEFAULT_MAX_SUBSETS  # exhaustive refuses above this many subsets per layer
     beam: PositiveInt = 1  # greedy beam width
-    # e2e and e2e-fast; unset: the strategy's default (choices.E2E_DEFAULTS: 16/8, 64/16, all/1)
+    # e2e and e2e-fast; unset: the strategy's default (choices.E2E_DEFAULTS)
     e2e_shortlist: PositiveInt | None = None  # subsets per layer re-scored end to end
     e2e_samples: PositiveInt | None = None  # calibration sequences the divergence is measured on (whole batches)
     # later layers run before reading the divergence (the final norm and head on that hidden state)

@@ -108,11 +108,17 @@ def test_e2e_fast_is_e2e_with_its_own_defaults_and_takes_overrides():
         return {k: v for k, v in plan.options.items() if k.startswith("e2e")}, plan
 
     fast, fast_plan = options(strategy="e2e-fast")
-    assert fast == {"e2e_shortlist": 8, "e2e_samples": 16, "e2e_horizon": 1, "e2e_divergence": "kl"}
+    assert fast == {
+        "e2e_shortlist": 16,
+        "e2e_samples": 64,
+        "e2e_horizon": 1,
+        "e2e_race_z": 2.0,
+        "e2e_divergence": "kl",
+    }
     assert fast_plan.strategy == "e2e-fast" and fast_plan.mode == "progressive"
     today, _ = options(strategy="e2e")
     assert today == {"e2e_shortlist": 16, "e2e_samples": 64, "e2e_divergence": "kl"}  # as before e2e-fast
-    given, _ = options(strategy="e2e-fast", e2e_shortlist=3, e2e_samples=2, e2e_horizon=0)
-    assert given == {"e2e_shortlist": 3, "e2e_samples": 2, "e2e_horizon": 0, "e2e_divergence": "kl"}
-    explicit, explicit_plan = options(strategy="e2e", e2e_shortlist=8, e2e_samples=16, e2e_horizon=1)
+    given, _ = options(strategy="e2e-fast", e2e_shortlist=3, e2e_samples=2, e2e_horizon=0, e2e_race_z=1.0)
+    assert given == {"e2e_shortlist": 3, "e2e_samples": 2, "e2e_horizon": 0, "e2e_race_z": 1.0, "e2e_divergence": "kl"}
+    explicit, explicit_plan = options(strategy="e2e", e2e_shortlist=16, e2e_samples=64, e2e_horizon=1, e2e_race_z=2.0)
     assert explicit_plan.layers == fast_plan.layers
