@@ -91,9 +91,11 @@ def chart(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keeps = sorted({r["keep"] for r in rows if r["keep"] != 8}, reverse=True)
+    measured = {(r["keep"], r["strategy"]) for r in rows}
     names = [r["strategy"] for r in rows if r["keep"] == keeps[0]]
+    names = [n for n in names if all((k, n) in measured for k in keeps)]  # rows measured at every keep
     original = next(r["perplexity"] for r in rows if r["keep"] == 8)
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    fig, ax = plt.subplots(figsize=(14, 6))
     width = 0.8 / len(keeps)
     for i, keep in enumerate(keeps):
         values = [next(r["perplexity"] for r in rows if r["keep"] == keep and r["strategy"] == n) for n in names]
@@ -101,7 +103,7 @@ def chart(rows: list[dict], path: Path) -> None:
         bars = ax.bar(xs, values, width, label=f"keep {keep} of 8")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.axhline(original, color="black", linestyle="--", linewidth=1, label=f"original ({original:.1f})")
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log scale, lower is better)")
     ax.set_title("Pruning strategies on the bundled 8-expert model")
