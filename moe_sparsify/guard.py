@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
-from .calibration.propagate import LayerStep, Resident, run_layer
+from .calibration.propagate import LayerStep, Resident, run_cached
 from .divergence import mean_divergence
 
 
@@ -34,16 +34,8 @@ class EndToEndGuard:
 
     def _final_states(self, step: LayerStep, held: range) -> list[torch.Tensor]:
         """Decoder layers step.index..end over the held batches; later layers visit the device one at a time."""
-        layers = self.adapter.decoder_layers(self.model)
-        # Each pass gets its own copies of the layer kwargs: an output a layer hands on differs between passes.
-        batches = [(step.batches[i][0], [dict(kw) for kw in step.batches[i][1]]) for i in held]
-        states = [hidden.to(self.device) for hidden, _ in batches]
-        for index in range(step.index, self.depth):
-            layer = layers[index] if index == step.index else self.residency.load_layer(index, self.device)
-            states = [run_layer(layer, h, kwargs, index, self.adapter) for h, (_, kwargs) in zip(states, batches)]
-            if index != step.index:
-                self.residency.release_layer(index)
-        return states
+        chosen = [step.batches[i] for i in held]
+        return run_cached(self.model, self.adapter, self.residency, chosen, step.index, self.depth, self.device)[0]
 
     def _divergence(self, states: list[torch.Tensor]) -> float:
         """Mean per-token KL over the batches, one batch's vocabulary-wide log-probabilities at a time."""

@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .adapters import MoEAdapter
 from .calibration.layer_inputs import LayerInputs, PropagatedInputs, StoredInputs
-from .calibration.propagate import LayerStep, Resident, run_layer
+from .calibration.propagate import LayerStep, Resident, run_cached
 from .calibration.store import CalibrationStore
 from .choices import E2E_DEFAULTS
 from .config import Settings
@@ -256,21 +256,8 @@ class EndToEndRescorer:
         """Layers start..stop-1 over the cached batches (those in `batches`: of the first self.batches), the
         later layers visiting the device one at a time; returns the states at `stop` and, by depth, those
         at the depths in `keep`."""
-        layers = self.adapter.decoder_layers(self.model)
-        # Each pass gets its own copies of the layer kwargs: outputs a layer hands to the next one differ
-        # between the subsets being scored.
         chosen = step.batches[: self.batches][batches or slice(None)]
-        batches = [(hidden, [dict(kw) for kw in kwargs]) for hidden, kwargs in chosen]
-        states = [hidden.to(self.device) for hidden, _ in batches]
-        kept = {}
-        for index in range(start, stop):
-            layer = layers[index] if index == start else self.residency.load_layer(index, self.device)
-            states = [run_layer(layer, h, kwargs, index, self.adapter) for h, (_, kwargs) in zip(states, batches)]
-            if index != start:
-                self.residency.release_layer(index)
-            if index + 1 in keep:
-                kept[index + 1] = states
-        return states, kept
+        return run_cached(self.model, self.adapter, self.residency, chosen, start, stop, self.device, keep)
 
     def _log_probs(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.log_softmax(self.adapter.final_logits(self.model, h).float(), dim=-1) for h in states]

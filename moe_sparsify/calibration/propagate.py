@@ -57,6 +57,35 @@ def run_layer(layer, hidden: torch.Tensor, kwargs: list[dict], index: int, adapt
     return layer_output(out)
 
 
+def run_cached(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    residency,
+    batches: list[tuple[torch.Tensor, list[dict]]],
+    start: int,
+    stop: int,
+    device: torch.device,
+    keep: set[int] = frozenset(),
+) -> tuple[list[torch.Tensor], dict[int, list[torch.Tensor]]]:
+    """Decoder layers start..stop-1 over cached batches (a layer's hidden states, every layer's kwargs):
+    layer `start` is the one on the device now, the later ones visit it one at a time through
+    `residency`. Returns the states at `stop` and, by depth, those at the depths in `keep`."""
+    layers = adapter.decoder_layers(model)
+    # Each pass gets its own copies of the layer kwargs: an output a layer hands to the next one differs
+    # between passes (the subsets or the weights being compared).
+    batches = [(hidden, [dict(kw) for kw in kwargs]) for hidden, kwargs in batches]
+    states = [hidden.to(device) for hidden, _ in batches]
+    kept = {}
+    for index in range(start, stop):
+        layer = layers[index] if index == start else residency.load_layer(index, device)
+        states = [run_layer(layer, h, kwargs, index, adapter) for h, (_, kwargs) in zip(states, batches)]
+        if index != start:
+            residency.release_layer(index)
+        if index + 1 in keep:
+            kept[index + 1] = states
+    return states, kept
+
+
 def catch_layer_inputs(
     model: nn.Module, adapter: MoEAdapter, token_ids: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, list[dict]]]:
