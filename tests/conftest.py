@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,3 +153,47 @@ def assert_brute_force_e2e(plan, model, adapter, keep: int, log_probs) -> None:
             decided[layer] = best[1]
             assert plan.layers[layer].kept == best[1]
             assert plan.layers[layer].divergence == pytest.approx(best[0], rel=1e-4, abs=1e-9)
+
+
+def _in_child(logs: Path, target, args) -> None:
+    """The forked child: stdout and stderr to files at the descriptor level, then `target(*args)`."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        log = os.open(logs / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, fd)
+        os.close(log)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+    target(*args)
+
+
+class Forked:
+    """`target(*args)` in a process of its own, forked from this one instead of started afresh: its PID,
+    locks, signal handlers and file descriptors are a real process's, without a new interpreter importing
+    torch and transformers (~5 CPU-s, more than the tiny runs the tests start). Its exit code is the one
+    `target` exits with; its output goes to `logs`. The subset of subprocess.Popen the tests use."""
+
+    def __init__(self, logs: Path, target, *args):
+        self.logs = logs
+        self._process = multiprocessing.get_context("fork").Process(target=_in_child, args=(logs, target, args))
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._process.join(timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return tuple((self.logs / name).read_text() for name in ("stdout", "stderr"))

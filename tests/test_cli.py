@@ -5,9 +5,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from moe_sparsify.cli import app
+from moe_sparsify.distributed import process_group, world
 
-from .conftest import save_with_tokenizer
+from .conftest import Forked, save_with_tokenizer
 
 runner = CliRunner()
 FAST = ["--samples", "16", "--seq-len", "128"]
@@ -428,10 +430,44 @@ def test_torchrun_with_two_gloo_processes_gives_the_single_process_plan(tmp_path
     _same_plan(tmp_path / "single.yaml", tmp_path / "two.yaml")
 
 
-def test_torchrun_shares_every_strategy_and_mode_to_the_single_process_plan(tmp_path):
+def _rank(rank: int, port: int, runs: list[list[str]]) -> None:
+    """One of two ranks with the environment torchrun gives it, joined to the group once (through
+    `process_group`, as `prune` joins it) for every run; each prune finds the group joined and shares its
+    work over it. A failing run ends the rank with its exit code, leaving the group at once."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    with process_group(torch.device("cpu")):
+        if world() != (rank, 2):  # else each rank would plan alone, and equal plans would prove nothing
+            raise SystemExit(f"rank {rank} is not in a group of two: {world()}")
+        for args in runs:
+            code = app(args, standalone_mode=False)
+            if code:
+                raise SystemExit(code)
+
+
+def _two_ranks(tmp_path_factory, runs: list[list[str]]) -> None:
+    """Two gloo ranks forked from this process: what torchrun's launch adds (the launcher, an interpreter
+    per rank) is the test above's; three fresh interpreters cost ~12 CPU-s of imports."""
+    with socket.socket() as probe:  # a free port for rank 0's store, as torchrun --standalone picks one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [Forked(tmp_path_factory.mktemp(f"rank{r}"), _rank, r, port, runs) for r in range(2)]
+    deadline = time.monotonic() + 300
+    for process in ranks:
+        process.wait(max(0.0, deadline - time.monotonic()))
+    for process in ranks:
+        if process.returncode is None:  # hung: killed with its peer, so no rank holds CPU or a port later
+            process.kill()
+            process.wait()
+    for rank, process in enumerate(ranks):
+        assert process.returncode == 0, f"rank {rank}:\n{process.communicate()[1][-3000:]}"
+
+
+def test_two_ranks_share_every_strategy_and_mode_to_the_single_process_plan(tmp_path, tmp_path_factory):
     """Greedy (removal losses), REAP (routing counts and saliency), e2e (divergences) and its race
     (per-sequence divergences) reduce other sums over ranks than the exhaustive search: the same decisions
-    and losses as one process, in one launch."""
+    and losses as one process."""
     e2e = tmp_path / "e2e.yaml"
     e2e.write_text("e2e_shortlist: 4\n")  # fewer subsets re-scored: a quarter of the default's time
     # Racing looks at per-sequence divergences gathered from the ranks, every batch of one process.
@@ -448,7 +484,7 @@ def test_torchrun_shares_every_strategy_and_mode_to_the_single_process_plan(tmp_
         result = run(*TORCHRUN_ARGS, *extra, "-o", tmp_path / f"{name}-single.yaml")
         assert result.exit_code == 0, result.stderr
         launched.append([*TORCHRUN_ARGS, *extra, "-o", str(tmp_path / f"{name}-two.yaml")])
-    _torchrun(tmp_path, str(Path(__file__).with_name("torchrun_prunes.py")), json.dumps(launched))
+    _two_ranks(tmp_path_factory, launched)
     for name in runs:
         _same_plan(tmp_path / f"{name}-single.yaml", tmp_path / f"{name}-two.yaml")
 

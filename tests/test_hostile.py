@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ from typer.testing import CliRunner
 from moe_sparsify.cli import app
 from moe_sparsify.errors import FailedRun, UsageError
 from moe_sparsify.outputs import remove_stale_temporaries, write_atomically, writing
+
+from .conftest import Forked
 
 FAST = ["--samples", "4", "--seq-len", "64"]
 runner = CliRunner()
@@ -343,53 +344,10 @@ def test_malformed_threshold_files(tmp_path, change, fragment):
 # --- locks, signals and the temporaries of killed runs ---------------------------------------------
 
 
-def _cli_in_child(args: list[str], logs: Path) -> None:
-    """The forked child: stdout and stderr to files at the descriptor level, then the command line."""
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        log = os.open(logs / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(log, fd)
-        os.close(log)
-    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
-    app(args)  # exits with the command's code
-
-
-class ForkedCli:
-    """`moe-sparsify ARGS` in a process of its own, forked from this one instead of started afresh: its PID,
-    locks, signal handlers and file descriptors are a real process's, without a new interpreter importing
-    torch and transformers (~5 CPU-s, more than the export it runs). The subset of Popen the tests use."""
-
-    def __init__(self, logs: Path, *args):
-        self.logs = logs
-        self._process = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=(list(args), logs))
-        self._process.start()
-        self.pid = self._process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._process.exitcode
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        self._process.join(timeout)
-        return self.returncode
-
-    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        self.wait(timeout)
-        return tuple((self.logs / name).read_text() for name in ("stdout", "stderr"))
-
-
 @pytest.fixture
 def cli(tmp_path_factory):
     """Start `moe-sparsify ARGS` as its own process; its output is kept outside the test's directory."""
-    return lambda *args: ForkedCli(tmp_path_factory.mktemp("logs"), *map(str, args))
+    return lambda *args: Forked(tmp_path_factory.mktemp("logs"), app, [str(a) for a in args])
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
@@ -403,7 +361,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert alive.exists() and not stale.exists()
 
 
-def _wait_for(predicate, process: ForkedCli, seconds: float = 120) -> None:
+def _wait_for(predicate, process: Forked, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
         assert process.poll() is None, process.communicate()
