@@ -109,6 +109,14 @@ def _calibration_tokens(settings: Settings, tokenizer, samples: int) -> tuple[to
     return sample_windows(tokenizer, parse_sources(settings.calibration), samples, settings.seq_len, settings.seed)
 
 
+def read_paths(settings: Settings, model_dir: Path, *given: Path | None) -> tuple[Path, ...]:
+    """What a run reads from disk, for `check_output` to keep the output away from: the model, the
+    calibration text files, a stored calibration, and `given` (a plan, a threshold file)."""
+    texts = [Path(spec.source) for spec in parse_sources(settings.calibration)]
+    stored = [Path(settings.from_calibration)] if settings.from_calibration else []
+    return tuple(p for p in (model_dir, *texts, *stored, *given) if p is not None and p.exists())
+
+
 def _check_sources(settings: Settings) -> None:
     for spec in parse_sources(settings.calibration):
         check_source(spec.source)
@@ -139,7 +147,8 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     job = open_job(settings)
     check_length(job, settings.seq_len, "--seq-len")
     output = Path(settings.output or f"{_model_name(settings)}-calibration")
-    check_output(output, "directory", settings.overwrite, _calibration_bytes(job), inputs=(job.model_dir,))
+    needed = _calibration_bytes(job)
+    check_output(output, "directory", settings.overwrite, needed, inputs=read_paths(settings, job.model_dir))
     lock_output(output)
     writer = CalibrationWriter(output, settings.overwrite)
     start = time.perf_counter()
@@ -248,12 +257,12 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
     settings.output = str(output)  # the JSON's settings then name the path written, default or not
+    inputs = read_paths(settings, job.model_dir)
     if settings.plan_only:
-        check_output(output, "file", settings.overwrite, inputs=(job.model_dir,))
+        check_output(output, "file", settings.overwrite, inputs=inputs)
     else:
         needed = estimated_output_bytes(job.model_dir, keep, job.adapter.num_experts)
-        model = (job.model_dir,)
-        check_output(output, "directory", settings.overwrite, needed, inputs=model, outside=model)
+        check_output(output, "directory", settings.overwrite, needed, inputs=inputs)
         _check_exportable(job)
     if store is None:
         check_length(job, settings.seq_len, "--seq-len")
@@ -408,8 +417,8 @@ def export(settings: Settings, plan_path: Path, thresholds_path: Path | None = N
     job = open_job(settings)
     output = Path(settings.output or f"{_model_name(settings)}-keep{plan.uniform_keep() or 'mixed'}")
     needed = estimated_output_bytes(job.model_dir, plan.uniform_keep() or 0, job.adapter.num_experts)
-    inputs, model = (job.model_dir, plan_path), (job.model_dir,)
-    check_output(output, "directory", settings.overwrite, needed, inputs=inputs, outside=model)
+    inputs = read_paths(settings, job.model_dir, plan_path, thresholds_path)
+    check_output(output, "directory", settings.overwrite, needed, inputs=inputs)
     _check_exportable(job)
     lock_output(output)
     for lp in plan.layers:
@@ -534,7 +543,7 @@ def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool
     output = Path(settings.output or f"{_model_name(settings)}-thresholds.json")
     store = _open_store(settings)  # before the model is resolved: a hub alias may download it
     job = open_job(settings)
-    check_output(output, "file", settings.overwrite, inputs=(job.model_dir,))
+    check_output(output, "file", settings.overwrite, inputs=read_paths(settings, job.model_dir, plan_path))
     check_skipping_supported(job.adapter)
     rule = check_skip_rule(settings.skip_rule or default_skip_rule(job.adapter.top_k), job.adapter.top_k)
     if store is None:
@@ -586,10 +595,11 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
     if len(specs) < 2:
         raise UsageError("eval --compare needs at least two variants, e.g. tiny tiny-keep6 tiny-keep6+skip")
     check_source(settings.eval_text)
-    if report_dir is not None:  # an existing report directory is written into again
-        check_output(report_dir, "directory", overwrite=True, flag="--report")
-        lock_output(report_dir)
     variants = [cmp.parse_variant(spec) for spec in specs]
+    if report_dir is not None:  # an existing report directory is written into again
+        read = [v.model_dir for v in variants] + [v.thresholds_path for v in variants if v.thresholds_path]
+        check_output(report_dir, "directory", overwrite=True, flag="--report", inputs=(*read, Path(settings.eval_text)))
+        lock_output(report_dir)
     with _task_index(settings) as index:
         return _compare(settings, variants, report_dir, show_progress, index)
 

@@ -39,7 +39,7 @@ from .choices import (
     STRATEGIES,
 )
 from .errors import UsageError
-from .files import DOCUMENT_CONFIG, describe_errors
+from .files import DOCUMENT_CONFIG, describe_errors, load_yaml
 from .models import configs_dir, model_aliases
 
 
@@ -64,6 +64,13 @@ def _writable_directory(value: str) -> str:
 def _comma_separated(value):
     """`--tasks a,b` and `tasks: [a, b]` alike."""
     return [part for part in value.split(",") if part] if isinstance(value, str) else value
+
+
+def _distinct(values: list) -> list:
+    twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if twice:
+        raise ValueError(f"{twice[0]!r} is named twice; name each once")
+    return values
 
 
 def _batch_sizes(value):
@@ -96,19 +103,26 @@ def _calibration_spec(value):
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
-Share = Annotated[StrictFloat, Field(ge=0, lt=1)]  # StrictFloat takes ints too (0 is a share)
-GiB = Annotated[StrictFloat, Field(ge=0)]
-PositiveFiniteFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+# Floats are finite: YAML's .inf and .nan (and --time-budget inf) would pass a `ge=0` bound and then
+# loop for ever or poison every comparison.
+Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]  # StrictFloat takes ints too (0 is a share)
+Share = Annotated[Float, Field(ge=0, lt=1)]
+GiB = Annotated[Float, Field(ge=0)]
+PositiveFiniteFloat = Annotated[Float, Field(gt=0)]
+# A path or a name: an empty one would silently mean "the default" (`-o ''`) or the working directory.
+Name = Annotated[StrictStr, Field(min_length=1)]
+# numpy's range, which every seeded library takes; torch's own is wider, but the random strategy scales it.
+Seed = Annotated[StrictInt, Field(ge=0, lt=2**32)]
 Names = Annotated[list[StrictStr], BeforeValidator(_comma_separated)]
-WritableDirectory = Annotated[StrictStr, AfterValidator(_writable_directory)]
-Directories = Annotated[list[Annotated[StrictStr, AfterValidator(_directory)]], BeforeValidator(_comma_separated)]
+WritableDirectory = Annotated[Name, AfterValidator(_writable_directory)]
+Directories = Annotated[list[Annotated[Name, AfterValidator(_directory)]], BeforeValidator(_comma_separated)]
 BatchSizes = Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_batch_sizes)]
 
 
 @with_config(DOCUMENT_CONFIG)
 @dataclass
 class Settings:
-    model: StrictStr = "tiny"
+    model: Name = "tiny"
     keep: PositiveInt | None = None
     # auto: exhaustive up to max_subsets subsets per layer, greedy beyond
     strategy: Literal[("auto", *STRATEGIES)] = "auto"
@@ -118,8 +132,8 @@ class Settings:
     calibration: Annotated[str | list, BeforeValidator(_calibration_spec)] = "bundled"
     samples: PositiveInt = 128  # the paper: 128 sequences of 2048 tokens
     seq_len: PositiveInt = 2048
-    seed: StrictInt = 0
-    device: Annotated[StrictStr, AfterValidator(_device)] = "auto"
+    seed: Seed = 0
+    device: Annotated[Name, AfterValidator(_device)] = "auto"
     dtype: Literal[("auto", *DTYPES)] = "auto"
     batch_size: PositiveInt = 8  # sequences per forward during calibration
     max_subsets: PositiveInt = DEFAULT_MAX_SUBSETS  # exhaustive refuses above this many subsets per layer
@@ -134,14 +148,16 @@ class Settings:
     e2e_race_z: PositiveFiniteFloat | None = None
     e2e_divergence: Literal[DIVERGENCES] = "kl"  # kl = KL(original || pruned), reverse_kl, or js
     # after each layer's search, in this order: merge, router, refit (prune --recover merge,router,refit)
-    recover: Annotated[list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated)] = field(default_factory=list)
-    recover_holdout: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard
+    recover: Annotated[
+        list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated), AfterValidator(_distinct)
+    ] = field(default_factory=list)
+    recover_holdout: Annotated[Float, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard
     # --recover merge: join each removed expert to the kept one closest by mean output, or by router logits
     recover_merge_by: Literal[MERGE_BY] = "output"
-    output: StrictStr | None = None
+    output: Name | None = None
     overwrite: StrictBool = False
     plan_only: StrictBool = False
-    from_calibration: StrictStr | None = None  # a directory written by `calibrate`
+    from_calibration: Name | None = None  # a directory written by `calibrate`
     stream: StrictBool = False  # prune: keep decoder layers on disk, load one at a time (models larger than memory)
     activations_device_gb: GiB | None = None  # activations kept on the compute device (default 40 % of free)
     activations_cpu_gb: GiB | None = None  # then in CPU memory (default 40 % of available); beyond: disk
@@ -150,11 +166,12 @@ class Settings:
     skip_rule: Literal[SKIP_RULES] | None = None  # ratio (top-2, the paper) or tail (top-k); default by top_k
     quantile: Share | None = None  # skip-profile statistic; 0.5 (the paper's median) unless target_skip
     target_skip: Share | None = None  # or: the share of (token, expert) pairs to skip on calibration tokens
-    eval_text: StrictStr = "bundled:heldout"
+    eval_text: Name = "bundled:heldout"
     eval_window: PositiveInt = 256
     eval_stride: PositiveInt = 128
     perplexity: StrictBool = True  # eval: measure perplexity (off: only --tasks)
-    tasks: Names = field(default_factory=list)  # eval: lm-eval tasks (pydoc_cloze is bundled)
+    # eval: lm-eval tasks (pydoc_cloze is bundled)
+    tasks: Annotated[Names, AfterValidator(_distinct)] = field(default_factory=list)
     task_dirs: Directories = field(default_factory=list)  # eval: directories of lm-eval task YAML
     num_fewshot: NonNegativeInt | None = None  # eval: the harness default per task when unset
     task_limit: NonNegativeInt | None = None  # eval: documents per task (for quick runs)
@@ -164,7 +181,7 @@ class Settings:
     new_tokens: Annotated[StrictInt, Field(ge=2)] = 32  # eval --compare: greedy tokens generated per sequence
     repeats: PositiveInt = 3  # eval --compare: fewest timed rounds after one warm-up round
     # eval --compare: seconds of further timed rounds while the speed-ups are unsettled
-    speed_budget_s: Annotated[StrictFloat, Field(ge=0)] = 60.0
+    speed_budget_s: Annotated[Float, Field(ge=0)] = 60.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +227,7 @@ def find_config(spec: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
     except OSError:
         raise UsageError(f"cannot read config {path}; check the --config path") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -224,7 +241,10 @@ def _read_yaml(path: Path) -> dict:
 
 def _alias_defaults_for(model: str) -> dict:
     """The alias entry of `model`, or of the model an exported checkpoint was pruned from, so that
-    `--model tiny-keep6` calibrates like `--model tiny`."""
+    `--model tiny-keep6` calibrates like `--model tiny`. A model that is not a string (a YAML mapping)
+    has none: validation then names its type."""
+    if not isinstance(model, str) or not model:
+        return {}
     aliases = model_aliases()
     if model in aliases:
         return aliases[model]
@@ -241,6 +261,9 @@ def resolve_settings(config_file: Path | None, flags: dict) -> Settings:
     given = {k: v for k, v in flags.items() if v is not None}
     config_file = find_config(config_file) if config_file else None
     from_file = _read_yaml(config_file) if config_file else {}
+    kind = from_file.get("kind")
+    if isinstance(kind, str) and kind.startswith("moe-sparsify-"):  # a plan or threshold file, not settings
+        raise UsageError(f"config {config_file} is a {kind} file, not settings; pass it with its own flag (--plan ...)")
     errors = [
         f"{k}: unknown setting in {config_file} (known: {', '.join(sorted(KNOWN_KEYS))})"
         for k in from_file

@@ -2,8 +2,10 @@
 
 `count_search_cost` hooks the decoder layers and the output head and counts tokens through them
 while a plan is made (propagation, e2e reference and re-scoring passes alike); the Gram statistics'
-expert evaluations are added by the decider. `flops` turns the counts into floating-point operations
-with a Mixtral-style per-token model, so searches can be compared on one number.
+expert evaluations are added by the decider. A streamed model (`--stream`) loads each layer's weights
+into the skeleton's own layer modules, which carry the hooks, so its searches are counted alike.
+`flops` turns the counts into floating-point operations with a Mixtral-style per-token model, so
+searches can be compared on one number.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
+_left = False  # whether this process has joined torchrun's group and left it (see process_group)
+
 
 @contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
@@ -30,15 +34,24 @@ def process_group(device: torch.device) -> Iterator[None]:
     that ends normally first waits at a barrier for every rank, then destroys the group while Python
     is fully alive; a failing one destroys it at once (its peers get an error, not a hang).
     """
+    global _left
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield
         return
+    if _left:
+        # torchrun's rendezvous is made for one join per rank: a second init waits for peers that are not
+        # joining again (or are gone), and hangs until its 30-minute timeout.
+        raise UsageError(
+            "this process already took part in a torchrun process group, and a group cannot be joined twice "
+            "in one process; run each prune in its own torchrun launch"
+        )
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield
         all_sum(torch.zeros(1))  # the barrier, on the device every other collective uses
     finally:
         dist.destroy_process_group()
+        _left = True
 
 
 def world() -> tuple[int, int]:

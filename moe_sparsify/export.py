@@ -350,7 +350,7 @@ def export_checkpoint(
     """Returns the provenance record (config changes, verification diff). Where the plan says kept weights
     were re-fitted (`recover` in its options), those tensors are read from `original_model`, which holds them."""
     source_dir, output = Path(source_dir), Path(output)
-    check_output(output, "directory", overwrite, inputs=(source_dir,), outside=(source_dir,))
+    check_output(output, "directory", overwrite, inputs=(source_dir,))
     keep = plan.uniform_keep()
     if keep is None:
         raise UsageError("the plan keeps different expert counts per layer; stock transformers configs hold one count")

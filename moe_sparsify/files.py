@@ -42,6 +42,44 @@ def _validator(cls) -> TypeAdapter:
     return TypeAdapter(cls)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: YAML keeps the last one silently,
+    so `keep: 6` ... `keep: 4` would run with 4 while the reader of the file sees 6."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                line = key_node.start_mark.line + 1
+                message = f"key {key!r} appears again on line {line}; keep one"
+                raise yaml.constructor.ConstructorError(None, None, message)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """YAML as `yaml.safe_load` reads it, except that a mapping naming one key twice is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _unique_pairs(pairs: list) -> dict:
+    """json.loads' object hook: like `load_yaml`, a key given twice is an error, not the last one silently."""
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"key {twice[0]!r} appears twice in one object; keep one")
+    return dict(pairs)
+
+
+def load_json(text: str):
+    return json.loads(text, object_pairs_hook=_unique_pairs)
+
+
 def format_of(path: Path) -> str:
     return "json" if Path(path).suffix == ".json" else "yaml"
 
@@ -75,7 +113,7 @@ def load_mapping(path: Path, what: str, fix: str) -> dict:
     fmt = format_of(path)
     try:
         text = raw.decode("utf-8")
-        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        data = load_json(text) if fmt == "json" else load_yaml(text)
     except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
         raise UsageError(f"{what} {path} is not valid {fmt.upper()}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import FailedRun, UsageError
+from .errors import FailedRun, MoeSparsifyError, UsageError
 
 BUNDLED_PREFIX = "bundled:"
 # Flags a trained checkpoint's config.json may keep that change what a forward does or returns, not what
@@ -91,7 +92,7 @@ def load_config(model_dir: Path):
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # OSError, ValueError, KeyError, hub's typed-field errors, a list for a mapping
         model_type = _declared_model_type(model_dir)
         if model_type is not None and "does not recognize this architecture" in str(exc):
             import transformers
@@ -100,7 +101,7 @@ def load_config(model_dir: Path):
                 f"{model_dir}/config.json declares model_type {model_type!r}, which transformers "
                 f"{transformers.__version__} does not know; check the model_type, or upgrade transformers"
             ) from None
-        raise UsageError(f"cannot read the model config in {model_dir}: {first_line(exc)}") from None
+        raise UsageError(f"cannot read the model config in {model_dir}: {joined(exc)}; fix its config.json") from None
     return for_inference(config)
 
 
@@ -109,6 +110,13 @@ def _declared_model_type(model_dir: Path) -> str | None:
         return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def joined(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, cut at `limit` characters: a field error names the field on its
+    first line and what is wrong with it on the next."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def first_line(exc: BaseException) -> str:
@@ -166,18 +174,44 @@ def load_decoded(model_dir: Path, dtype: torch.dtype, reference_decode: bool = F
 
 
 @contextmanager
-def _no_loading_bar() -> Iterator[None]:
-    """transformers' weight-loading bar off for one load (our own progress goes to stderr; a bar per
-    load is noise), then back as the caller had it: the switch is process-wide."""
+def _quiet_loading(report: list[str]) -> Iterator[None]:
+    """One transformers load without its weight-loading bar and with its log (the LOAD REPORT: a table
+    of missing, mismatched and unconvertible tensors, tracebacks included) collected into `report`
+    instead of printed: errors are one line, and that line quotes the report's own error. Both
+    switches are process-wide and go back as the caller had them."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            report.extend(record.getMessage().splitlines())
+
+    root = hf_logging.get_logger("transformers")
+    handlers, collect = list(root.handlers), Collect()
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.addHandler(collect)
     try:
         yield
     finally:
+        root.removeHandler(collect)
+        for handler in handlers:
+            root.addHandler(handler)
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+_REPORTED_ERROR = re.compile(r"^\s*(?:\w+Error|Error): ")
+
+
+def _reported_error(report: list[str], exc: BaseException) -> str:
+    """The load report's own error line (`RuntimeError: stack expects each tensor ...`), which says what
+    is wrong; the exception itself only points at the report."""
+    found = [line.strip() for line in report if _REPORTED_ERROR.match(line)]
+    return "; ".join(dict.fromkeys(found[:2])) if found else first_line(exc)
 
 
 def load_model(model_dir: Path, dtype: torch.dtype):
@@ -186,20 +220,34 @@ def load_model(model_dir: Path, dtype: torch.dtype):
 
     if detect(model_dir) is not None:
         return load_decoded(model_dir, dtype), load_tokenizer(model_dir)
+    report: list[str] = []
     try:
-        model = load_pretrained(model_dir, dtype)
+        model, info = load_pretrained(model_dir, dtype, report, output_loading_info=True)
+    except MoeSparsifyError:
+        raise
     except Exception as exc:  # safetensors, OSError and transformers' own errors all mean "unreadable"
         raise FailedRun(
-            f"cannot load the weights in {model_dir}: {first_line(exc)}; re-save or re-download the checkpoint"
+            f"cannot load the weights in {model_dir}: {_reported_error(report, exc)}; re-save or re-download "
+            "the checkpoint"
         ) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers fills them with random numbers: every result would be silently wrong
+        raise FailedRun(
+            f"the checkpoint in {model_dir} lacks {len(missing)} weight(s) the model needs ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}); re-save or re-download the checkpoint"
+        )
     return model, load_tokenizer(model_dir)
 
 
-def load_pretrained(model_dir: Path, dtype: torch.dtype, **kwargs):
-    """Stock transformers' load of a checkpoint, in eval mode, under `load_config`'s flags."""
+def load_pretrained(model_dir: Path, dtype: torch.dtype, report: list[str] | None = None, **kwargs):
+    """Stock transformers' load of a checkpoint, in eval mode, under `load_config`'s flags; its log goes
+    into `report` (see `_quiet_loading`). With output_loading_info=True: (model, loading info)."""
     config = load_config(model_dir)
-    with _no_loading_bar():  # every load, the export's verification reload included
-        return auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype, **kwargs).eval()
+    with _quiet_loading([] if report is None else report):  # every load, the export's verification reload too
+        loaded = auto_model_class(config).from_pretrained(model_dir, config=config, dtype=dtype, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    model.eval()
+    return loaded
 
 
 # What a tokenizer is made from (fast, sentencepiece, BPE vocab + merges, WordPiece, tiktoken).
@@ -217,4 +265,7 @@ def load_tokenizer(model_dir: Path):
                 f"{model_dir} holds no tokenizer (tokenizer.json, tokenizer.model or vocab files); copy the "
                 "tokenizer files of the model it came from into it"
             ) from None
-        raise FailedRun(f"cannot load the tokenizer in {model_dir}: {first_line(exc)}") from None
+        raise FailedRun(
+            f"cannot load the tokenizer in {model_dir}: {first_line(exc)}; copy good tokenizer files (tokenizer.json, "
+            "tokenizer_config.json) of the model it came from into it"
+        ) from None

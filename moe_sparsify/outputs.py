@@ -21,6 +21,8 @@ from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+import yaml
+
 from .errors import FailedRun, MoeSparsifyError, UsageError
 
 _PARTIAL = ".partial-"
@@ -78,35 +80,40 @@ def check_output(
     needed_bytes: int = 0,
     flag: str = "--output",
     inputs: tuple[Path, ...] = (),
-    outside: tuple[Path, ...] = (),
 ) -> None:
     """Refuse, before any heavy work, an output that cannot be written.
 
     kind: "file" or "directory", what the command writes. An existing output of the other kind is
     refused even with --overwrite (replacing a directory by a plan file is never what was meant).
     needed_bytes: a lower bound of the output's size, checked against the free space.
-    inputs: what the run reads (the model directory); an output that is one of them, or holds one,
-    or holds the working directory, would be deleted by --overwrite, and is refused.
-    outside: directories the output must not lie in (the source model of an exported model, whose
-    files it would be mixed with).
+    inputs: what the run reads (the model directory, a plan, calibration files and directories). An
+    output that is one of them, or holds one, or holds the working directory, would be deleted by
+    --overwrite, and is refused. Inside an input directory, a new file is fine (a threshold file
+    beside an exported model, where `MODEL+skip` finds it), and so is replacing a plan or threshold
+    file; a directory (a report mixed into a checkpoint) or any other existing file (a model's
+    config.json replaced by a plan) is refused.
     """
     path = Path(path)
     target = path.resolve()
     for kept in (Path.cwd(), *inputs):
         kept = Path(kept).resolve()
+        if target == kept and kept != Path.cwd().resolve():
+            raise UsageError(f"{flag} {path} is one of the inputs this run reads; choose a new path")
         if target == kept or target in kept.parents:
             raise UsageError(f"{flag} {path} is or holds {kept}, which this run must not replace; choose a new path")
-    for source in outside:
+    for source in inputs:
         source = Path(source).resolve()
-        if source in target.parents:
-            raise UsageError(f"{flag} {path} is inside the source model {source}; choose a directory outside it")
+        if source in target.parents and (kind == "directory" or (path.exists() and not _replaceable(path))):
+            raise UsageError(f"{flag} {path} is inside {source}, which this run reads; choose a path outside it")
     parent = path.absolute().parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise UsageError(f"{flag} {path}: {parent} {what}; create it or choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write in {parent} (read-only or no permission); choose another {flag}")
-    if path.exists() or path.is_symlink():
+    if path.is_symlink() and not path.exists() and not overwrite:
+        raise UsageError(f"{flag} {path} is a broken symbolic link; remove it, pass --overwrite or choose another")
+    if path.exists():
         found = "directory" if path.is_dir() else "file"
         if found != kind:
             raise UsageError(f"{flag} {path} is a {found}, but this writes a {kind}; choose another {flag}")
@@ -119,6 +126,22 @@ def check_output(
                 f"{flag} {path} needs at least {_gib(needed_bytes)}, and {parent} has {_gib(free)} free; "
                 f"free some space or choose another {flag}"
             )
+
+
+# Documents a run writes beside a model and may replace there (a re-profiled threshold file).
+_REPLACEABLE_KINDS = ("moe-sparsify-plan", "moe-sparsify-thresholds")
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether `path` is a plan or threshold file (YAML or JSON, which YAML reads too); a weights file is
+    not read to find out."""
+    try:
+        if path.suffix not in (".json", ".yaml", ".yml") or path.stat().st_size > 2**24:
+            return False
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # a binary file: UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(data, dict) and data.get("kind") in _REPLACEABLE_KINDS
 
 
 def _pid_alive(pid: int) -> bool:
@@ -156,7 +179,7 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         while True:
-            with writing(self.path):
+            with writing(self.output):  # the user knows the output, not the lock beside it
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

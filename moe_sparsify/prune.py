@@ -431,7 +431,8 @@ def plan_pruning(
     residency: how decoder layers reach the device (default: held in memory; `StreamedModel` reads
     them from disk one at a time).
     cost: filled with what the search computed (`cost.SearchCost`: layer, head and expert forwards x
-    tokens), counted on the model's own modules (a streamed model's layers are not counted)."""
+    tokens), counted by hooks on the model's decoder layers and head; a streamed model loads each layer
+    into those same modules, so a --stream search counts as the same search in memory."""
     residency = residency or Resident(model, adapter)
     keep = check_keep(adapter, settings.keep)
     strategy = resolve_strategy(

@@ -7,9 +7,10 @@ from moe_sparsify.adapters import adapter_for
 from moe_sparsify.config import Settings, resolve_settings
 from moe_sparsify.cost import SearchCost
 from moe_sparsify.errors import UsageError
-from moe_sparsify.prune import plan_pruning
+from moe_sparsify.prune import model_identity, plan_pruning
+from moe_sparsify.streaming import StreamedModel
 
-from .conftest import assert_brute_force_e2e, random_mixtral
+from .conftest import assert_brute_force_e2e, random_mixtral, save_with_tokenizer
 
 CPU = torch.device("cpu")
 LAYERS, KEEP, SEQUENCES, SEQ_LEN = 3, 6, 4, 16
@@ -87,6 +88,26 @@ def test_cost_counter_counts_horizon_plus_one_layers_per_subset():
         # Keep 6 of 8 with top-2: each token's candidates are its top 4 experts.
         assert cost.expert_tokens == 4 * LAYERS * tokens
     assert rescored < LAYERS * (LAYERS + 1) // 2  # horizon 1 runs fewer layers than the logits need
+
+
+def test_cost_counter_counts_a_streamed_search_as_the_same_search_in_memory(tmp_path):
+    """--stream loads each decoder layer into the skeleton's own modules, which carry the counting hooks:
+    a streamed e2e search costs exactly what it costs in memory (a counter blind to streamed layers reads 0)."""
+    model = random_mixtral(layers=LAYERS)
+    adapter = adapter_for(model.config)
+    directory = save_with_tokenizer(model, tmp_path / "model")
+    settings = Settings(model="test", keep=KEEP, strategy="e2e", e2e_samples=SEQUENCES, batch_size=2, e2e_shortlist=5)
+    in_memory = SearchCost()
+    plan_pruning(model, adapter, settings, _tokens(), {}, device=CPU, cost=in_memory)
+    streamed = StreamedModel(directory, adapter, torch.float32)
+    identity = model_identity(streamed.model, adapter, streamed.router_weights())
+    counted = SearchCost()
+    tokens = _tokens()
+    plan_pruning(
+        streamed.model, adapter, settings, tokens, {}, device=CPU, cost=counted, residency=streamed, identity=identity
+    )
+    assert counted == in_memory
+    assert counted.layer_tokens > 0 and counted.head_tokens > 0 and counted.expert_tokens > 0
 
 
 @pytest.mark.parametrize("value", ["-1", "two", "1.5", "true"])

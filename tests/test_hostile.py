@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,11 +127,23 @@ def test_bad_calibration_specs(tmp_path, spec, fragment):
         ("keep: 6\nkepp: 4\n", "kepp: unknown setting"),
         ("keep: 6\nsamples: -3\nseed: x\n", "samples: Input should be greater than or equal to 1 (got -3); seed:"),
         ("keep: 6\nmode: sideways\n", "mode: 'sideways' is not one of 'layerwise', 'progressive' or 'compensating'"),
+        ("keep: 6\nsamples: 4\nkeep: 4\n", "key 'keep' appears again on line 3; keep one"),
+        (f"keep: 6\nseed: {2**70}\n", "seed: Input should be less than 4294967296"),
+        ("keep: 6\nspeed_budget_s: .inf\nquantile: .nan\n", "quantile: Input should be a finite number (got nan)"),
+        ("keep: 6\nrecover: router,router\n", "recover: 'router' is named twice"),
+        ("keep: 6\noutput: ''\n", "output: String should have at least 1 character"),
+        ("keep: 6\nmodel: {path: tiny}\n", "model: Input should be a valid string"),
+        ("keep: 6\ncalibration: [{source: bundled, weight: .nan}]\n", "weights must be positive finite numbers"),
+        ("\ufeffkeep: 6\nsamples: 0\n", "samples: Input should be greater than or equal to 1"),  # a BOM is fine
     ],
 )
 def test_bad_settings_files(tmp_path, yaml_text, fragment):
     config = _write(tmp_path / "run.yaml", yaml_text)
     assert fragment in refused(tmp_path, "prune", "--config", config)
+
+
+def test_a_plan_given_as_the_settings_file_is_named_as_such(tmp_path, plan_file):
+    assert "is a moe-sparsify-plan file, not settings" in refused(tmp_path, "prune", "--config", plan_file, "--keep", 6)
 
 
 def test_binary_and_missing_settings_files(tmp_path):
@@ -167,6 +180,14 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["prune", "--keep", 6, "--plan-only", "-o", "."], "is or holds"),
         (["calibrate", "-o", "..", "--overwrite"], "is or holds"),
         (["eval", "--task-dir", "missing"], "task_dirs.0: missing is not a directory"),
+        (["eval", "--compare", "tiny", "tiny", "--time-budget", "inf"], "speed_budget_s: Input should be a finite"),
+        (["skip-profile", "--target-skip", "nan"], "target_skip: Input should be a finite number"),
+        (["prune", "--keep", 6, "--seed", 2**64], "seed: Input should be less than 4294967296"),
+        (["prune", "--keep", 6, "--plan-only", "-o", ""], "output: String should have at least 1 character"),
+        (["eval", "--text", ""], "eval_text: String should have at least 1 character"),
+        (["calibrate", "--calibration", "a.txt=nan"], "weights must be positive finite numbers"),
+        (["calibrate", "--calibration", "a.txt=inf,b.txt=1"], "weights must be positive finite numbers"),
+        (["prune", "--keep", 6, "--recover", "router,refit,router"], "recover: 'router' is named twice"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, args, fragment):
@@ -201,7 +222,46 @@ def test_an_output_holding_the_model_is_refused_even_with_overwrite(tmp_path, ra
         ["prune", "--model", model, "--keep", 6, "-o", model / "inside", *FAST],
     ):
         line = refused(model.parent, *args)
-        assert "is or holds" in line or "inside the source model" in line
+        assert "is or holds" in line or "this run reads" in line
+
+
+def _calibration_directory(directory: Path) -> Path:
+    """Enough of a stored calibration to pass as --from-calibration: the output is refused before more is read."""
+    directory.mkdir()
+    _write(directory / "manifest.json", {"kind": "moe-sparsify-calibration"})
+    return directory
+
+
+def test_an_output_that_is_or_lies_inside_what_the_run_reads_is_refused(tmp_path, plan_file, random_model_dir):
+    plan = _write(tmp_path / "plan.json", plan_file.read_text())
+    stored = _calibration_directory(tmp_path / "calib")
+    text = _write(tmp_path / "a.txt", "some text")
+    model = random_model_dir.resolve()
+    for args, fragment in [
+        (["skip-profile", "--plan", plan, "-o", plan, "--overwrite"], "is one of the inputs this run reads"),
+        (["export", "--plan", plan, "-o", plan, "--overwrite"], "is one of the inputs this run reads"),
+        (["calibrate", "--calibration", text, "-o", tmp_path, "--overwrite"], "is or holds"),
+        (["prune", "--keep", 6, "--plan-only", "--from-calibration", stored, "-o", stored / "manifest.json"], "inside"),
+        (["prune", "--model", model, "--keep", 6, "--plan-only", "-o", model / "config.json", "--overwrite"], "inside"),
+        (["eval", "--compare", "tiny", model, "--report", model], "is one of the inputs this run reads"),
+        (["eval", "--compare", "tiny", model, "--report", model / "report"], "inside"),
+    ]:
+        assert fragment in refused(tmp_path, *args), args
+    assert json.loads(plan.read_text()) == json.loads(plan_file.read_text())
+
+
+def test_a_threshold_file_may_be_written_and_replaced_beside_the_model_it_profiles(tmp_path, random_model_dir):
+    """Inside the model directory, where `MODEL+skip` finds it: a new file, or one that is a threshold file."""
+    model = tmp_path / "model"
+    shutil.copytree(random_model_dir, model)
+    for overwrite in ([], ["--overwrite"]):
+        result = _run("skip-profile", "--model", model, "-o", model / "moe_sparsify_thresholds.json", *overwrite, *FAST)
+        assert result.exit_code == 0, result.stderr
+
+
+def test_a_broken_symbolic_link_as_output_is_named(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert "is a broken symbolic link" in refused(tmp_path, "prune", "--keep", 6, "-o", tmp_path / "link", *FAST)
 
 
 def test_parent_that_is_a_file(tmp_path):
@@ -407,19 +467,49 @@ def _set_model_type(model: Path) -> None:
     (model / "config.json").write_text(json.dumps({**config, "model_type": "zorblax"}))
 
 
+def _set_config(model: Path, **changes) -> None:
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _drop_tensor(model: Path, suffix: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(model / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.endswith(suffix)}, model / "model.safetensors")
+
+
+def _reshape_tensor(model: Path, suffix: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(model / "model.safetensors")
+    state[next(k for k in state if k.endswith(suffix))] = torch.zeros(3, 5)
+    save_file(state, model / "model.safetensors")
+
+
+FP8_BAD_BLOCK = {"quant_method": "fp8", "weight_block_size": "16"}
+CT_UNKNOWN = {"quant_method": "compressed-tensors", "format": "zorb-quantized", "config_groups": {}}
+
 BROKEN_MODELS = [  # (what is broken, how, exit code, the line must name)
     ("truncated weights", _truncate_weights, 1, "re-save or re-download"),
     ("config not JSON", lambda m: (m / "config.json").write_text("{not json"), 2, "not a valid JSON"),
     ("no weights", lambda m: (m / "model.safetensors").unlink(), 1, "no file named model.safetensors"),
     ("unknown model_type", _set_model_type, 2, "'zorblax', which transformers"),
     ("no tokenizer", lambda m: (m / "tokenizer.json").unlink(), 2, "holds no tokenizer"),
+    ("tokenizer not JSON", lambda m: (m / "tokenizer.json").write_text("{x"), 1, "copy good tokenizer files"),
+    ("config a list", lambda m: (m / "config.json").write_text("[]"), 2, "fix its config.json"),
+    ("hidden_size a string", lambda m: _set_config(m, hidden_size="128"), 2, "expected int, got str (value: '128')"),
+    ("a router weight missing", lambda m: _drop_tensor(m, "layers.1.block_sparse_moe.gate.weight"), 1, "lacks 1"),
+    ("an expert of the wrong shape", lambda m: _reshape_tensor(m, "experts.0.w1.weight"), 1, "equal size"),
+    ("quantization_config a string", lambda m: _set_config(m, quantization_config="fp8"), 2, "not a mapping"),
+    ("fp8 block size a string", lambda m: _set_config(m, quantization_config=FP8_BAD_BLOCK), 2, "weight_block_size"),
+    ("unknown compressed format", lambda m: _set_config(m, quantization_config=CT_UNKNOWN), 2, "does not define"),
 ]
 
 
 @pytest.mark.parametrize(("name", "damage", "code", "fragment"), BROKEN_MODELS, ids=[c[0] for c in BROKEN_MODELS])
 def test_a_broken_model_directory_is_one_line_naming_the_fix(tmp_path, name, damage, code, fragment):
-    import shutil
-
     from moe_sparsify.models import bundled_model_dir
 
     model = tmp_path / "model"
@@ -429,3 +519,51 @@ def test_a_broken_model_directory_is_one_line_naming_the_fix(tmp_path, name, dam
         tmp_path, "prune", "--model", model, "--keep", 6, "--plan-only", "-o", tmp_path / "p.json", *FAST, code=code
     )
     assert fragment in line, line
+
+
+# --- torchrun: a process joins the process group once --------------------------------------------
+
+_REJOIN = """
+import torch
+from moe_sparsify.distributed import process_group, world
+from moe_sparsify.errors import UsageError
+
+with process_group(torch.device("cpu")):
+    assert world()[1] == 2
+try:
+    with process_group(torch.device("cpu")):
+        print("rejoined", flush=True)
+except UsageError as exc:
+    print("refused:", exc, flush=True)
+"""
+
+
+def test_a_second_join_of_the_process_group_is_refused_not_hung(tmp_path):
+    """Two real gloo ranks join, leave, and try again: each must refuse at once in one line. Without the
+    guard both re-join (this test then sees `rejoined`), or one waits for the other for 30 minutes."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WORLD_SIZE": "2"}
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REJOIN],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for (stdout, stderr), rank in zip(outputs, ranks):
+        assert rank.returncode == 0, stderr
+        assert stdout.strip().startswith("refused: this process already took part"), stdout
+        assert len(stdout.strip().splitlines()) == 1

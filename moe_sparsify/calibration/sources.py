@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def parse_sources(spec: str | list) -> list[SourceSpec]:
                 ) from None
     if not items or any(not i.source for i in items):
         raise UsageError(f"empty calibration source; pass --calibration bundled, {_preset_names()}, a file, or hf:NAME")
-    if any(i.weight <= 0 for i in items):
-        raise UsageError("calibration weights must be positive; write e.g. a.txt=0.7,b.txt=0.3")
+    if any(not math.isfinite(i.weight) or i.weight <= 0 for i in items):  # nan and inf included
+        raise UsageError("calibration weights must be positive finite numbers; write e.g. a.txt=0.7,b.txt=0.3")
     return items
 
 

@@ -92,7 +92,13 @@ register(CompressedTensors)
 
 def quantization_config(config: dict) -> dict | None:
     """The checkpoint's quantization_config: top level, or a multimodal checkpoint's text_config."""
-    found = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    text = config.get("text_config")
+    found = config.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
+    if found and not isinstance(found, dict):
+        raise UsageError(
+            f"config.json's quantization_config is {type(found).__name__} {found!r}, not a mapping with a "
+            "quant_method; fix config.json or pass the float checkpoint"
+        )
     return dict(found) if found else None
 
 
@@ -120,6 +126,8 @@ def detect(model_dir: Path) -> QuantFormat | None:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None  # the config loader reports an unreadable config in its own words
+    if not isinstance(config, dict):
+        return None  # the same: a list or a number is no config
     qconfig = quantization_config(config)
     if qconfig is None:
         return None

@@ -55,7 +55,24 @@ class CompressedTensors(QuantFormat):
         try:
             self.parsed = QuantizationConfig.model_validate(config)
         except ValueError as exc:
-            raise UsageError(f"quantization_config is not a valid compressed-tensors config: {exc}") from None
+            detail = " ".join(str(exc).split())
+            raise UsageError(f"quantization_config is not a valid compressed-tensors config: {detail}") from None
+        self._check_formats()
+
+    def _check_formats(self) -> None:
+        """compressed-tensors takes any string as a format; one it does not define would leave every
+        weight undecodable, or (no group naming a tensor) the checkpoint read as if it were float."""
+        from compressed_tensors.config import CompressionFormat
+
+        known = {f.value for f in CompressionFormat}
+        named = [self.parsed.format] + [scheme.format for scheme in self.parsed.config_groups.values()]
+        for fmt in named:
+            value = getattr(fmt, "value", fmt)
+            if value is not None and value not in known:
+                raise UsageError(
+                    f"quantization_config names compressed-tensors format {value!r}, which compressed-tensors does "
+                    f"not define ({', '.join(sorted(known))}); fix config.json or pass the float checkpoint"
+                )
 
     # --- which raw tensors make one logical weight -------------------------------------------------
     def split(self, name: str) -> tuple[str, str] | None:

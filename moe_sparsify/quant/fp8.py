@@ -46,6 +46,13 @@ class FP8Block(QuantFormat):
                 "use a checkpoint with FP8 or float experts"
             )
         block = config.get("weight_block_size")
+        if block is not None and not (
+            isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)
+        ):
+            raise UsageError(
+                f"quantization_config.weight_block_size is {block!r}, not two positive integers like [128, 128] "
+                "(or absent: one scale per tensor); fix config.json"
+            )
         self.block: tuple[int, int] | None = tuple(block) if block else None
         self.ue8m0 = config.get("scale_fmt") == "ue8m0"
 
