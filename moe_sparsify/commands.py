@@ -36,7 +36,7 @@ from .export import (
 )
 from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
-from .outputs import check_output, holding_outputs, lock_output, writing
+from .outputs import check_free_space, check_output, holding_outputs, lock_output, writing
 from .plan import ModelIdentity, Plan, load_plan
 from .progress import progress_reporter
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
@@ -147,13 +147,15 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     job = open_job(settings)
     check_length(job, settings.seq_len, "--seq-len")
     output = Path(settings.output or f"{_model_name(settings)}-calibration")
-    needed = _calibration_bytes(job)
-    check_output(output, "directory", settings.overwrite, needed, inputs=read_paths(settings, job.model_dir))
+    check_output(output, "directory", settings.overwrite, inputs=read_paths(settings, job.model_dir))
+    # The tokens before the disk check (the tokenizer alone, no weights): more samples than the text
+    # holds is a usage error to name, not a full disk.
+    token_ids, manifest = _calibration_tokens(settings, load_tokenizer(job.model_dir), settings.samples)
+    check_free_space(output, _calibration_bytes(job))
     lock_output(output)
     writer = CalibrationWriter(output, settings.overwrite)
     start = time.perf_counter()
-    model, tokenizer, residency, router_weights = _open_model(job)
-    token_ids, manifest = _calibration_tokens(settings, tokenizer, settings.samples)
+    model, _, residency, router_weights = _open_model(job)
     identity = model_identity(model, job.adapter, router_weights)
     fingerprint = {"tokens": manifest["token_ids_sha256"], "model": identity.router_sha256, "dtype": str(job.dtype)}
     resumed = writer.begin(fingerprint)  # an interrupted run's layers are kept; the rest is written now

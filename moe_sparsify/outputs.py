@@ -119,6 +119,12 @@ def check_output(
             raise UsageError(f"{flag} {path} is a {found}, but this writes a {kind}; choose another {flag}")
         if not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite or choose another {flag}")
+    check_free_space(path, needed_bytes, flag)
+
+
+def check_free_space(path: Path, needed_bytes: int, flag: str = "--output") -> None:
+    """Refuse an output of at least `needed_bytes` where the disk holding it has less free."""
+    parent = Path(path).absolute().parent
     if needed_bytes > 0:
         free = shutil.disk_usage(parent).free
         if free < needed_bytes:

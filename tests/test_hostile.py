@@ -188,6 +188,7 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["calibrate", "--calibration", "a.txt=nan"], "weights must be positive finite numbers"),
         (["calibrate", "--calibration", "a.txt=inf,b.txt=1"], "weights must be positive finite numbers"),
         (["prune", "--keep", 6, "--recover", "router,refit,router"], "recover: 'router' is named twice"),
+        (["calibrate", "--samples", 10**9, "--seq-len", 64], "lower --samples or --seq-len"),  # not "free space"
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, args, fragment):
