@@ -227,9 +227,13 @@ def test_an_output_holding_the_model_is_refused_even_with_overwrite(tmp_path, ra
 
 
 def _calibration_directory(directory: Path) -> Path:
-    """Enough of a stored calibration to pass as --from-calibration: the output is refused before more is read."""
+    """Enough of a stored calibration for --from-calibration: the output is refused before its layers are read."""
+    import torch
+    from safetensors.torch import save_file
+
     directory.mkdir()
     _write(directory / "manifest.json", {"kind": "moe-sparsify-calibration"})
+    save_file({"token_ids": torch.zeros(4, 8, dtype=torch.long)}, directory / "tokens.safetensors")
     return directory
 
 
