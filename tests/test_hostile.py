@@ -528,19 +528,22 @@ def test_a_broken_model_directory_is_one_line_naming_the_fix(tmp_path, name, dam
 
 # --- torchrun: a process joins the process group once --------------------------------------------
 
-_REJOIN = """
-import torch
-from moe_sparsify.distributed import process_group, world
-from moe_sparsify.errors import UsageError
 
-with process_group(torch.device("cpu")):
-    assert world()[1] == 2
-try:
+def _join_twice(rank: int, port: int) -> None:
+    """One torchrun rank (its environment as torchrun sets it) that joins the group, leaves, and joins again."""
+    import torch
+
+    from moe_sparsify.distributed import process_group, world
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
     with process_group(torch.device("cpu")):
-        print("rejoined", flush=True)
-except UsageError as exc:
-    print("refused:", exc, flush=True)
-"""
+        assert world()[1] == 2  # else the second join below would be no join at all
+    try:
+        with process_group(torch.device("cpu")):
+            print("rejoined", flush=True)
+    except UsageError as exc:
+        print("refused:", exc, flush=True)
 
 
 def test_a_second_join_of_the_process_group_is_refused_not_hung(tmp_path):
@@ -551,23 +554,17 @@ def test_a_second_join_of_the_process_group_is_refused_not_hung(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    base = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WORLD_SIZE": "2"}
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", _REJOIN],
-            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
+    logs = [tmp_path / f"rank{r}" for r in range(2)]
+    ranks = []
+    for rank, log in enumerate(logs):
+        log.mkdir()
+        ranks.append(Forked(log, _join_twice, rank, port))
     try:
         outputs = [rank.communicate(timeout=120) for rank in ranks]
     finally:
         for rank in ranks:
-            rank.kill()
+            if rank.poll() is None:
+                rank.kill()
     for (stdout, stderr), rank in zip(outputs, ranks):
         assert rank.returncode == 0, stderr
         assert stdout.strip().startswith("refused: this process already took part"), stdout
