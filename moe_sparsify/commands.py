@@ -255,7 +255,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
 def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start: float) -> dict:
     settings = job.settings
     keep = check_keep(job.adapter, settings.keep)
-    _check_recovery(job, len(store.token_ids()) if store is not None else settings.samples)
+    _check_recovery(job, store)
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
     settings.output = str(output)  # the JSON's settings then name the path written, default or not
@@ -374,12 +374,12 @@ def _plan_without_recovery(path: Path) -> Plan:
     return plan
 
 
-def _check_recovery(job: Job, sequences: int) -> None:
-    """--recover changes kept weights in memory and exports them: refuse what it cannot do, before any work.
-    sequences: how many calibration sequences the run has."""
+def _check_recovery(job: Job, store: CalibrationStore | None) -> None:
+    """--recover changes kept weights in memory and exports them: refuse what it cannot do, before any work."""
     settings, adapter = job.settings, job.adapter
     if not settings.recover:
         return
+    sequences = len(store.token_ids()) if store is not None else settings.samples
     config = load_config(job.model_dir)
     reasons = {
         "plan_only": settings.plan_only and "--plan-only writes no weights; drop it to export the re-fitted model",
