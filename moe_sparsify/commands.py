@@ -258,7 +258,6 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     _check_recovery(job, store)
     default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
     output = Path(settings.output or default_output)
-    settings.output = str(output)  # the JSON's settings then name the path written, default or not
     inputs = read_paths(settings, job.model_dir)
     if settings.plan_only:
         check_output(output, "file", settings.overwrite, inputs=inputs)
@@ -302,7 +301,8 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     if "recover" in plan.options:
         result["recover"] = plan.options["recover"]
     result["processes"] = world()[1]
-    result["settings"] = settings.to_dict()  # the resolved settings: defaults, alias, YAML and flags merged
+    # The resolved settings (defaults, alias, YAML and flags merged), naming the path written, default or not.
+    result["settings"] = {**settings.to_dict(), "output": str(output)}
     if not is_main():  # rank 0 writes; the others end here with the same decisions
         result.update(output=None, plan=None)
     elif settings.plan_only:
