@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
-from .recover import LayerData, Recovery, RecoveryReport, layer_loss
+from .recover import LayerData, Recovery, RecoveryReport, guarded_report, layer_loss
 
 
 def check_mergeable(adapter: MoEAdapter, block: nn.Module) -> None:
@@ -97,12 +97,14 @@ def merge_removed_experts(
     tensors = adapter.expert_tensors(block)
     kept = torch.nonzero(keep).flatten().to(next(iter(tensors.values())).device)
     originals = {name: t.detach()[kept].clone() for name, t in tensors.items()}
-    fit_before, held_before = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
-    merge_groups_(adapter, block, groups, frequency)
-    fit_after, held_after = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
-    accepted = held_after < held_before and fit_after <= fit_before
-    if not accepted:
+
+    def losses() -> tuple[float, float]:
+        return layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
+
+    def undo() -> None:
         for name, t in tensors.items():
             t[kept] = originals[name]
-        fit_after, held_after = fit_before, held_before
-    return RecoveryReport("merge", accepted, fit_before, fit_after, held_before, held_after, steps=1)
+
+    before = losses()
+    merge_groups_(adapter, block, groups, frequency)
+    return guarded_report("merge", True, before, losses(), 1, undo)

@@ -117,6 +117,21 @@ def _block_output(adapter: MoEAdapter, block: nn.Module, x: torch.Tensor, keep: 
     return out[0] if isinstance(out, tuple) else out
 
 
+def guarded_report(
+    method: str, improved: bool, before: tuple[float, float], after: tuple[float, float], steps: int, undo
+) -> RecoveryReport:
+    """The layer-loss guard every method shares. A change (`improved`: the method found one it would
+    keep) stands only where the held-back loss falls and the fitted tokens' loss does not rise; else
+    `undo()` puts the weights back and the report gives the before values as after.
+    before, after: (fitted, held-back) mean per-token losses."""
+    (fit_before, held_before), (fit_after, held_after) = before, after
+    accepted = improved and held_after < held_before and fit_after <= fit_before
+    if not accepted:
+        undo()
+        fit_after, held_after = fit_before, held_before
+    return RecoveryReport(method, accepted, fit_before, fit_after, held_before, held_after, steps)
+
+
 def recover_layer(
     adapter: MoEAdapter,
     block: nn.Module,
@@ -267,13 +282,12 @@ def recalibrate_router(
     if best is not None:
         for p, value in zip(params, best):
             p.data = value.to(p.dtype)
-    fit_after, held_after = losses()
-    accepted = best is not None and held_after < held_before and fit_after <= fit_before
-    if not accepted:
+
+    def undo() -> None:
         for p, original in zip(params, originals):
             p.data = original
-        fit_after, held_after = fit_before, held_before
-    return RecoveryReport("router", accepted, fit_before, fit_after, held_before, held_after, steps)
+
+    return guarded_report("router", best is not None, (fit_before, held_before), losses(), steps, undo)
 
 
 def _as_float(chunks: list[_KeptOutputs]) -> list[_KeptOutputs]:
@@ -326,14 +340,13 @@ def refit_experts(
     chosen = best if best is not None else originals
     for e, value in chosen.items():
         adapter.down_projection(block, e).copy_(value)
-    fit_after, held_after = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
-    accepted = best is not None and held_after < held_before and fit_after <= fit_before
-    if not accepted and best is not None:
+    after = layer_loss(adapter, block, keep, data.fit), layer_loss(adapter, block, keep, data.held)
+
+    def undo() -> None:
         for e, value in originals.items():
             adapter.down_projection(block, e).copy_(value)
-    if not accepted:
-        fit_after, held_after = fit_before, held_before
-    return RecoveryReport("refit", accepted, fit_before, fit_after, held_before, held_after, sweeps)
+
+    return guarded_report("refit", best is not None, (fit_before, held_before), after, sweeps, undo)
 
 
 def _refit_one(adapter, block, expert: int, fit, held, damp: float) -> None:
