@@ -41,7 +41,7 @@ class EndToEndGuard:
         """Mean per-token KL over the batches, one batch's vocabulary-wide log-probabilities at a time."""
         total, count = 0.0, 0
         for original, pruned in zip(self.original, states, strict=True):
-            p, q = (torch.log_softmax(self.adapter.final_logits(self.model, h).float(), -1) for h in (original, pruned))
+            p, q = (self.adapter.final_log_probs(self.model, h) for h in (original, pruned))
             tokens = p[..., 0].numel()
             total += mean_divergence([p], [q]) * tokens
             count += tokens

@@ -251,16 +251,16 @@ class EndToEndRescorer:
         return self.depth if horizon is None else min(self.depth, index + 1 + horizon)
 
     def _states(
-        self, step, start: int, stop: int, keep: set[int] = frozenset(), batches: slice | None = None
+        self, step, start: int, stop: int, also_at: set[int] = frozenset(), batches: slice | None = None
     ) -> tuple[list, dict]:
         """Layers start..stop-1 over the cached batches (those in `batches`: of the first self.batches), the
         later layers visiting the device one at a time; returns the states at `stop` and, by depth, those
-        at the depths in `keep`."""
+        at the depths in `also_at`."""
         chosen = step.batches[: self.batches][batches or slice(None)]
-        return run_cached(self.model, self.adapter, self.residency, chosen, start, stop, self.device, keep)
+        return run_cached(self.model, self.adapter, self.residency, chosen, start, stop, self.device, also_at)
 
     def _log_probs(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.log_softmax(self.adapter.final_logits(self.model, h).float(), dim=-1) for h in states]
+        return [self.adapter.final_log_probs(self.model, h) for h in states]
 
     def _reference(self, step) -> tuple[int, list[torch.Tensor]]:
         """The depth layer `step.index` is read at and the original model's log-probabilities there."""

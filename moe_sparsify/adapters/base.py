@@ -146,6 +146,11 @@ class MoEAdapter:
         """What the model does after its last decoder layer."""
         return model.lm_head(self.text_model(model).norm(hidden))
 
+    def final_log_probs(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities (float32) from hidden states after the last decoder layer: what
+        the end-to-end divergences compare."""
+        return torch.log_softmax(self.final_logits(model, hidden).float(), dim=-1)
+
     def moe_layers(self, model: nn.Module) -> list[int]:
         return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
 

@@ -65,11 +65,11 @@ def run_cached(
     start: int,
     stop: int,
     device: torch.device,
-    keep: set[int] = frozenset(),
+    also_at: set[int] = frozenset(),
 ) -> tuple[list[torch.Tensor], dict[int, list[torch.Tensor]]]:
     """Decoder layers start..stop-1 over cached batches (a layer's hidden states, every layer's kwargs):
     layer `start` is the one on the device now, the later ones visit it one at a time through
-    `residency`. Returns the states at `stop` and, by depth, those at the depths in `keep`."""
+    `residency`. Returns the states at `stop` and, by depth, those at the depths in `also_at`."""
     layers = adapter.decoder_layers(model)
     # Each pass gets its own copies of the layer kwargs: an output a layer hands to the next one differs
     # between passes (the subsets or the weights being compared).
@@ -81,7 +81,7 @@ def run_cached(
         states = [run_layer(layer, h, kwargs, index, adapter) for h, (_, kwargs) in zip(states, batches)]
         if index != start:
             residency.release_layer(index)
-        if index + 1 in keep:
+        if index + 1 in also_at:
             kept[index + 1] = states
     return states, kept
 
@@ -135,9 +135,9 @@ def catch_layer_inputs(
     return caught
 
 
-def _recorder(store: list[torch.Tensor], keep):
+def _recorder(store: list[torch.Tensor], park):
     def hook(module, args):
-        store.append(keep(args[0].reshape(-1, args[0].shape[-1])))
+        store.append(park(args[0].reshape(-1, args[0].shape[-1])))
 
     return hook
 
@@ -154,10 +154,10 @@ def place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.
             module._buffers[name] = buf.to(device)
 
 
-def _run_recorded(run, layer, index: int, stream, block, keep) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _run_recorded(run, layer, index: int, stream, block, park) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(the layer's outputs on `stream`, its MoE block's inputs recorded on the way)."""
     captured: list[torch.Tensor] = []
-    handle = block.register_forward_pre_hook(_recorder(captured, keep)) if block is not None else None
+    handle = block.register_forward_pre_hook(_recorder(captured, park)) if block is not None else None
     try:
         return run(layer, index, stream), captured
     finally:
@@ -226,26 +226,27 @@ def propagate(
     callback changes it), and give the callback that stream's MoE inputs (`LayerStep.original_inputs`).
     """
     residency = residency or Resident(model, adapter)
-    keep = activations.put if activations is not None else (lambda t: t)
+    # Where a hidden state or MoE input waits until the next layer reads it (`activations`, or where it is).
+    park = activations.put if activations is not None else (lambda t: t)
     layers = adapter.decoder_layers(model)
     home = next(p.device for p in model.parameters() if p.device.type != "meta")
     place_outside_layers(model, layers, device)
-    batches = [(keep(h), kw) for h, kw in catch_layer_inputs(model, adapter, token_ids, batch_size, device)]
+    batches = [(park(h), kw) for h, kw in catch_layer_inputs(model, adapter, token_ids, batch_size, device)]
     # The original stream gets its own kwargs: a layer's output carried to the next one differs between streams.
     originals = [(h, [dict(kw) for kw in kwargs]) for h, kwargs in batches] if track_original else None
     task = progress.add_task("layers", total=len(layers)) if progress else None
 
     def run(layer, index, stream):
-        return [keep(run_layer(layer, hidden.to(device), kwargs, index, adapter)) for hidden, kwargs in stream]
+        return [park(run_layer(layer, hidden.to(device), kwargs, index, adapter)) for hidden, kwargs in stream]
 
     for index in range(len(layers)):
         if activations is not None:
             activations.new_generation()
         layer = residency.load_layer(index, device)
         block = adapter.moe_block(layer)
-        outputs, captured = _run_recorded(run, layer, index, batches, block, keep)
+        outputs, captured = _run_recorded(run, layer, index, batches, block, park)
         if originals is not None:
-            original_outputs, original_captured = _run_recorded(run, layer, index, originals, block, keep)
+            original_outputs, original_captured = _run_recorded(run, layer, index, originals, block, park)
             originals = [(out, kwargs) for out, (_, kwargs) in zip(original_outputs, originals)]
         if block is not None:
             step = LayerStep(index, block, captured, batches, original_captured if originals is not None else None)
