@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
-from .recover import LayerData, Recovery, RecoveryReport, guarded_report, layer_loss
+from .layer_fit import LayerData, Recovery, RecoveryReport, guarded_report, layer_loss
 
 
 def check_mergeable(adapter: MoEAdapter, block: nn.Module) -> None:

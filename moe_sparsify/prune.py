@@ -32,9 +32,10 @@ from .divergence import mean_divergence, sequence_divergences
 from .errors import FailedRun, UsageError
 from .files import dumps, load_mapping, write_atomically
 from .guard import EndToEndGuard
+from .layer_fit import LayerData, Recovery
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
-from .recover import LayerData, Recovery, recover_layer
+from .recover import recover_layer
 from .routing import group_keep_counts, max_candidate_count
 from .search import Rescorer, RoundScorer, SearchContext, resolve_strategy, run_strategy
 

@@ -34,102 +34,10 @@ from torch import nn
 
 from .adapters import MoEAdapter
 from .choices import RECOVERY_METHODS
+from .layer_fit import LayerData, Recovery, RecoveryReport, block_output, guarded_report, layer_loss
+from .merge import merge_removed_experts
 
 ROUTER_MAX_KEPT = 16  # router re-calibration holds every kept expert's outputs per token (tokens x r x r scalars)
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """How to recover: which methods (applied in the order of RECOVERY_METHODS) and their guard."""
-
-    methods: tuple[str, ...]
-    holdout: float = 0.125  # share of the calibration sequences held back to accept or refuse a change
-    router_steps: int = 200
-    router_lr: float = 0.01  # Adam step, relative to the RMS of the kept router rows
-    router_patience: int = 20  # steps without a better held-back loss before stopping
-    refit_damp: float = 0.01
-    refit_sweeps: int = 2
-    merge_by: str = "output"  # which kept expert a removed one joins: closest mean output, or router logits
-
-    def record(self, layers: list[dict]) -> dict:
-        """What a plan records: the methods, the guard, and each layer's reports."""
-        merging = {"merge_by": self.merge_by} if "merge" in self.methods else {}
-        return {"methods": list(self.methods), "holdout": self.holdout, **merging, "layers": layers}
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    """One method on one layer: mean per-token losses before and after, on fitted and held-back tokens,
-    and with an end-to-end judge, the mean next-token KL on the held-back batches before and after.
-    A change the layer losses refuse reports its before values as after; one they accept but the
-    end-to-end KL refuses reports what it reached (so the KL that refused it is on record)."""
-
-    method: str
-    accepted: bool
-    fit_before: float
-    fit_after: float
-    held_before: float
-    held_after: float
-    steps: int
-    end_to_end_before: float | None = None
-    end_to_end_after: float | None = None
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class LayerData:
-    """One MoE layer's calibration tokens: the block's inputs x' and the target y of its whole output
-    (shared experts included), in chunks of rows, one per calibration batch; `fit` and `held` split them
-    by whole batches (the held-back ones are also run end to end: `guard.EndToEndGuard`)."""
-
-    fit: list[tuple[torch.Tensor, torch.Tensor]]
-    held: list[tuple[torch.Tensor, torch.Tensor]]
-    held_batches: range = range(0)  # the held-back chunks' indices among all chunks
-
-    @classmethod
-    def split(cls, inputs: list[torch.Tensor], targets: list[torch.Tensor], holdout: float) -> LayerData:
-        """Hold back the last round(holdout x batches) batches (at least one, and at least one fitted)."""
-        batches = len(inputs)
-        if batches < 2:
-            raise ValueError(
-                "recovery holds back whole calibration batches: it needs at least two "
-                "(more sequences than --batch-size)"
-            )
-        held = min(max(round(holdout * batches), 1), batches - 1)
-        pairs = list(zip(inputs, targets, strict=True))
-        return cls(pairs[: batches - held], pairs[batches - held :], range(batches - held, batches))
-
-
-def layer_loss(adapter: MoEAdapter, block: nn.Module, keep: torch.Tensor, chunks) -> float:
-    """Mean per-token ||F'(x', C) - y||^2 through the reference routed forward (float64 sums)."""
-    total, count = 0.0, 0
-    for x, y in chunks:
-        out = _block_output(adapter, block, x, keep)
-        total += ((out.float() - y.float()) ** 2).sum().double().item()
-        count += len(x)
-    return total / max(count, 1)
-
-
-def _block_output(adapter: MoEAdapter, block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    out = adapter.routed_forward(block, x, None if keep is None else keep.to(x.device))
-    return out[0] if isinstance(out, tuple) else out
-
-
-def guarded_report(
-    method: str, improved: bool, before: tuple[float, float], after: tuple[float, float], steps: int, undo
-) -> RecoveryReport:
-    """The layer-loss guard every method shares. A change (`improved`: the method found one it would
-    keep) stands only where the held-back loss falls and the fitted tokens' loss does not rise; else
-    `undo()` puts the weights back and the report gives the before values as after.
-    before, after: (fitted, held-back) mean per-token losses."""
-    (fit_before, held_before), (fit_after, held_after) = before, after
-    accepted = improved and held_after < held_before and fit_after <= fit_before
-    if not accepted:
-        undo()
-        fit_after, held_after = fit_before, held_before
-    return RecoveryReport(method, accepted, fit_before, fit_after, held_before, held_after, steps)
 
 
 def recover_layer(
@@ -144,8 +52,6 @@ def recover_layer(
 
     judge: the end-to-end divergence with the block as it stands (`guard.EndToEndGuard.for_layer`); a
     method's change that the layer losses accept is also undone, bit for bit, unless the judge falls."""
-    from .merge import merge_removed_experts  # merge.py builds on this module's types
-
     steps = {"merge": merge_removed_experts, "router": recalibrate_router, "refit": refit_experts}
     reports = []
     divergence = judge() if judge is not None else None
@@ -320,7 +226,7 @@ def refit_experts(
     held = [list(c) for c in _chunks_with_routes(adapter, block, keep, data.held)]
     for chunk in fit + held:
         x, y = chunk[0], chunk[1]
-        chunk[1] = y.float() - _block_output(adapter, block, x, keep).float()  # residual r = y - F'(x')
+        chunk[1] = y.float() - block_output(adapter, block, x, keep).float()  # residual r = y - F'(x')
 
     def mean_sq(chunks) -> float:
         return sum((c[1] ** 2).sum().double().item() for c in chunks) / sum(len(c[0]) for c in chunks)
