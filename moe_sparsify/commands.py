@@ -40,7 +40,8 @@ from .outputs import check_free_space, check_output, holding_outputs, lock_outpu
 from .plan import ModelIdentity, Plan, load_plan
 from .progress import progress_reporter
 from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
-from .skipping import check_skip_rule, check_skipping_supported, default_skip_rule, skip_fractions, skipping
+from .skip_rules import check_skip_rule, default_skip_rule
+from .skipping import check_skipping_supported, skip_fractions, skipping
 from .streaming import StreamedModel
 from .system import proc_bytes
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights

@@ -30,7 +30,7 @@ from .adapters import MoEAdapter
 from .choices import SKIP_RULES, STATISTICS
 from .errors import UsageError
 from .files import DOCUMENT_CONFIG, Document
-from .skipping import check_skip_rule, default_skip_rule, skip_keep_mask
+from .skip_rules import check_skip_rule, default_skip_rule, skip_keep_mask
 
 KIND = "moe-sparsify-thresholds"
 SCHEMA_VERSION = 1

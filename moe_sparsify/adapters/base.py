@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routing import RoutingSpec, route
-from ..skipping import skip_keep_mask, skipped_weights
+from ..skip_rules import skip_keep_mask, skipped_weights
 
 # model_type -> adapter class, filled as adapter classes are defined (see `MoEAdapter.__init_subclass__`).
 ADAPTERS: dict[str, type[MoEAdapter]] = {}
