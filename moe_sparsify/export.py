@@ -33,7 +33,7 @@ from . import __version__, quant
 from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
 from .files import save_tensors
-from .model_card import CARD_FILE, EVALS_FILE, render_card
+from .model_card import CARD_FILE, EVALS_FILE, PROVENANCE_FILE, render_card
 from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
 from .outputs import check_output, replacing, writing
 from .plan import Plan
@@ -41,7 +41,6 @@ from .quant.base import QuantFormat
 
 INDEX = "model.safetensors.index.json"
 PLAN_FILE = "moe_sparsify_plan.yaml"
-PROVENANCE_FILE = "moe_sparsify_provenance.json"
 THRESHOLDS_FILE = "moe_sparsify_thresholds.json"
 VERIFY_TOLERANCE = 1e-4
 _EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")

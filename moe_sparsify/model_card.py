@@ -23,6 +23,8 @@ from .plan import Plan
 
 CARD_FILE = "README.md"
 EVALS_FILE = "moe_sparsify_evals.json"
+# Written by export; named here, where `eval --card` recognises an export by it (export imports this module).
+PROVENANCE_FILE = "moe_sparsify_provenance.json"
 _EVAL_START, _EVAL_END = "<!-- moe-sparsify:evaluation -->", "<!-- /moe-sparsify:evaluation -->"
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n?", re.DOTALL)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -149,8 +151,6 @@ def _evaluation(runs: list[dict]) -> str:
 
 def check_card_target(model_dir: Path) -> None:
     """`eval --card` only on a checkpoint this tool exported; checked before the model loads."""
-    from .export import PROVENANCE_FILE
-
     if not (Path(model_dir) / PROVENANCE_FILE).is_file() or not (Path(model_dir) / CARD_FILE).is_file():
         raise UsageError(
             f"--card records results in the model card of an export written by moe-sparsify; {model_dir} has no "
