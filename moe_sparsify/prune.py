@@ -432,8 +432,7 @@ def plan_pruning(
     residency: how decoder layers reach the device (default: held in memory; `StreamedModel` reads
     them from disk one at a time).
     cost: filled with what the search computed (`cost.SearchCost`: layer, head and expert forwards x
-    tokens), counted by hooks on the model's decoder layers and head; a streamed model loads each layer
-    into those same modules, so a --stream search counts as the same search in memory."""
+    tokens), counted on the model's own modules (a streamed model's layers are not counted)."""
     residency = residency or Resident(model, adapter)
     keep = check_keep(adapter, settings.keep)
     strategy = resolve_strategy(
@@ -478,32 +477,9 @@ def plan_pruning(
         guard=EndToEndGuard(model, adapter, device, residency) if recovery is not None else None,
         cost=cost,
     )
-    inputs: LayerInputs
     # Recovery's end-to-end guard runs the later layers from each layer's decoder inputs: propagate them.
-    if store is not None and mode == "layerwise" and recovery is None:
-        inputs = StoredInputs(
-            store,
-            model,
-            adapter,
-            seq_len=token_ids.shape[1],
-            batch_size=settings.batch_size,
-            device=device,
-            residency=residency,
-            progress=progress,
-        )
-    else:
-        inputs = PropagatedInputs(
-            model,
-            adapter,
-            token_ids,
-            feed_forward=mode in ("progressive", "compensating"),
-            track_original=mode == "compensating",
-            batch_size=settings.batch_size,
-            device=device,
-            residency=residency,
-            activations=activations,
-            progress=progress,
-        )
+    stored = store if mode == "layerwise" and recovery is None else None
+    inputs = _layer_inputs(model, adapter, settings, token_ids, mode, stored, device, residency, activations, progress)
     with torch.no_grad(), count_search_cost(model, adapter, cost) if cost is not None else nullcontext():
         inputs.walk(decider)
 
@@ -516,23 +492,64 @@ def plan_pruning(
         calibration=manifest,
         versions=library_versions(),
         layers=decider.decisions,
-        options={
-            "keep": keep,
-            "candidates_per_token": max_candidate_count(adapter.num_experts, adapter.routing, keep),
-            "beam": settings.beam,
-            # Re-fitted weights live in the model this run holds; the plan records what changed and the guard's losses.
-            **({"recover": recovery.record(decider.recovered)} if recovery else {}),
-            **(
-                {
-                    "e2e_shortlist": end_to_end["e2e_shortlist"],
-                    "e2e_samples": end_to_end["e2e_samples"],
-                    "e2e_divergence": settings.e2e_divergence,
-                    # Only where set, so e2e plans made before these settings existed read the same.
-                    **{key: end_to_end[key] for key in ("e2e_horizon", "e2e_race_z") if end_to_end[key] is not None},
-                }
-                if end_to_end is not None
-                else {}
-            ),
-        },
+        options=_plan_options(adapter, settings, keep, end_to_end, recovery, decider.recovered),
     )
     return plan, decider.timings
+
+
+def _layer_inputs(
+    model, adapter, settings: Settings, token_ids, mode: str, store, device, residency, activations, progress
+) -> LayerInputs:
+    """Where each MoE layer's inputs come from: a stored calibration (read, never re-run) where one is
+    given, else the model run now, layer by layer, fed forward as `mode` says."""
+    if store is not None:
+        return StoredInputs(
+            store,
+            model,
+            adapter,
+            seq_len=token_ids.shape[1],
+            batch_size=settings.batch_size,
+            device=device,
+            residency=residency,
+            progress=progress,
+        )
+    return PropagatedInputs(
+        model,
+        adapter,
+        token_ids,
+        feed_forward=mode in ("progressive", "compensating"),
+        track_original=mode == "compensating",
+        batch_size=settings.batch_size,
+        device=device,
+        residency=residency,
+        activations=activations,
+        progress=progress,
+    )
+
+
+def _plan_options(
+    adapter: MoEAdapter,
+    settings: Settings,
+    keep: int,
+    end_to_end: dict | None,
+    recovery: Recovery | None,
+    recovered: list[dict],
+) -> dict:
+    """The search settings a plan records beside its decisions."""
+    options = {
+        "keep": keep,
+        "candidates_per_token": max_candidate_count(adapter.num_experts, adapter.routing, keep),
+        "beam": settings.beam,
+    }
+    if recovery is not None:
+        # Re-fitted weights live in the model this run holds; the plan records what changed and the guard's losses.
+        options["recover"] = recovery.record(recovered)
+    if end_to_end is not None:
+        options.update(
+            e2e_shortlist=end_to_end["e2e_shortlist"],
+            e2e_samples=end_to_end["e2e_samples"],
+            e2e_divergence=settings.e2e_divergence,
+        )
+        # Only where set, so e2e plans made before these settings existed read the same.
+        options.update({key: end_to_end[key] for key in ("e2e_horizon", "e2e_race_z") if end_to_end[key] is not None})
+    return options
