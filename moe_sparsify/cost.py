@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
@@ -30,7 +30,7 @@ class SearchCost:
         return self.layer_tokens * per.layer + self.head_tokens * per.head + self.expert_tokens * per.expert
 
     def as_dict(self) -> dict:
-        return {"layer_tokens": self.layer_tokens, "head_tokens": self.head_tokens, "expert_tokens": self.expert_tokens}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
