@@ -365,13 +365,17 @@ class LayerDecider:
         self.decisions.append(decision)
         self.timings.append(timing)
         if self.recovery is not None:
-            keep = torch.zeros(self.adapter.num_experts, dtype=torch.bool)
-            keep[list(decision.kept)] = True
-            data = LayerData.split(list(step.inputs), targets, self.recovery.holdout)
-            judge = self.guard.for_layer(step, list(decision.kept), data.held_batches) if self.guard else None
-            reports = recover_layer(self.adapter, step.block, keep, data, self.recovery, judge)
-            self.recovered.append({"layer": step.index, "methods": [r.as_dict() for r in reports]})
+            self._recover(step, list(decision.kept), targets)
         return list(decision.kept)
+
+    def _recover(self, step: LayerStep, kept: list[int], targets: list[torch.Tensor]) -> None:
+        """Re-fit the layer's kept weights in place, each method's change judged by the guard."""
+        keep = torch.zeros(self.adapter.num_experts, dtype=torch.bool)
+        keep[kept] = True
+        data = LayerData.split(list(step.inputs), targets, self.recovery.holdout)
+        judge = self.guard.for_layer(step, kept, data.held_batches) if self.guard else None
+        reports = recover_layer(self.adapter, step.block, keep, data, self.recovery, judge)
+        self.recovered.append({"layer": step.index, "methods": [r.as_dict() for r in reports]})
 
     def _resumed(self, step: LayerStep) -> tuple[LayerPlan, LayerTiming] | None:
         if self.journal is None or step.index not in self.journal.layers:
