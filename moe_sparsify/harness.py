@@ -65,20 +65,6 @@ def bundled_task_dir(directory: Path) -> Path:
     return directory
 
 
-@contextmanager
-def _datasets_offline() -> Iterator[None]:
-    """HF_DATASETS_OFFLINE=1 while the harness runs, unless the caller set it (local tasks must not reach
-    for the hub; users online set it to 0); the environment is left as it was."""
-    if "HF_DATASETS_OFFLINE" in os.environ:
-        yield
-        return
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        del os.environ["HF_DATASETS_OFFLINE"]
-
-
 @contextlib.contextmanager
 def output_to(log: Path):
     """Send everything written to stdout and stderr, by Python or by a child process, to `log`.
@@ -112,7 +98,7 @@ def task_index(tasks: list[str], task_dirs: list[Path]) -> Iterator:
     for task_dir in task_dirs:
         if not Path(task_dir).is_dir():
             raise UsageError(f"--task-dir {task_dir} is not a directory of lm-eval task YAML files")
-    with _datasets_offline(), tempfile.TemporaryDirectory() as bundled:
+    with tempfile.TemporaryDirectory() as bundled:
         include = [str(bundled_task_dir(Path(bundled)))] + [str(Path(d).resolve()) for d in task_dirs]
         # Indexing lm-eval's own ~15,000 task files takes seconds: only when a task is not ours or the user's.
         manager = TaskManager(include_path=include, include_defaults=False)
@@ -142,7 +128,7 @@ def run_tasks(
     `task_index` holding `tasks`."""
     lm_eval, HFLM, _ = _lm_eval()
     log = Path(tempfile.gettempdir()) / f"moe-sparsify-lm-eval-{os.getpid()}.log"
-    with _datasets_offline(), output_to(log):
+    with output_to(log):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         output = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=index, num_fewshot=num_fewshot, limit=limit, log_samples=False
