@@ -445,6 +445,45 @@ def plan_pruning(
     end_to_end = settings.end_to_end(strategy) if strategy in E2E_DEFAULTS else None
     # e2e scores each layer with the earlier ones pruned, against either target.
     mode = settings.mode if end_to_end is None or settings.mode == "compensating" else "progressive"
+    decider = _decider(
+        model, adapter, settings, strategy, keep, end_to_end, mode, device, residency, journal=journal, cost=cost
+    )
+    # Recovery's end-to-end guard runs the later layers from each layer's decoder inputs: propagate them.
+    stored = store if mode == "layerwise" and decider.recovery is None else None
+    inputs = _layer_inputs(model, adapter, settings, token_ids, mode, stored, device, residency, activations, progress)
+    with torch.no_grad(), count_search_cost(model, adapter, cost) if cost is not None else nullcontext():
+        inputs.walk(decider)
+
+    plan = Plan(
+        source=settings.model,
+        model=identity or model_identity(model, adapter),
+        strategy=strategy,
+        mode=mode,
+        seed=settings.seed,
+        calibration=manifest,
+        versions=library_versions(),
+        layers=decider.decisions,
+        options=_plan_options(adapter, settings, keep, end_to_end, decider.recovery, decider.recovered),
+    )
+    return plan, decider.timings
+
+
+def _decider(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    settings: Settings,
+    strategy: str,
+    keep: int,
+    end_to_end: dict | None,
+    mode: str,
+    device: torch.device,
+    residency,
+    *,
+    journal: ProgressJournal | None,
+    cost: SearchCost | None,
+) -> LayerDecider:
+    """The per-layer decider the settings describe: the strategy's search context, the e2e rescorer
+    (e2e strategies), and the recovery with its end-to-end guard (--recover)."""
     recovery = None
     if settings.recover:
         methods = tuple(settings.recover)
@@ -469,7 +508,7 @@ def plan_pruning(
         shortlist=end_to_end["e2e_shortlist"] if end_to_end is not None else 0,
         race_z=end_to_end["e2e_race_z"] if end_to_end is not None else None,
     )
-    decider = LayerDecider(
+    return LayerDecider(
         adapter,
         strategy,
         keep,
@@ -481,24 +520,6 @@ def plan_pruning(
         guard=EndToEndGuard(model, adapter, device, residency) if recovery is not None else None,
         cost=cost,
     )
-    # Recovery's end-to-end guard runs the later layers from each layer's decoder inputs: propagate them.
-    stored = store if mode == "layerwise" and recovery is None else None
-    inputs = _layer_inputs(model, adapter, settings, token_ids, mode, stored, device, residency, activations, progress)
-    with torch.no_grad(), count_search_cost(model, adapter, cost) if cost is not None else nullcontext():
-        inputs.walk(decider)
-
-    plan = Plan(
-        source=settings.model,
-        model=identity or model_identity(model, adapter),
-        strategy=strategy,
-        mode=mode,
-        seed=settings.seed,
-        calibration=manifest,
-        versions=library_versions(),
-        layers=decider.decisions,
-        options=_plan_options(adapter, settings, keep, end_to_end, recovery, decider.recovered),
-    )
-    return plan, decider.timings
 
 
 def _layer_inputs(
