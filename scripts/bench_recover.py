@@ -26,7 +26,8 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_sparsify.adapters import adapter_for  # noqa: E402
-from moe_sparsify.recover import LayerData, Recovery, recover_layer  # noqa: E402
+from moe_sparsify.layer_fit import LayerData, Recovery  # noqa: E402
+from moe_sparsify.recover import recover_layer  # noqa: E402
 
 
 def block_and_adapter(args, device, dtype):
@@ -68,7 +69,8 @@ def main() -> None:
         y = torch.cat([adapter.routed_forward(block, part, None) for part in x.split(8192)])
     keep = torch.zeros(8, dtype=torch.bool)
     keep[: args.keep] = True
-    data = LayerData.split(list(x.split(8192)), list(y.split(8192)), seq_len, holdout=0.125)
+    # One chunk per calibration sequence, as prune hands recovery its batches; the last 1/8 held back.
+    data = LayerData.split(list(x.split(seq_len)), list(y.split(seq_len)), holdout=0.125)
     results = {
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
