@@ -503,8 +503,11 @@ def evaluate(
         if thresholds is None or kept:
             # A plan applied in memory runs through the reference router, skipping included.
             skip = {e.layer: (e.beta, thresholds.rule) for e in thresholds.layers} if thresholds else None
-            with job.adapter.pruned_view(model, kept, skip):
+            tallies: dict[int, list[int]] = {}
+            with job.adapter.pruned_view(model, kept, skip, tallies):
                 result.update(score())
+            if thresholds is not None:
+                result["skip_fraction"] = {i: 1.0 - k / pairs for i, (k, pairs) in tallies.items() if pairs}
         else:
             with skipping(model, thresholds, job.adapter):
                 result.update(score())

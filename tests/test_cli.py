@@ -259,6 +259,10 @@ def test_skip_profile_eval_and_export_with_thresholds(tmp_path, text):
     )
     exported = json.loads(run("eval", "--model", tmp_path / "out", "--thresholds", pruned_t, "--json", *text).stdout)
     assert in_memory["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-4)
+    # The in-memory reference reports what it skipped, as the exported checkpoint's skipping runtime does.
+    assert set(in_memory["skip_fraction"]) == set(exported["skip_fraction"]) == {"0", "1", "2", "3"}
+    for layer, fraction in exported["skip_fraction"].items():
+        assert in_memory["skip_fraction"][layer] == pytest.approx(fraction, abs=0.01)
 
 
 def test_skip_profile_bad_statistics(tmp_path):

@@ -96,9 +96,14 @@ def test_median_skipping_equals_the_brute_force_reference(tiny, token_ids):
         for index, (block, inputs, output) in enumerate(seen):
             reference = adapter.routed_forward(block, inputs, None, skip[index])
             assert (output - reference).abs().max() <= 1e-5
-        with adapter.pruned_view(model, {}, skip):
+        tallies = {}
+        with adapter.pruned_view(model, {}, skip, tallies):
             expected = model(input_ids=token_ids).logits
     assert (got - expected).abs().max() <= 1e-4
+    # The reference counts what it skips as the runtime does (eval --plan --thresholds reports it).
+    referenced = {i: 1 - kept / pairs for i, (kept, pairs) in tallies.items()}
+    assert set(referenced) == set(realised) and referenced[0] == realised[0]
+    assert all(referenced[i] == pytest.approx(realised[i], abs=0.01) for i in realised)
     # Profiled on the same tokens; layers after the first see inputs changed by earlier skipping.
     assert realised[0] == pytest.approx(thresholds.layers[0].skip_fraction, abs=0.006)
     for entry in thresholds.layers:

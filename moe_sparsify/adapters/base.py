@@ -215,16 +215,25 @@ class MoEAdapter:
 
     # --- exact routed forward --------------------------------------------------------------------
     def routed_forward(
-        self, block: nn.Module, hidden: torch.Tensor, keep: torch.Tensor | None, skip: tuple[float, str] | None = None
+        self,
+        block: nn.Module,
+        hidden: torch.Tensor,
+        keep: torch.Tensor | None,
+        skip: tuple[float, str] | None = None,
+        tally: list[int] | None = None,
     ) -> torch.Tensor:
         """The block's output with only `keep` experts present (what the pruned checkpoint computes), and
         with skip = (beta, rule) the skipped pairs' weights zeroed and the rest renormalised as the model does.
-        The reference for both pruning and skipping: every routed pair is computed."""
+        The reference for both pruning and skipping: every routed pair is computed.
+        tally: with skip, [pairs kept, pairs routed] is added to, as the skipping runtime counts them."""
         x = hidden.reshape(-1, hidden.shape[-1])
         weights, indices = self.route(block, x, keep)
         if skip is not None:
             survivors = skip_keep_mask(weights, *skip)
             weights = skipped_weights(weights, survivors, self.routing.renormalizes)
+            if tally is not None:
+                tally[0] += int(survivors.sum())
+                tally[1] += survivors.numel()
         out = torch.zeros_like(x)
         for expert in indices.unique().tolist():
             token, slot = torch.nonzero(indices == expert, as_tuple=True)
@@ -238,12 +247,18 @@ class MoEAdapter:
 
     @contextmanager
     def pruned_view(
-        self, model: nn.Module, kept: dict[int, list[int]], skip: dict[int, tuple[float, str]] | None = None
+        self,
+        model: nn.Module,
+        kept: dict[int, list[int]],
+        skip: dict[int, tuple[float, str]] | None = None,
+        tallies: dict[int, list[int]] | None = None,
     ):
         """Temporarily route each listed layer as if only its kept experts existed (and, for layers in
-        `skip`, with dynamic skipping applied), through the reference `routed_forward`."""
+        `skip`, with dynamic skipping applied), through the reference `routed_forward`. tallies: filled
+        with [pairs kept, pairs routed] per skipping layer, for its skip fraction."""
         layers = self.decoder_layers(model)
         skip = skip or {}
+        tallies = {} if tallies is None else tallies
         originals = []
         try:
             for index in sorted(set(kept) | set(skip)):
@@ -251,15 +266,16 @@ class MoEAdapter:
                 keep = torch.zeros(self.num_experts, dtype=torch.bool)
                 keep[kept.get(index, list(range(self.num_experts)))] = True
                 originals.append((block, block.forward))
-                block.forward = self._masked_forward(block, keep, skip.get(index))
+                tally = tallies.setdefault(index, [0, 0]) if index in skip else None
+                block.forward = self._masked_forward(block, keep, skip.get(index), tally)
             yield model
         finally:
             for block, forward in reversed(originals):
                 block.forward = forward
 
-    def _masked_forward(self, block, keep, skip):
+    def _masked_forward(self, block, keep, skip, tally):
         def forward(hidden_states, *args, **kwargs):
-            return self.routed_forward(block, hidden_states, keep.to(hidden_states.device), skip)
+            return self.routed_forward(block, hidden_states, keep.to(hidden_states.device), skip, tally)
 
         return forward
 
