@@ -226,6 +226,8 @@ def find_config(spec: str | Path) -> Path:
 
 
 def _read_yaml(path: Path) -> dict:
+    if Path(path).exists() and not Path(path).is_file():  # a directory, or a FIFO that would block for ever
+        raise UsageError(f"config {path} is not a regular file; check the --config path")
     try:
         data = load_yaml(Path(path).read_text())
     except OSError:

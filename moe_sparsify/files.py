@@ -104,6 +104,8 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
 def load_mapping(path: Path, what: str, fix: str) -> dict:
     """A YAML or JSON mapping; `what` names it and `fix` says where a good one comes from."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a directory, or a FIFO that would block the read for ever
+        raise UsageError(f"{what} {path} is not a regular file; {fix}")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

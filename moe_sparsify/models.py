@@ -77,7 +77,11 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"--device {name}: torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}; pick one")
+    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -188,7 +192,8 @@ def _quiet_loading(report: list[str]) -> Iterator[None]:
             report.extend(record.getMessage().splitlines())
 
     root = hf_logging.get_logger("transformers")
-    handlers, collect = list(root.handlers), Collect()
+    handlers, collect, level = list(root.handlers), Collect(), root.level
+    root.setLevel(logging.WARNING)  # the report is a warning: collect it whatever the verbosity (nothing prints)
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     for handler in handlers:
@@ -198,6 +203,7 @@ def _quiet_loading(report: list[str]) -> Iterator[None]:
         yield
     finally:
         root.removeHandler(collect)
+        root.setLevel(level)
         for handler in handlers:
             root.addHandler(handler)
         if was_enabled:
@@ -205,13 +211,20 @@ def _quiet_loading(report: list[str]) -> Iterator[None]:
 
 
 _REPORTED_ERROR = re.compile(r"^\s*(?:\w+Error|Error): ")
+# A row of the report's table: `KEY | STATUS | detail`.
+_REPORTED_ROW = re.compile(
+    r"^\s*(?P<key>[^|]+?)\s*\|\s*(?P<status>MISSING|MISMATCH|CONVERSION)\s*\|\s*(?P<detail>.*?)\s*$"
+)
 
 
 def _reported_error(report: list[str], exc: BaseException) -> str:
-    """The load report's own error line (`RuntimeError: stack expects each tensor ...`), which says what
-    is wrong; the exception itself only points at the report."""
-    found = [line.strip() for line in report if _REPORTED_ERROR.match(line)]
-    return "; ".join(dict.fromkeys(found[:2])) if found else first_line(exc)
+    """What the load report says is wrong: its first rows naming a tensor (`...down_proj MISMATCH: ckpt
+    torch.Size([7, ...]) vs model ...`) and its own error line (`RuntimeError: stack expects ...`); the
+    exception itself only points at the report."""
+    rows = [m for line in report if (m := _REPORTED_ROW.match(line))]
+    found = [f"{m['key']} {m['status']}" + (f": {m['detail']}" if m["detail"] else "") for m in rows[:2]]
+    found += [line.strip() for line in report if _REPORTED_ERROR.match(line)][:1]
+    return "; ".join(dict.fromkeys(found)) if found else first_line(exc)
 
 
 def load_model(model_dir: Path, dtype: torch.dtype):

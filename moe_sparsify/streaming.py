@@ -23,7 +23,7 @@ from torch import nn
 
 from . import quant
 from .adapters import MoEAdapter
-from .errors import UsageError
+from .errors import FailedRun, UsageError
 from .quant.reader import DequantizingReader
 
 INDEX = "model.safetensors.index.json"
@@ -101,13 +101,28 @@ def module_state(
         else:
             state[key] = reader.get(name)
 
-    def pick(tensors: dict[str, torch.Tensor], names: tuple[str, str]) -> torch.Tensor:
-        return tensors[names[0]] if names[0] in tensors else tensors[names[1]]
+    def pick(head: str, expert: int, names: tuple[str, str]) -> torch.Tensor:
+        tensors = experts[head][expert]
+        found = next((tensors[name] for name in names if name in tensors), None)
+        if found is None:
+            raise FailedRun(
+                f"the checkpoint in {reader.dir} has no {prefix}{head}.{expert}.{names[0]} (or {names[1]}) weight; "
+                "re-save or re-download the checkpoint"
+            )
+        return found
 
     for head, by_expert in experts.items():
-        ordered = [by_expert[e] for e in sorted(by_expert)]
-        state[f"{head}.gate_up_proj"] = torch.stack([torch.cat([pick(t, _GATE), pick(t, _UP)]) for t in ordered])
-        state[f"{head}.down_proj"] = torch.stack([pick(t, _DOWN) for t in ordered])
+        ids = sorted(by_expert)
+        try:
+            gate_up = [torch.cat([pick(head, e, _GATE), pick(head, e, _UP)]) for e in ids]
+            state[f"{head}.gate_up_proj"] = torch.stack(gate_up)
+            state[f"{head}.down_proj"] = torch.stack([pick(head, e, _DOWN) for e in ids])
+        except RuntimeError as exc:  # experts of different shapes cannot be stacked
+            detail = str(exc).splitlines()[0]
+            raise FailedRun(
+                f"the expert weights under {prefix}{head} in {reader.dir} differ in shape ({detail}); re-save or "
+                "re-download the checkpoint"
+            ) from None
     return state
 
 
@@ -169,7 +184,15 @@ class StreamedModel:
 
     def load_layer(self, index: int, device: torch.device) -> nn.Module:
         layer = self.adapter.decoder_layers(self.model)[index]
-        _load_into(layer, module_state(self.reader, f"model.layers.{index}.", self.adapter.checkpoint_renames), device)
+        state = module_state(self.reader, f"model.layers.{index}.", self.adapter.checkpoint_renames)
+        try:
+            _load_into(layer, state, device)
+        except RuntimeError as exc:  # load_state_dict's missing keys or size mismatches, several lines
+            detail = " ".join(str(exc).split())
+            raise FailedRun(
+                f"decoder layer {index} of the checkpoint in {self.reader.dir} does not fit its config: {detail}; "
+                "re-save or re-download the checkpoint"
+            ) from None
         self.reader.close()
         return layer
 
@@ -191,7 +214,12 @@ class StreamedModel:
             layer = self.adapter.decoder_layers(self.model)[index]
             router = self.adapter.router_weight(self.adapter.moe_block(layer))
             path = f"model.layers.{index}." + next(n for n, p in layer.named_parameters() if p is router)
-            stored = next(n for n in self.reader.names(f"model.layers.{index}.") if _module_name(n, renames) == path)
+            names = self.reader.names(f"model.layers.{index}.")
+            stored = next((n for n in names if _module_name(n, renames) == path), None)
+            if stored is None:
+                raise FailedRun(
+                    f"the checkpoint in {self.reader.dir} has no router weight {path}; re-save or re-download it"
+                )
             weights[index] = self.reader.get(stored)
         self.reader.close()
         return weights

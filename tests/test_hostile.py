@@ -510,6 +510,7 @@ BROKEN_MODELS = [  # (what is broken, how, exit code, the line must name)
     ("quantization_config a string", lambda m: _set_config(m, quantization_config="fp8"), 2, "not a mapping"),
     ("fp8 block size a string", lambda m: _set_config(m, quantization_config=FP8_BAD_BLOCK), 2, "weight_block_size"),
     ("unknown compressed format", lambda m: _set_config(m, quantization_config=CT_UNKNOWN), 2, "does not define"),
+    ("an expert weight missing", lambda m: _drop_tensor(m, "experts.3.w2.weight"), 1, "down_proj MISMATCH"),
 ]
 
 
@@ -569,3 +570,43 @@ def test_a_second_join_of_the_process_group_is_refused_not_hung(tmp_path):
         assert rank.returncode == 0, stderr
         assert stdout.strip().startswith("refused: this process already took part"), stdout
         assert len(stdout.strip().splitlines()) == 1
+
+
+STREAMED_BROKEN = [  # --stream reads the checkpoint itself, not through transformers' loader
+    ("a router weight missing", lambda m: _drop_tensor(m, "layers.1.block_sparse_moe.gate.weight"), "no router weight"),
+    ("an expert weight missing", lambda m: _drop_tensor(m, "experts.3.w2.weight"), "experts.3.w2 (or down_proj)"),
+    ("an expert of the wrong shape", lambda m: _reshape_tensor(m, "experts.0.w1.weight"), "differ in shape"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage", "fragment"), STREAMED_BROKEN, ids=[c[0] for c in STREAMED_BROKEN])
+def test_a_broken_checkpoint_streamed_is_one_line_naming_the_fix(tmp_path, name, damage, fragment):
+    from moe_sparsify.models import bundled_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_model_dir("tiny"), model)
+    damage(model)
+    args = ["prune", "--model", model, "--keep", 6, "--plan-only", "--stream", "-o", tmp_path / "p.json", *FAST]
+    line = refused(tmp_path, *args, code=1)
+    assert fragment in line and "re-save or re-download" in line, line
+
+
+def test_a_fifo_given_as_a_settings_plan_or_threshold_file_is_refused_not_read(tmp_path):
+    """Reading a FIFO blocks until a writer comes: the run would hang instead of answering."""
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    assert "is not a regular file" in refused(tmp_path, "prune", "--config", fifo, "--keep", 6)
+    assert "is not a regular file" in refused(tmp_path, "export", "--plan", fifo, "-o", tmp_path / "out")
+    assert "is not a regular file" in refused(tmp_path, "eval", "--thresholds", fifo)
+
+
+def test_a_cuda_device_torch_does_not_see_is_refused(monkeypatch):
+    import torch
+
+    from moe_sparsify.models import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="torch sees 1 CUDA device"):
+        pick_device("cuda:7")
+    assert pick_device("cuda:0") == torch.device("cuda:0")

@@ -46,7 +46,7 @@ def test_foreign_and_broken_files_are_refused(tmp_path):
         load_plan(tmp_path / "b.json")
     with pytest.raises(UsageError, match="plan .*missing.yaml not found"):
         load_plan(tmp_path / "missing.yaml")
-    with pytest.raises(UsageError, match="cannot read plan"):  # there, but not a readable file
+    with pytest.raises(UsageError, match="plan .* is not a regular file"):  # there, but not a readable file
         load_plan(tmp_path)
 
 
