@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -235,12 +236,25 @@ def holding_outputs(fn):
     return wrapper
 
 
+@contextmanager
+def _termination_deferred() -> Iterator[None]:
+    """SIGTERM, SIGHUP and SIGINT wait (pending, not lost) inside: one arriving between creating the lock
+    file and registering its removal would otherwise leave the file behind."""
+    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal is delivered here
+
+
 def lock_output(path: Path) -> None:
     """Lock `path` until the enclosing `holding_outputs` command returns."""
     stack = _held.get()
     if stack is None:
         raise RuntimeError("lock_output is called from a function decorated with holding_outputs")
-    stack.enter_context(OutputLock(path))
+    with _termination_deferred():
+        stack.enter_context(OutputLock(path))
 
 
 @contextmanager

@@ -610,3 +610,27 @@ def test_a_cuda_device_torch_does_not_see_is_refused(monkeypatch):
     with pytest.raises(UsageError, match="torch sees 1 CUDA device"):
         pick_device("cuda:7")
     assert pick_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch):
+    """SIGTERM right after the lock file is made, before its removal is registered: it waits until it is,
+    then unwinds the run, and the lock file goes with it."""
+    from moe_sparsify.cli import Terminated, _unwinding_on_signals
+    from moe_sparsify.outputs import OutputLock, holding_outputs, lock_output
+
+    taken = OutputLock.__enter__
+
+    def taken_then_signalled(self):
+        entered = taken(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return entered
+
+    monkeypatch.setattr(OutputLock, "__enter__", taken_then_signalled)
+
+    @holding_outputs
+    def run():
+        lock_output(tmp_path / "out")
+
+    with pytest.raises(Terminated):
+        _unwinding_on_signals(run)
+    assert _listing(tmp_path) == set()
