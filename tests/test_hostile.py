@@ -612,9 +612,9 @@ def test_a_cuda_device_torch_does_not_see_is_refused(monkeypatch):
     assert pick_device("cuda:0") == torch.device("cuda:0")
 
 
-def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch):
-    """SIGTERM right after the lock file is made, before its removal is registered: it waits until it is,
-    then unwinds the run, and the lock file goes with it."""
+def _signal_while_locking(directory: Path) -> None:
+    """In a process of its own (signals reach the main thread, which pytest-xdist's may not be): SIGTERM
+    arrives right after the lock file is made; exits 0 if the run unwound and nothing is left."""
     from moe_sparsify.cli import Terminated, _unwinding_on_signals
     from moe_sparsify.outputs import OutputLock, holding_outputs, lock_output
 
@@ -625,12 +625,26 @@ def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypa
         os.kill(os.getpid(), signal.SIGTERM)
         return entered
 
-    monkeypatch.setattr(OutputLock, "__enter__", taken_then_signalled)
+    OutputLock.__enter__ = taken_then_signalled
 
     @holding_outputs
     def run():
-        lock_output(tmp_path / "out")
+        lock_output(directory / "out")
 
-    with pytest.raises(Terminated):
+    try:
         _unwinding_on_signals(run)
-    assert _listing(tmp_path) == set()
+    except Terminated:
+        left = _listing(directory)
+        print(sorted(left))
+        sys.exit(0 if not left else 3)
+    sys.exit(4)  # the signal did not stop the run
+
+
+def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path):
+    """SIGTERM right after the lock file is made, before its removal is registered: it waits until it is,
+    then unwinds the run, and the lock file goes with it."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "logs").mkdir()
+    child = Forked(tmp_path / "logs", _signal_while_locking, tmp_path / "out")
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 0, (stdout, stderr)
