@@ -24,6 +24,7 @@ from torch import nn
 from . import quant
 from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
+from .model_config import auto_model_class, load_config
 from .quant.reader import DequantizingReader
 
 INDEX = "model.safetensors.index.json"
@@ -146,8 +147,6 @@ class StreamedModel:
     checkpoint becomes the float model its config describes, its weights decoded as they are read."""
 
     def __init__(self, model_dir: Path, adapter: MoEAdapter, dtype: torch.dtype, reference_decode: bool = False):
-        from .models import auto_model_class, load_config
-
         if adapter.config_section:
             raise UsageError(
                 f"the language model of a multimodal checkpoint ({adapter.config_section}) cannot be streamed from "

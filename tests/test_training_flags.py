@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from moe_sparsify.cli import app
-from moe_sparsify.models import INFERENCE_FLAGS, load_config, load_pretrained
+from moe_sparsify.model_config import INFERENCE_FLAGS, load_config
+from moe_sparsify.models import load_pretrained
 from moe_sparsify.mtp import MTP_COUNT_KEYS
 
 from .conftest import save_with_tokenizer
