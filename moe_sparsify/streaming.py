@@ -16,16 +16,19 @@ import ctypes
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from . import quant
-from .adapters import MoEAdapter
 from .errors import FailedRun, UsageError
 from .model_config import auto_model_class, load_config
 from .quant.reader import DequantizingReader
+
+if TYPE_CHECKING:  # only annotations: settings validation imports models, and so this module, without adapters
+    from .adapters import MoEAdapter
 
 INDEX = "model.safetensors.index.json"
 
