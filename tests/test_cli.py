@@ -466,29 +466,30 @@ def _two_ranks(tmp_path_factory, runs: list[list[str]]) -> None:
         assert process.returncode == 0, f"rank {rank}:\n{process.communicate()[1][-3000:]}"
 
 
-def test_two_ranks_share_every_strategy_and_mode_to_the_single_process_plan(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize(
+    ("name", "extra", "config"),
+    [
+        ("greedy", ["--strategy", "greedy", "--mode", "progressive"], None),
+        ("reap", ["--strategy", "reap"], None),
+        ("e2e", ["--strategy", "e2e"], "e2e_shortlist: 4\n"),  # fewer subsets re-scored: a quarter of the time
+        # Racing looks at per-sequence divergences gathered from the ranks, every batch of one process.
+        ("e2e-race", ["--strategy", "e2e"], "e2e_shortlist: 4\ne2e_race_z: 0.5\n"),
+    ],
+    ids=["greedy", "reap", "e2e", "e2e-race"],
+)
+def test_two_ranks_share_every_strategy_and_mode_to_the_single_process_plan(
+    tmp_path, tmp_path_factory, name, extra, config
+):
     """Greedy (removal losses), REAP (routing counts and saliency), e2e (divergences) and its race
     (per-sequence divergences) reduce other sums over ranks than the exhaustive search: the same decisions
     and losses as one process."""
-    e2e = tmp_path / "e2e.yaml"
-    e2e.write_text("e2e_shortlist: 4\n")  # fewer subsets re-scored: a quarter of the default's time
-    # Racing looks at per-sequence divergences gathered from the ranks, every batch of one process.
-    race = tmp_path / "race.yaml"
-    race.write_text("e2e_shortlist: 4\ne2e_race_z: 0.5\n")
-    runs = {
-        "greedy": ["--strategy", "greedy", "--mode", "progressive"],
-        "reap": ["--strategy", "reap"],
-        "e2e": ["--strategy", "e2e", "--config", str(e2e)],
-        "e2e-race": ["--strategy", "e2e", "--config", str(race)],
-    }
-    launched = []
-    for name, extra in runs.items():
-        result = run(*TORCHRUN_ARGS, *extra, "-o", tmp_path / f"{name}-single.yaml")
-        assert result.exit_code == 0, result.stderr
-        launched.append([*TORCHRUN_ARGS, *extra, "-o", str(tmp_path / f"{name}-two.yaml")])
-    _two_ranks(tmp_path_factory, launched)
-    for name in runs:
-        _same_plan(tmp_path / f"{name}-single.yaml", tmp_path / f"{name}-two.yaml")
+    if config is not None:
+        (tmp_path / "c.yaml").write_text(config)
+        extra = [*extra, "--config", str(tmp_path / "c.yaml")]
+    result = run(*TORCHRUN_ARGS, *extra, "-o", tmp_path / f"{name}-single.yaml")
+    assert result.exit_code == 0, result.stderr
+    _two_ranks(tmp_path_factory, [[*TORCHRUN_ARGS, *extra, "-o", str(tmp_path / f"{name}-two.yaml")]])
+    _same_plan(tmp_path / f"{name}-single.yaml", tmp_path / f"{name}-two.yaml")
 
 
 def test_interrupted_calibrate_resumes_to_the_same_store(tmp_path, monkeypatch):
