@@ -32,7 +32,7 @@ from .divergence import mean_divergence, sequence_divergences
 from .errors import FailedRun, UsageError
 from .files import dumps, load_mapping, write_atomically
 from .guard import EndToEndGuard
-from .layer_fit import LayerData, Recovery
+from .layer_fit import LayerData, Recovery, block_output
 from .objective import LayerStats, SubsetLoss
 from .plan import LayerPlan, ModelIdentity, Plan
 from .recover import recover_layer
@@ -148,8 +148,7 @@ def layer_targets(adapter: MoEAdapter, block: nn.Module, step: LayerStep) -> tup
     device = next(block.parameters()).device
 
     def full(x: torch.Tensor) -> torch.Tensor:
-        out = adapter.routed_forward(block, x.to(device), None)
-        return out[0] if isinstance(out, tuple) else out
+        return block_output(adapter, block, x.to(device), None)
 
     if step.original_inputs is None:
         return [full(x) for x in step.inputs], None

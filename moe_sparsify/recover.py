@@ -56,7 +56,7 @@ def recover_layer(
     reports = []
     divergence = judge() if judge is not None else None
     for method in (m for m in RECOVERY_METHODS if m in recovery.methods):
-        changed = recoverable_parameters(adapter, block, whole_experts=method == "merge")
+        changed = _changed_by(method, adapter, block)
         saved = [p.detach().clone() for p in changed] if judge is not None else []
         report = steps[method](adapter, block, keep, data, recovery)
         if judge is not None:
@@ -82,12 +82,24 @@ def _router_parameters(adapter: MoEAdapter, block: nn.Module) -> list[nn.Paramet
     return [weight] + ([bias] if isinstance(bias, nn.Parameter) else [])
 
 
+def _expert_parameters(adapter: MoEAdapter, block: nn.Module, whole_experts: bool) -> list[nn.Parameter]:
+    """The stacked down projections (with whole_experts, as merging changes them, every expert tensor)."""
+    experts = adapter.expert_tensors(block)
+    return list(experts.values()) if whole_experts else [experts[n] for n in ("down_proj",) if n in experts]
+
+
 def recoverable_parameters(adapter: MoEAdapter, block: nn.Module, whole_experts: bool = False) -> list[nn.Parameter]:
     """Every parameter of the block that recovery may change: the router's, and the down projections
     (with whole_experts, as merging changes them, every stacked expert tensor)."""
-    experts = adapter.expert_tensors(block)
-    changed = list(experts.values()) if whole_experts else [experts[n] for n in ("down_proj",) if n in experts]
-    return [*_router_parameters(adapter, block), *changed]
+    return [*_router_parameters(adapter, block), *_expert_parameters(adapter, block, whole_experts)]
+
+
+def _changed_by(method: str, adapter: MoEAdapter, block: nn.Module) -> list[nn.Parameter]:
+    """What one method may change, to put back if the end-to-end judge refuses it: only those tensors
+    are copied (the router's rows alone for `router`, not every down projection)."""
+    if method == "router":
+        return _router_parameters(adapter, block)
+    return _expert_parameters(adapter, block, whole_experts=method == "merge")
 
 
 @dataclass

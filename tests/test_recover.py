@@ -294,13 +294,14 @@ def test_the_guard_equals_the_stock_forward_divergence_and_tells_a_wrong_kept_se
     assert judged["wrong"] != pytest.approx(expected, rel=1e-2)
 
 
+@pytest.mark.parametrize("method", ["router", "refit"])
 @pytest.mark.parametrize(("divergences", "kept"), [((1.0, 0.5), True), ((1.0, 1.5), False)])
-def test_a_change_the_layer_accepts_is_kept_only_where_the_end_to_end_divergence_falls(divergences, kept):
-    """A refit the layer losses accept is undone, bit for bit, when the judge says the model got worse."""
+def test_a_change_the_layer_accepts_is_kept_only_where_the_end_to_end_divergence_falls(divergences, kept, method):
+    """A change the layer losses accept is undone, bit for bit, when the judge says the model got worse."""
     adapter, block, keep, data = _layer()
     before = {name: p.detach().clone() for name, p in block.named_parameters()}
     judged = iter(divergences)
-    report = recover_layer(adapter, block, keep, data, Recovery(("refit",)), judge=lambda: next(judged))[0]
+    report = recover_layer(adapter, block, keep, data, Recovery((method,)), judge=lambda: next(judged))[0]
     assert report.fit_after < report.fit_before  # the layer guard accepted it
     assert report.accepted == kept
     assert (report.end_to_end_before, report.end_to_end_after) == divergences
