@@ -133,6 +133,18 @@ def lm_eval_tasks_indexed_once():
         yield
 
 
+def settings_error(tmp_path: Path, yaml_text: str) -> str:
+    """The message of the UsageError that settings validation gives for a run file holding `yaml_text`."""
+    from moe_sparsify.config import resolve_settings
+    from moe_sparsify.errors import UsageError
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(UsageError) as err:
+        resolve_settings(cfg, {})
+    return str(err.value)
+
+
 def assert_brute_force_e2e(plan, model, adapter, keep: int, log_probs) -> None:
     """The e2e plan equals a brute-force search: layer by layer, with the earlier layers as decided,
     every subset by a masked forward, keeping the one whose `log_probs(layer)` is closest in KL to

@@ -5,6 +5,8 @@ import pytest
 from moe_sparsify.config import resolve_settings
 from moe_sparsify.errors import UsageError
 
+from .conftest import settings_error
+
 
 def test_flags_override_yaml_which_overrides_alias_defaults(tmp_path):
     cfg = tmp_path / "run.yaml"
@@ -14,11 +16,7 @@ def test_flags_override_yaml_which_overrides_alias_defaults(tmp_path):
 
 
 def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("kep: 6\nstrategy: magic\nsamples: 0\nmode: sideways\n")
-    with pytest.raises(UsageError) as err:
-        resolve_settings(cfg, {})
-    message = str(err.value)
+    message = settings_error(tmp_path, "kep: 6\nstrategy: magic\nsamples: 0\nmode: sideways\n")
     for fragment in (
         "kep: unknown setting",
         "strategy: 'magic'",
@@ -50,11 +48,7 @@ def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
     ],
 )
 def test_settings_are_strictly_typed(tmp_path, yaml_text, fragment):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml_text)
-    with pytest.raises(UsageError) as err:
-        resolve_settings(cfg, {})
-    assert fragment in str(err.value)
+    assert fragment in settings_error(tmp_path, yaml_text)
 
 
 def test_comma_separated_flags_become_lists():
@@ -94,10 +88,8 @@ def test_every_model_alias_resolves():
 
 
 def test_directories_are_checked_with_the_settings(tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"offload_dir: {tmp_path / 'none'}\ntask_dirs: [{tmp_path}, {tmp_path / 'gone'}]\n")
-    with pytest.raises(UsageError) as err:
-        resolve_settings(cfg, {})
-    assert f"offload_dir: {tmp_path / 'none'} is not a directory" in str(err.value)
-    assert f"task_dirs.1: {tmp_path / 'gone'} is not a directory" in str(err.value)
+    dirs = f"offload_dir: {tmp_path / 'none'}\ntask_dirs: [{tmp_path}, {tmp_path / 'gone'}]\n"
+    message = settings_error(tmp_path, dirs)
+    assert f"offload_dir: {tmp_path / 'none'} is not a directory" in message
+    assert f"task_dirs.1: {tmp_path / 'gone'} is not a directory" in message
     assert resolve_settings(None, {"task_dirs": [str(tmp_path)]}).task_dirs == [str(tmp_path)]
