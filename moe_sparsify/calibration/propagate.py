@@ -75,15 +75,15 @@ def run_cached(
     # between passes (the subsets or the weights being compared).
     batches = [(hidden, [dict(kw) for kw in kwargs]) for hidden, kwargs in batches]
     states = [hidden.to(device) for hidden, _ in batches]
-    kept = {}
+    at_depth = {}
     for index in range(start, stop):
         layer = layers[index] if index == start else residency.load_layer(index, device)
         states = [run_layer(layer, h, kwargs, index, adapter) for h, (_, kwargs) in zip(states, batches)]
         if index != start:
             residency.release_layer(index)
         if index + 1 in also_at:
-            kept[index + 1] = states
-    return states, kept
+            at_depth[index + 1] = states
+    return states, at_depth
 
 
 def catch_layer_inputs(
@@ -181,16 +181,12 @@ class Resident:
         self.home = next(self.layers[0].parameters()).device
         self.visiting: dict[int, list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]] = {}
 
-    @staticmethod
-    def _tensors(layer: nn.Module) -> list[torch.Tensor]:
-        return [*layer.parameters(), *layer.buffers()]
-
     def load_layer(self, index: int, device: torch.device) -> nn.Module:
         layer = self.layers[index]
         if device == self.home or index in self.visiting:
             return layer
         visit = []
-        for tensor in self._tensors(layer):
+        for tensor in [*layer.parameters(), *layer.buffers()]:
             host = tensor.data
             tensor.data = host.to(device, copy=True)
             visit.append((tensor, host, (tensor.data_ptr(), tensor._version)))
