@@ -25,7 +25,7 @@ from .calibration.tokens import sample_windows, token_stream
 from .config import Settings
 from .distributed import is_main, process_group, shard, world
 from .errors import UsageError
-from .evaluate import perplexity
+from .evaluate import check_scorable, perplexity
 from .export import (
     PLAN_FILE,
     THRESHOLDS_FILE,
@@ -466,9 +466,11 @@ def evaluate(
     plan = _plan_without_recovery(plan_path) if plan_path else None
     thresholds = load_thresholds(thresholds_path) if thresholds_path else None
     with _task_index(settings) as index:
+        stream = token_stream(load_tokenizer(job.model_dir), load_documents(settings.eval_text))
+        if settings.perplexity:  # before the model loads
+            check_scorable(stream, settings.eval_window, settings.eval_text)
         model, tokenizer = load_model(job.model_dir, job.dtype)
         model.to(job.device)
-        stream = token_stream(tokenizer, load_documents(settings.eval_text))
         result = {
             "model": settings.model,
             "text": settings.eval_text,
@@ -619,6 +621,7 @@ def _compare(settings: Settings, variants, report_dir: Path | None, show_progres
     if len({len(t) for t in tokenizers}) != 1:
         raise UsageError("the variants use different tokenizers; compare variants of one model")
     stream = token_stream(tokenizers[0], load_documents(settings.eval_text))
+    check_scorable(stream, settings.eval_window, settings.eval_text)
     needed = max(settings.speed_batch) * settings.prompt_len
     if len(stream) < needed:
         raise UsageError(f"{settings.eval_text} holds {len(stream)} tokens, fewer than the {needed} the prompts need")

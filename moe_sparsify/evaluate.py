@@ -16,6 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from .divergence import mean_divergence
+from .errors import UsageError
+
+
+def check_scorable(token_ids: torch.Tensor, window: int, source) -> None:
+    """Refuse a text shorter than one window: its perplexity would rest on a handful of predictions,
+    each with less context than the window promises, and read like a measurement."""
+    tokens = len(token_ids)
+    if tokens < max(window, 2):
+        shorter = f" (or --window {tokens} --stride {tokens // 2})" if tokens >= 2 else ""
+        raise UsageError(
+            f"--text {source} holds {tokens} token(s), fewer than one --window of {window}; pass a longer text{shorter}"
+        )
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import FailedRun, MoeSparsifyError, UsageError
+from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 from .model_config import auto_model_class, load_config
 from .streaming import StreamedModel
 
@@ -77,11 +77,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first non-empty line: library errors often add paragraphs of advice below it."""
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def load_decoded(model_dir: Path, dtype: torch.dtype, reference_decode: bool = False):

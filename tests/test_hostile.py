@@ -379,6 +379,49 @@ def test_plan_files_that_are_not_plans(tmp_path, content, fragment):
     assert fragment in refused(tmp_path, "export", "--plan", plan, "-o", tmp_path / "out")
 
 
+def test_an_evaluation_text_shorter_than_one_window_is_refused_before_loading(tmp_path, monkeypatch):
+    import moe_sparsify.commands as commands
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the text's length was checked")
+
+    monkeypatch.setattr(commands, "load_model", no_loading)
+    short = _write(tmp_path / "short.txt", "def f(x): return x")
+    assert "fewer than one --window of 256" in refused(tmp_path, "eval", "--text", short)
+    assert "fewer than one --window of 64" in refused(tmp_path, "eval", "--text", short, "--window", 64, "--stride", 32)
+
+
+@pytest.fixture(scope="module")
+def calibration_dir(tmp_path_factory) -> Path:
+    """A good calibration of the bundled model, copied and damaged by the test below."""
+    path = tmp_path_factory.mktemp("calibration") / "calib"
+    result = _run("calibrate", "--model", "tiny", "--output", path, *FAST)
+    assert result.exit_code == 0, result.stderr
+    return path
+
+
+CALIBRATION_DAMAGE = [  # a damaged store is a failed read (1), as damaged weights are; a wrong directory is usage (2)
+    ("truncated layer", lambda d: (d / "layer_001.safetensors").write_bytes(b"\x10\x00"), 1, "cannot read"),
+    ("missing layer", lambda d: (d / "layer_002.safetensors").unlink(), 1, "has no inputs for layer 2"),
+    ("missing tokens", lambda d: (d / "tokens.safetensors").unlink(), 1, "cannot read"),
+    ("manifest not JSON", lambda d: (d / "manifest.json").write_text("{x"), 2, "is not a calibration directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "code", "fragment"), CALIBRATION_DAMAGE, ids=[c[0] for c in CALIBRATION_DAMAGE]
+)
+def test_a_damaged_calibration_directory_exits_like_a_damaged_checkpoint(
+    tmp_path, calibration_dir, name, damage, code, fragment
+):
+    store = shutil.copytree(calibration_dir, tmp_path / "calib")
+    damage(store)
+    line = refused(
+        tmp_path, "prune", "--keep", 6, "--from-calibration", store, "--plan-only", "-o", tmp_path / "p.json", code=code
+    )
+    assert fragment in line, line
+
+
 def test_missing_plan_and_calibration_directory(tmp_path):
     assert "none.yaml not found" in refused(tmp_path, "export", "--plan", tmp_path / "none.yaml")
     line = refused(tmp_path, "prune", "--keep", 6, "--from-calibration", tmp_path, "-o", tmp_path / "out")

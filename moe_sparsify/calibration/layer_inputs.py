@@ -57,6 +57,7 @@ class StoredInputs:
 
     def walk(self, decide: Decide) -> None:
         moe_layers = self.adapter.moe_layers(self.model)
+        self.store.check_layers(moe_layers)
         task = self.progress.add_task("layers", total=len(moe_layers)) if self.progress else None
         rank, size = world()  # this rank's share of the sequences, as with sampled tokens
         for index in moe_layers:

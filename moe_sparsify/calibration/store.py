@@ -16,9 +16,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..errors import FailedRun, UsageError
+from ..errors import FailedRun, UsageError, first_line
 from ..files import save_tensors
 from ..outputs import move_into_place, replacing, writing
 
@@ -104,21 +105,39 @@ class CalibrationStore:
         if self.manifest.get("kind") != KIND:
             raise UsageError(f"{path} is not a moe-sparsify calibration manifest")
 
+    def _damaged(self, name: str, exc: BaseException) -> FailedRun:
+        return FailedRun(f"cannot read {self.dir / name} ({first_line(exc)}); run `moe-sparsify calibrate` again")
+
     def _read(self, name: str, key: str) -> torch.Tensor:
         try:
             return load_file(self.dir / name)[key]
         except Exception as exc:  # a missing or damaged file: OSError, SafetensorError, KeyError
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UsageError(f"cannot read {self.dir / name} ({detail}); run `moe-sparsify calibrate` again") from None
+            raise self._damaged(name, exc) from None
+
+    def _layer_file(self, index: int) -> str:
+        name = f"layer_{index:03d}.safetensors"
+        if not (self.dir / name).exists():
+            raise FailedRun(
+                f"calibration {self.dir} has no inputs for layer {index}; run `moe-sparsify calibrate` again"
+            )
+        return name
 
     def token_ids(self) -> torch.Tensor:
         return self._read("tokens.safetensors", "token_ids")
 
     def layer_inputs(self, index: int) -> torch.Tensor:
-        path = self.dir / f"layer_{index:03d}.safetensors"
-        if not path.exists():
-            raise UsageError(f"calibration {self.dir} has no inputs for layer {index}; recalibrate this model")
-        return self._read(path.name, "moe_input")
+        return self._read(self._layer_file(index), "moe_input")
+
+    def check_layers(self, layers: list[int]) -> None:
+        """Every layer's file is there and its header names its tensor, checked before any layer is
+        searched (headers only): a damaged store then fails before there is work to journal."""
+        for name in map(self._layer_file, layers):
+            try:
+                with safe_open(self.dir / name, "pt") as header:
+                    if "moe_input" not in header.keys():
+                        raise KeyError("no tensor 'moe_input'")
+            except Exception as exc:  # as in _read
+                raise self._damaged(name, exc) from None
 
     def check_model(self, identity: dict) -> None:
         stored = self.manifest.get("model", {})
