@@ -154,6 +154,8 @@ class Settings:
     recover_holdout: Annotated[Float, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard
     # --recover merge: join each removed expert to the kept one closest by mean output, or by router logits
     recover_merge_by: Literal[MERGE_BY] = "output"
+    # --recover merge: permute each removed expert's neurons to best match its kept expert's before averaging
+    recover_merge_align: StrictBool = False
     output: Name | None = None
     overwrite: StrictBool = False
     plan_only: StrictBool = False

@@ -28,10 +28,11 @@ class Recovery:
     refit_damp: float = 0.01
     refit_sweeps: int = 2
     merge_by: str = "output"  # which kept expert a removed one joins: closest mean output, or router logits
+    merge_align: bool = False  # permute each removed expert's neurons to match its kept expert's before averaging
 
     def record(self, layers: list[dict]) -> dict:
         """What a plan records: the methods, the guard, and each layer's reports."""
-        merging = {"merge_by": self.merge_by} if "merge" in self.methods else {}
+        merging = {"merge_by": self.merge_by, "merge_align": self.merge_align} if "merge" in self.methods else {}
         return {"methods": list(self.methods), "holdout": self.holdout, **merging, "layers": layers}
 
 

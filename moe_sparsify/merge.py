@@ -14,10 +14,13 @@ Which kept expert a removed one joins (`merge_by`):
   similar (cosine of the logit columns). Cheaper (no expert runs), but it measures which tokens an
   expert is sent, not what it returns.
 
-Averaging the weights of independently trained experts is not averaging their functions (neither
-baseline's neuron alignment is done here), so the merge is guarded like the other methods: fitted
-on the calibration sequences minus the held-back tail, kept only where the held-back layer loss
-falls and the fitted tokens' loss does not rise; else the layer keeps its weights bit for bit.
+Averaging the weights of independently trained experts is not averaging their functions: their
+intermediate neurons hold similar features at unrelated positions. With `merge_align` each removed
+expert's neurons are first permuted to best match its kept expert's (M-SMoE's and ZipIt!'s alignment,
+by activation correlation: `neuron_align.py`); a permutation leaves the expert's function unchanged.
+The merge is guarded like the other methods: fitted on the calibration sequences minus the held-back
+tail, kept only where the held-back layer loss falls and the fitted tokens' loss does not rise; else
+the layer keeps its weights bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from .adapters import MoEAdapter
 from .layer_fit import LayerData, Recovery, RecoveryReport, guarded_report, layer_loss
+from .neuron_align import CoActivation, best_permutation, check_alignable, permute_neurons
 
 
 def check_mergeable(adapter: MoEAdapter, block: nn.Module) -> None:
@@ -73,15 +77,50 @@ def assign_groups(profiles: torch.Tensor, keep: torch.Tensor) -> dict[int, list[
 
 
 @torch.no_grad()
-def merge_groups_(adapter: MoEAdapter, block: nn.Module, groups: dict[int, list[int]], frequency: torch.Tensor):
+def neuron_permutations(
+    adapter: MoEAdapter, block: nn.Module, groups: dict[int, list[int]], chunks
+) -> dict[int, torch.Tensor]:
+    """For each removed expert, the order of its intermediate neurons that best matches its kept
+    expert's: by the correlation of their activations on the tokens whose original top-k holds either.
+    A pair no token is routed to keeps its order."""
+    anchors = {removed: kept for kept, members in groups.items() for removed in members[1:]}
+    sums: dict[int, CoActivation] = {}
+    for x, _ in chunks:
+        _, indices = adapter.route(block, x, None)
+        for removed, kept in anchors.items():
+            tokens = ((indices == kept) | (indices == removed)).any(-1)
+            if not tokens.any():
+                continue
+            a, b = (adapter.expert_hidden(block, x[tokens], e) for e in (kept, removed))
+            sums.setdefault(removed, CoActivation(a.shape[-1], a.device)).add(a, b)
+    return {removed: best_permutation(s.correlation()) for removed, s in sums.items()}
+
+
+@torch.no_grad()
+def merge_groups_(
+    adapter: MoEAdapter,
+    block: nn.Module,
+    groups: dict[int, list[int]],
+    frequency: torch.Tensor,
+    permutations: dict[int, torch.Tensor] | None = None,
+):
     """In place: each kept expert's tensors become the frequency-weighted average of its group (float64
-    sums); a group no token routed to keeps its kept expert as it is."""
-    for tensor in adapter.expert_tensors(block).values():
+    sums), each removed member's neurons first reordered by `permutations` where it has one; a group no
+    token routed to keeps its kept expert as it is."""
+    permutations = permutations or {}
+    for name, tensor in adapter.expert_tensors(block).items():
         for target, members in groups.items():
             weights = frequency[members]
             if len(members) == 1 or weights.sum() == 0:
                 continue
-            stacked = tensor.detach()[members].double()
+            stacked = torch.stack(
+                [
+                    permute_neurons(block.experts, name, tensor.detach()[m], permutations[m])
+                    if m in permutations
+                    else tensor.detach()[m]
+                    for m in members
+                ]
+            ).double()
             shares = (weights / weights.sum()).to(stacked.device).reshape(-1, *[1] * (stacked.dim() - 1))
             tensor[target] = (stacked * shares).sum(0).to(tensor.dtype)
 
@@ -92,9 +131,12 @@ def merge_removed_experts(
 ) -> RecoveryReport:
     """Merge the removed experts into the kept ones (statistics from the fitted tokens only), guarded."""
     check_mergeable(adapter, block)
+    tensors = adapter.expert_tensors(block)
+    if recovery.merge_align:
+        check_alignable(block.experts, tensors)
     frequency = routing_frequency(adapter, block, data.fit)
     groups = assign_groups(expert_profiles(adapter, block, data.fit, recovery.merge_by).cpu(), keep)
-    tensors = adapter.expert_tensors(block)
+    permutations = neuron_permutations(adapter, block, groups, data.fit) if recovery.merge_align else None
     kept = torch.nonzero(keep).flatten().to(next(iter(tensors.values())).device)
     originals = {name: t.detach()[kept].clone() for name, t in tensors.items()}
 
@@ -106,5 +148,5 @@ def merge_removed_experts(
             t[kept] = originals[name]
 
     before = losses()
-    merge_groups_(adapter, block, groups, frequency)
+    merge_groups_(adapter, block, groups, frequency, permutations)
     return guarded_report("merge", True, before, losses(), 1, undo)

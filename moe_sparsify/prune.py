@@ -101,6 +101,7 @@ def search_fingerprint(settings: Settings, manifest: dict, identity: ModelIdenti
         "recover",
         "recover_holdout",
         "recover_merge_by",
+        "recover_merge_align",
     )
     return {
         "settings": {k: getattr(settings, k) for k in keys},
@@ -486,7 +487,12 @@ def _decider(
     recovery = None
     if settings.recover:
         methods = tuple(settings.recover)
-        recovery = Recovery(methods, holdout=settings.recover_holdout, merge_by=settings.recover_merge_by)
+        recovery = Recovery(
+            methods,
+            holdout=settings.recover_holdout,
+            merge_by=settings.recover_merge_by,
+            merge_align=settings.recover_merge_align,
+        )
     rescorer = None
     if end_to_end is not None:
         rescorer = EndToEndRescorer(

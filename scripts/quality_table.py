@@ -63,6 +63,22 @@ RUNS = [
     ("exhaustive + merge", {"strategy": "exhaustive", "recover": ["merge"]}),
     ("exhaustive + merge + router + refit", {"strategy": "exhaustive", "recover": ["merge", "router", "refit"]}),
     ("e2e + merge", {"strategy": "e2e", "recover": ["merge"]}),
+    # ... with each removed expert's neurons first permuted to match its kept expert's (recover_merge_align).
+    ("exhaustive + merge aligned", {"strategy": "exhaustive", "recover": ["merge"], "recover_merge_align": True}),
+    (
+        "exhaustive compensating + merge + router + refit",
+        {"strategy": "exhaustive", "mode": "compensating", "recover": ["merge", "router", "refit"]},
+    ),
+    (
+        "exhaustive compensating + merge aligned + router + refit",
+        {
+            "strategy": "exhaustive",
+            "mode": "compensating",
+            "recover": ["merge", "router", "refit"],
+            "recover_merge_align": True,
+        },
+    ),
+    ("e2e + merge aligned", {"strategy": "e2e", "recover": ["merge"], "recover_merge_align": True}),
     ("e2e + merge by router logits", {"strategy": "e2e", "recover": ["merge"], "recover_merge_by": "router"}),
     ("e2e + merge + router + refit", {"strategy": "e2e", "recover": ["merge", "router", "refit"]}),
     ("e2e compensating + router + refit", {"strategy": "e2e", "mode": "compensating", "recover": ["router", "refit"]}),
@@ -123,12 +139,13 @@ def main() -> None:
     ap.add_argument("--calibration", default="bundled", help="calibration source, as prune --calibration")
     ap.add_argument("--heldout", default="bundled:heldout", help="held-out text source")
     ap.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (float32 either way)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 on a shared machine)")
     ap.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS], help="rows to run (default: all)")
     args = ap.parse_args()
     unknown = set(args.runs) - {name for name, _ in RUNS}
     if unknown:
         ap.error(f"unknown runs {sorted(unknown)}; choose from {[name for name, _ in RUNS]}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     model, tokenizer = load_model(resolve_model_dir(args.model), torch.float32)
@@ -194,7 +211,8 @@ def main() -> None:
 
     print(
         f"{args.model}; calibration {args.samples}x{args.seq_len} tokens; held-out split "
-        f"{len(heldout)} tokens; {device}, float32, 2 threads; cost: FLOPs over the exhaustive layer-wise search's"
+        f"{len(heldout)} tokens; {device}, float32, {args.threads} threads; "
+        "cost: FLOPs over the exhaustive layer-wise search's"
     )
     print(f"{'keep':>4}  {'strategy':<42} {'perplexity':>10} {'KL':>7} {'search s':>9} {'cost':>6} {'changed B':>10}")
     for r in rows:
