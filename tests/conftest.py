@@ -29,6 +29,36 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def texts_tokenised_once_per_worker():
+    """`token_stream` memoised for the session: it is a pure function of the tokenizer (its serialised
+    form, end-of-text id included) and the documents, and ~170 CLI runs of the suite tokenise the whole
+    bundled calibration split again (0.1 CPU-s each, a tenth of the suite's CPU time) to draw a few
+    windows from it. The first call for each tokenizer and text still tokenises; a stream is returned
+    as a fresh tensor, so no caller can change another's."""
+    import hashlib
+
+    from moe_sparsify import commands
+    from moe_sparsify.calibration import tokens
+
+    tokenise = tokens.token_stream
+    streams = {}
+
+    def memoised(tokenizer, documents):
+        key = hashlib.sha256(f"{tokenizer.eos_token_id}\0{tokenizer.backend_tokenizer.to_str()}".encode())
+        for document in documents:
+            key.update(document.encode() + b"\0\1")
+        digest = key.hexdigest()
+        if digest not in streams:
+            streams[digest] = tokenise(tokenizer, documents)
+        return streams[digest].clone()
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (tokens, commands):
+            patch.setattr(module, "token_stream", memoised)
+        yield
+
+
 def random_mixtral(num_experts: int = 8, top_k: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0):
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -104,33 +134,21 @@ def small_calibration(heldout_slice):
     return ["--calibration", heldout_slice]
 
 
-@pytest.fixture(scope="session")
-def lm_eval_tasks_indexed_once():
-    """lm-eval's own ~15,000 task files indexed once per session (~5 CPU-s a time), for tests about what the
-    project does with the index, not about building it; the bundled and --task-dir tasks are still read
-    afresh on every call."""
+@pytest.fixture
+def lm_eval_own_tasks_cut_to_hellaswag(monkeypatch):
+    """lm-eval's own task directory indexed as its `hellaswag` folder alone: the whole of it is ~15,000
+    files (~8 CPU-s), for tests about what the project does with the index, not about building it.
+    lm-eval's own TaskIndex.build still reads that folder; the bundled and --task-dir tasks are read whole."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
     from lm_eval.tasks import manager
 
     own = Path(manager.__file__).parent
     build = manager.TaskIndex.build
-    cache = {}
 
-    def build_caching_own(paths, **options):
-        index = {}
-        for root in paths:  # later roots override earlier ones, as lm-eval merges them
-            if Path(root) == own:
-                key = tuple(sorted(options.items()))
-                if key not in cache:
-                    cache[key] = build([root], **options)
-                index.update(cache[key])
-            else:
-                index.update(build([root], **options))
-        return index
+    def build_with_own_cut(paths, **options):
+        return build([own / "hellaswag" if Path(root) == own else root for root in paths], **options)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(manager.TaskIndex, "build", staticmethod(build_caching_own))
-        yield
+    monkeypatch.setattr(manager.TaskIndex, "build", staticmethod(build_with_own_cut))
 
 
 def settings_error(tmp_path: Path, yaml_text: str) -> str:

@@ -363,9 +363,13 @@ def test_no_perplexity_needs_tasks():
     assert result.exit_code == 2 and "nothing to measure" in _error_line(result)
 
 
-def test_unknown_task_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch, lm_eval_tasks_indexed_once):
+def test_unknown_task_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch, lm_eval_own_tasks_cut_to_hellaswag):
     import moe_sparsify.commands as commands
     import moe_sparsify.compare as compare
+    from moe_sparsify.harness import task_index
+
+    with task_index(["hellaswag"], []) as index:  # one of lm-eval's own: found once its index is read
+        assert "hellaswag" in index.all_tasks
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the task names were checked")
@@ -425,8 +429,10 @@ def _same_plan(single_path, two_path) -> None:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), two_path.name
 
 
+@pytest.mark.slow  # three fresh interpreters importing torch: ~12 s on two busy cores; CI runs it with -m slow
 def test_torchrun_with_two_gloo_processes_gives_the_single_process_plan(tmp_path):
-    """The CLI as launched by users: `prune` joins the process group and leaves it."""
+    """The CLI as launched by users: `prune` joins the process group and leaves it. The forked two-rank
+    tests below run the same planning over a real process group in the default run."""
     assert run(*TORCHRUN_ARGS, "-o", tmp_path / "single.yaml").exit_code == 0
     _torchrun(tmp_path, "-m", "moe_sparsify", *TORCHRUN_ARGS, "-o", str(tmp_path / "two.yaml"))
     _same_plan(tmp_path / "single.yaml", tmp_path / "two.yaml")
