@@ -77,12 +77,12 @@ def assign_groups(profiles: torch.Tensor, keep: torch.Tensor) -> dict[int, list[
 
 
 @torch.no_grad()
-def neuron_permutations(
+def neuron_correlations(
     adapter: MoEAdapter, block: nn.Module, groups: dict[int, list[int]], chunks
 ) -> dict[int, torch.Tensor]:
-    """For each removed expert, the order of its intermediate neurons that best matches its kept
-    expert's: by the correlation of their activations on the tokens whose original top-k holds either.
-    A pair no token is routed to keeps its order."""
+    """For each removed expert, the correlation of its kept expert's intermediate activations with its own
+    (kept neurons x removed neurons), on the tokens whose original top-k holds either. A removed expert
+    that shares no token with its kept one has no entry."""
     anchors = {removed: kept for kept, members in groups.items() for removed in members[1:]}
     sums: dict[int, CoActivation] = {}
     for x, _ in chunks:
@@ -93,7 +93,15 @@ def neuron_permutations(
                 continue
             a, b = (adapter.expert_hidden(block, x[tokens], e) for e in (kept, removed))
             sums.setdefault(removed, CoActivation(a.shape[-1], a.device)).add(a, b)
-    return {removed: best_permutation(s.correlation()) for removed, s in sums.items()}
+    return {removed: s.correlation() for removed, s in sums.items()}
+
+
+def neuron_permutations(
+    adapter: MoEAdapter, block: nn.Module, groups: dict[int, list[int]], chunks
+) -> dict[int, torch.Tensor]:
+    """For each removed expert, the order of its intermediate neurons that best matches its kept
+    expert's (`neuron_correlations`); one with no entry keeps its order."""
+    return {r: best_permutation(c) for r, c in neuron_correlations(adapter, block, groups, chunks).items()}
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import yaml
 from moe_sparsify.adapters import adapter_for
 from moe_sparsify.layer_fit import LayerData, Recovery, layer_loss
 from moe_sparsify.merge import merge_groups_, neuron_permutations
-from moe_sparsify.neuron_align import best_permutation, check_alignable, permute_neurons
+from moe_sparsify.neuron_align import CoActivation, best_permutation, check_alignable, permute_neurons
 from moe_sparsify.recover import recover_layer
 
 from .conftest import random_mixtral, save_with_tokenizer
@@ -75,6 +75,21 @@ def test_best_permutation_maximises_the_summed_correlation_exactly():
     correlation = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     best = max(itertools.permutations(range(6)), key=lambda p: sum(correlation[i, p[i]] for i in range(6)))
     assert best_permutation(correlation).tolist() == list(best)
+
+
+def test_running_correlation_equals_pearson_over_all_tokens_at_once():
+    """Sums over chunks against torch.corrcoef of the concatenated activations; a neuron that never
+    varies (a dead one) correlates 0, not NaN."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 5, generator=generator), torch.randn(300, 5, generator=generator)
+    b[:, 1] = 0.5 * a[:, 2] + 0.1 * b[:, 1]
+    a[:, 4] = 0.0
+    sums = CoActivation(5, torch.device("cpu"))
+    for chunk_a, chunk_b in zip(a.split(70), b.split(70)):
+        sums.add(chunk_a, chunk_b)
+    expected = torch.nan_to_num(torch.corrcoef(torch.cat([a, b], 1).T.double())[:5, 5:], nan=0.0)
+    torch.testing.assert_close(sums.correlation(), expected, rtol=1e-9, atol=1e-12)
+    assert sums.correlation()[4].abs().max() == 0 and sums.correlation()[2, 1] > 0.9
 
 
 def _with_permuted_copy(seed: int = 0, kept_expert: int = 2, copy_into: int = 5):

@@ -31,3 +31,15 @@ def test_bench_gpu_cpu_mode_runs_and_reports(tmp_path, monkeypatch, capsys):
     assert set(results["skip"]) == {"prefill", "decode b1", "decode b8"}
     # Median thresholds on top-2 routing: half the tokens drop their second expert, a quarter of the pairs.
     assert results["skip"]["prefill"]["pairs_skipped"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_merge_alignment_reports_aligned_pairs_at_least_as_correlated_as_plain_ones(monkeypatch, capsys):
+    """The Hungarian assignment maximises the summed correlation over every order, the plain one included,
+    so aligned pairs correlate at least as well; loss ratios are positive and finite."""
+    argv = ["scripts/merge_alignment.py", "--samples", "4", "--seq-len", "32", "--keep", "4", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    runpy.run_path(str(ROOT / "scripts" / "merge_alignment.py"), run_name="__main__")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["keep4"]
+    assert summary["aligned_corr"] >= summary["plain_corr"]
+    assert all(math.isfinite(summary[k]) and summary[k] > 0 for k in ("plain_loss", "aligned_loss"))
