@@ -5,12 +5,13 @@ while a plan is made (propagation, e2e reference and re-scoring passes alike); t
 expert evaluations are added by the decider. A streamed model (`--stream`) loads each layer's weights
 into the skeleton's own layer modules, which carry the hooks, so its searches are counted alike.
 `flops` turns the counts into floating-point operations with a Mixtral-style per-token model, so
-searches can be compared on one number.
+searches can be compared on one number. `exhaustive_search_cost` and `e2e_search_cost` are the same
+counts in closed form, for estimating a search at shapes too large to run (`scripts/e2e_cost_on_paper.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -58,6 +59,31 @@ class TokenFlops:
         attention = 2 * 2 * heads * head_dim * seq_len / 2
         layer = projections + attention + 2 * hidden * experts + top_k * expert
         return cls(expert=expert, layer=layer, head=2 * hidden * text.vocab_size)
+
+
+def exhaustive_search_cost(layers: int, tokens: int, candidates: int) -> SearchCost:
+    """The exhaustive layer-wise search on a model whose every decoder layer is an MoE layer: each layer run
+    once over the calibration tokens, and each token's `candidates` experts per layer for the Gram statistics."""
+    return SearchCost(layer_tokens=layers * tokens, expert_tokens=layers * candidates * tokens)
+
+
+def e2e_search_cost(
+    layers: int, tokens: int, rescored_tokens: int, candidates: int, stops: Sequence[int], pairs: Sequence[float]
+) -> SearchCost:
+    """An e2e search (progressive) on a model whose every decoder layer is an MoE layer.
+
+    tokens: calibration tokens; rescored_tokens: those of the e2e sequences; stops[l]: the depth layer l's
+    divergence is read at; pairs[l]: the (subset, token) pairs re-scored at layer l (shortlist x
+    rescored_tokens without a race). Counts the propagation (each layer run, then run again pruned), the
+    reference pass from the first layer with the head read again wherever the depth read changes from
+    the layer before, and each re-scored pair through layers l..stops[l]-1 and the head."""
+    depth_changes = sum(1 for before, after in zip([None, *stops], stops) if before != after)
+    rescored_layers = sum(p * (stop - layer) for layer, (stop, p) in enumerate(zip(stops, pairs, strict=True)))
+    return SearchCost(
+        layer_tokens=round(2 * layers * tokens + layers * rescored_tokens + rescored_layers),
+        head_tokens=round(depth_changes * rescored_tokens + sum(pairs)),
+        expert_tokens=layers * candidates * tokens,
+    )
 
 
 def _token_count(args, kwargs) -> int:

@@ -43,3 +43,14 @@ def test_merge_alignment_reports_aligned_pairs_at_least_as_correlated_as_plain_o
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["keep4"]
     assert summary["aligned_corr"] >= summary["plain_corr"]
     assert all(math.isfinite(summary[k]) and summary[k] > 0 for k in ("plain_loss", "aligned_loss"))
+
+
+def test_e2e_cost_on_paper_reproduces_the_hand_computed_mixtral_costs(monkeypatch, capsys):
+    """The closed forms at Mixtral-8x7B's shapes give what was computed by hand from the README's formula
+    before the script existed: exhaustive 18.6 / 24.5 PFLOP, e2e 938 / 944, the earlier e2e-fast 41.9 / 47.9."""
+    monkeypatch.setattr(sys, "argv", ["scripts/e2e_cost_on_paper.py"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the checkout first on it
+    runpy.run_path(str(ROOT / "scripts" / "e2e_cost_on_paper.py"), run_name="__main__")
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "| 18.6 PFLOP | 938.1 PFLOP (50.50x) | 41.9 PFLOP (2.26x) |" in rows["6"]
+    assert "| 24.5 PFLOP | 944.0 PFLOP (38.55x) | 47.9 PFLOP (1.95x) |" in rows["4"]
