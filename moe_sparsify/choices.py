@@ -12,10 +12,17 @@ SKIP_RULES = ("ratio", "tail")  # ratio: top-2 (the paper); tail: top-k
 DEFAULT_MAX_SUBSETS = 100_000  # exhaustive search refuses above this many subsets per layer
 # The end-to-end strategies and their defaults: subsets re-scored per layer, calibration sequences the
 # divergence is measured on, later layers run before reading it (None: all, to the logits), the racing
-# margin in standard errors (None: every subset on every sequence). e2e-fast's
-# were chosen by measurement (README, "e2e at a fraction of its cost").
+# margin in standard errors (None: every subset on every sequence), the first MoE layers read at the
+# logits whatever the horizon (None: none). e2e-fast's were chosen by measurement (README, "e2e at a
+# fraction of its cost").
 E2E_DEFAULTS = {
-    "e2e": {"e2e_shortlist": 16, "e2e_samples": 64, "e2e_horizon": None, "e2e_race_z": None},
-    "e2e-fast": {"e2e_shortlist": 16, "e2e_samples": 64, "e2e_horizon": 1, "e2e_race_z": 2.0},
+    "e2e": {"e2e_shortlist": 16, "e2e_samples": 64, "e2e_horizon": None, "e2e_race_z": None, "e2e_logits_layers": None},
+    "e2e-fast": {
+        "e2e_shortlist": 16,
+        "e2e_samples": 64,
+        "e2e_horizon": 1,
+        "e2e_race_z": 2.0,
+        "e2e_logits_layers": 1,
+    },
 }
 STATISTICS = ("quantile", "target_skip")  # how skip-profile picks each layer's beta

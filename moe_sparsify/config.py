@@ -146,6 +146,9 @@ class Settings:
     # race the shortlist a batch of sequences at a time, dropping a subset once its paired per-sequence
     # divergence differences to the leader's are this many standard errors above zero
     e2e_race_z: PositiveFiniteFloat | None = None
+    # the first this many MoE layers read the divergence at the logits whatever e2e_horizon says: an early
+    # layer's error passes through every later layer, which a short horizon does not see
+    e2e_logits_layers: NonNegativeInt | None = None
     e2e_divergence: Literal[DIVERGENCES] = "kl"  # kl = KL(original || pruned), reverse_kl, or js
     # after each layer's search, in this order: merge, router, refit (prune --recover merge,router,refit)
     recover: Annotated[

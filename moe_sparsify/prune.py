@@ -97,6 +97,7 @@ def search_fingerprint(settings: Settings, manifest: dict, identity: ModelIdenti
         "e2e_divergence",
         "e2e_horizon",
         "e2e_race_z",
+        "e2e_logits_layers",
         "batch_size",
         "recover",
         "recover_holdout",
@@ -212,6 +213,9 @@ class EndToEndRescorer:
     hidden state (a logit lens), against the original model's hidden state at the same depth read the
     same way. Cost per subset: h + 1 layers instead of every later one. A horizon that reaches the
     last layer is exactly the above (None: always).
+
+    logits_layers k: the first k MoE layers are read at the logits whatever the horizon; an early layer's
+    error passes through every later one, which a short horizon misjudges most.
     """
 
     def __init__(
@@ -224,13 +228,17 @@ class EndToEndRescorer:
         divergence: str = "kl",
         residency=None,
         horizon: int | None = None,
+        logits_layers: int | None = None,
     ):
         self.model, self.adapter, self.device, self.divergence = model, adapter, device, divergence
         self.batch_size = batch_size
         self.residency = residency or Resident(model, adapter)
         self.depth = len(adapter.decoder_layers(model))
-        # The depth (layers run) each MoE layer's divergence is read at.
-        self.stops = {i: self._stop(i, horizon) for i in adapter.moe_layers(model)}
+        # The depth (layers run) each MoE layer's divergence is read at: the logits for the first
+        # `logits_layers` MoE layers, else `horizon` layers after it.
+        moe_layers = adapter.moe_layers(model)
+        at_logits = set(moe_layers[: logits_layers or 0])
+        self.stops = {i: self.depth if i in at_logits else self._stop(i, horizon) for i in moe_layers}
         # One process scores the first ceil(samples / batch_size) whole batches. Under torchrun each rank
         # holds every world-th sequence, so its first batches/world batches make up the same sequences
         # only when the batches share out evenly; otherwise the ranks together would score more
@@ -268,8 +276,9 @@ class EndToEndRescorer:
         stop = self.stops[step.index]
         if self.original is None:
             _, self.original = self._states(step, step.index, self.depth, set(self.stops.values()))
-        # Later layers read at this depth or deeper: shallower states are no longer needed.
-        self.original = {d: states for d, states in self.original.items() if d >= stop}
+        # Only the depths this layer and the later ones are read at are still needed.
+        needed = {depth for index, depth in self.stops.items() if index >= step.index}
+        self.original = {d: states for d, states in self.original.items() if d in needed}
         if self.reference is None or self.reference[0] != stop:
             self.reference = stop, self._log_probs(self.original[stop])
         return self.reference
@@ -504,6 +513,7 @@ def _decider(
             settings.e2e_divergence,
             residency,
             end_to_end["e2e_horizon"],
+            end_to_end["e2e_logits_layers"],
         )
     context = SearchContext(
         layer=-1,  # set per layer by the decider
@@ -581,5 +591,6 @@ def _plan_options(
             e2e_divergence=settings.e2e_divergence,
         )
         # Only where set, so e2e plans made before these settings existed read the same.
-        options.update({key: end_to_end[key] for key in ("e2e_horizon", "e2e_race_z") if end_to_end[key] is not None})
+        optional = ("e2e_horizon", "e2e_race_z", "e2e_logits_layers")
+        options.update({key: end_to_end[key] for key in optional if end_to_end[key] is not None})
     return options

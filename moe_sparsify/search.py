@@ -257,7 +257,7 @@ def _look(seen: torch.Tensor, alive: list[int], z: float, last: bool) -> tuple[l
 
 
 @strategy("e2e")
-@strategy("e2e-fast")  # the same search; prune gives it a horizon and races the shortlist
+@strategy("e2e-fast")  # the same search; prune reads it at a horizon past layer 0 and races the shortlist
 def end_to_end(oracle, keep: int, ctx: SearchContext) -> SearchResult:
     """Shortlist by exact reconstruction loss, then keep the subset whose pruned model's next-token
     distribution diverges least from the original's (ties: lower reconstruction loss); with `race_z`,
