@@ -214,6 +214,11 @@ def _cross_field_errors(s: Settings) -> list[str]:
         errors.append("quantile and target_skip: give one statistic, not both")
     if s.eval_stride >= s.eval_window:  # each window's first scored token needs a token of context before it
         errors.append(f"eval_stride: {s.eval_stride} is not smaller than eval_window {s.eval_window}")
+    if s.strategy == "e2e" and s.e2e_horizon is None and s.e2e_logits_layers is not None:
+        errors.append(
+            "e2e_logits_layers: strategy e2e without e2e_horizon reads every layer at the logits already; "
+            "set e2e_horizon (or use --strategy e2e-fast) or drop it"
+        )
     return errors
 
 

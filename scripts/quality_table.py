@@ -49,7 +49,7 @@ RUNS = [
     ("frequency", {"strategy": "frequency"}),
     ("e2e", {"strategy": "e2e"}),
     ("e2e compensating", {"strategy": "e2e", "mode": "compensating"}),
-    ("e2e-fast", {"strategy": "e2e-fast"}),  # e2e read one layer ahead, its shortlist raced
+    ("e2e-fast", {"strategy": "e2e-fast"}),  # e2e read one layer ahead past layer 0, its shortlist raced
     # Recovery after the search (prune --recover): each kept only where held-back calibration tokens improve.
     ("exhaustive + router", {"strategy": "exhaustive", "recover": ["router"]}),
     ("exhaustive + refit", {"strategy": "exhaustive", "recover": ["refit"]}),

@@ -172,6 +172,17 @@ def test_bad_horizon_is_refused_in_one_line(tmp_path, key, value):
     assert f"{key}:" in message and "\n" not in message
 
 
+def test_logits_layers_without_a_horizon_are_refused_in_one_line(tmp_path):
+    """Strategy e2e reads every layer at the logits unless given a horizon: the setting would do nothing."""
+    message = settings_error(tmp_path, "strategy: e2e\ne2e_logits_layers: 1\n")
+    assert "e2e_logits_layers: strategy e2e without e2e_horizon" in message and "\n" not in message
+    from moe_sparsify.config import resolve_settings
+
+    for given in ("strategy: e2e\ne2e_horizon: 1\n", "strategy: e2e-fast\n"):
+        (tmp_path / "ok.yaml").write_text(f"{given}e2e_logits_layers: 2\n")
+        assert resolve_settings(tmp_path / "ok.yaml", {}).e2e_logits_layers == 2
+
+
 def test_logits_layers_are_in_the_resume_fingerprint():
     """A run interrupted with one setting does not resume with another."""
     model = random_mixtral(layers=2)
