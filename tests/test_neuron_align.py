@@ -207,3 +207,12 @@ def test_merge_align_must_be_a_boolean(tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "recover_merge_align" in lines[0], result.stderr
+
+
+def test_an_aligned_merge_exported_reloads_in_stock_transformers_equal_to_the_in_memory_model(tmp_path):
+    """Checked here by a stock reload and a forward of both (export_recovered), apart from export's own check."""
+    from .test_recover import export_recovered
+
+    source = _permuted_twins_dir(tmp_path)
+    plan, *_ = export_recovered(source, tmp_path / "out", 32, keep=4, recover=["merge"], recover_merge_align=True)
+    assert plan.options["recover"]["merge_align"] is True
