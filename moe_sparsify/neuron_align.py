@@ -19,7 +19,9 @@ Where the neurons lie in each stacked expert tensor is read from the flags trans
 every experts module (`use_experts_implementation`): `is_transposed` (GPT-OSS, Aria: hidden first),
 and `is_concatenated` (gate_up_proj holds [gate; up], else gate and up interleaved, GPT-OSS). A tensor
 this module does not know (an ungated up_proj: no family that merging supports has one) is refused,
-never guessed.
+never guessed. It also takes each family's gate (`_apply_gate`) to act neuron by neuron, as every
+one merging supports does (SwiGLU, GPT-OSS's and MiniMax-M3's clamped variants): the tests check the
+permuted block through its stock forward.
 """
 
 from __future__ import annotations
