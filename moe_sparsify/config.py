@@ -219,6 +219,12 @@ def _cross_field_errors(s: Settings) -> list[str]:
             "e2e_logits_layers: strategy e2e without e2e_horizon reads every layer at the logits already; "
             "set e2e_horizon (or use --strategy e2e-fast) or drop it"
         )
+    if "merge" not in s.recover:  # a merge setting without a merge would be silently ignored
+        errors += [
+            f"{key}: applies to --recover merge, which this run does not do; add merge to recover or drop {key}"
+            for key, default in (("recover_merge_by", "output"), ("recover_merge_align", False))
+            if getattr(s, key) != default
+        ]
     return errors
 
 

@@ -45,6 +45,8 @@ def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
         ("eval_window: 8\neval_stride: 16\n", "eval_stride: 16 is not smaller than eval_window 8"),
         ("eval_window: 8\neval_stride: 8\n", "eval_stride: 8 is not smaller than eval_window 8"),
         ("tasks: 3\n", "tasks: Input should be a valid list (got 3)"),
+        ("recover_merge_align: true\n", "recover_merge_align: applies to --recover merge, which this run does not"),
+        ("recover: [router]\nrecover_merge_by: router\n", "recover_merge_by: applies to --recover merge"),
     ],
 )
 def test_settings_are_strictly_typed(tmp_path, yaml_text, fragment):
