@@ -264,9 +264,13 @@ class EndToEndRescorer:
     ) -> tuple[list, dict]:
         """Layers start..stop-1 over the cached batches (those in `batches`: of the first self.batches), the
         later layers visiting the device one at a time; returns the states at `stop` and, by depth, those
-        at the depths in `also_at`."""
+        at the depths in `also_at`, kept in CPU memory: with a short horizon the original model's states
+        are read at nearly every depth (at Mixtral-8x7B's shapes, 64 x 2048 tokens, ~1 GB each in bfloat16,
+        ~31 GB for all), which the device need not hold beside the layers and activations."""
         chosen = step.batches[: self.batches][batches or slice(None)]
-        return run_cached(self.model, self.adapter, self.residency, chosen, start, stop, self.device, also_at)
+        return run_cached(
+            self.model, self.adapter, self.residency, chosen, start, stop, self.device, also_at, torch.device("cpu")
+        )
 
     def _log_probs(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.adapter.final_log_probs(self.model, h) for h in states]
@@ -280,7 +284,7 @@ class EndToEndRescorer:
         needed = {depth for index, depth in self.stops.items() if index >= step.index}
         self.original = {d: states for d, states in self.original.items() if d in needed}
         if self.reference is None or self.reference[0] != stop:
-            self.reference = stop, self._log_probs(self.original[stop])
+            self.reference = stop, self._log_probs([h.to(self.device) for h in self.original[stop]])
         return self.reference
 
     def _pruned_log_probs(self, step, subset: tuple[int, ...], stop: int, batches: slice | None = None) -> list:

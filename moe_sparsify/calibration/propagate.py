@@ -66,10 +66,12 @@ def run_cached(
     stop: int,
     device: torch.device,
     also_at: set[int] = frozenset(),
+    park_at: torch.device | None = None,
 ) -> tuple[list[torch.Tensor], dict[int, list[torch.Tensor]]]:
     """Decoder layers start..stop-1 over cached batches (a layer's hidden states, every layer's kwargs):
     layer `start` is the one on the device now, the later ones visit it one at a time through
-    `residency`. Returns the states at `stop` and, by depth, those at the depths in `also_at`."""
+    `residency`. Returns the states at `stop` and, by depth, those at the depths in `also_at`, moved to
+    `park_at` as they are made when given (so that many depths need not fit on the device at once)."""
     layers = adapter.decoder_layers(model)
     # Each pass gets its own copies of the layer kwargs: an output a layer hands to the next one differs
     # between passes (the subsets or the weights being compared).
@@ -82,7 +84,7 @@ def run_cached(
         if index != start:
             residency.release_layer(index)
         if index + 1 in also_at:
-            at_depth[index + 1] = states
+            at_depth[index + 1] = states if park_at is None else [h.to(park_at) for h in states]
     return states, at_depth
 
 
