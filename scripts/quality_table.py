@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--heldout", default="bundled:heldout", help="held-out text source")
     ap.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (float32 either way)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 on a shared machine)")
+    ap.add_argument("--batch-size", type=int, default=16, help="calibration sequences per batch (prune's default is 8)")
     ap.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS], help="rows to run (default: all)")
     args = ap.parse_args()
     unknown = set(args.runs) - {name for name, _ in RUNS}
@@ -166,7 +167,7 @@ def main() -> None:
     def plan(keep: int, pruned=model, **overrides):
         """pruned: the model the run may change (recovery re-fits kept weights in place).
         Returns the plan, its planning time and the FLOPs its search computed."""
-        settings = Settings(model=args.model, keep=keep, batch_size=16, seq_len=args.seq_len, **overrides)
+        settings = Settings(model=args.model, keep=keep, batch_size=args.batch_size, seq_len=args.seq_len, **overrides)
         cost = SearchCost()
         start = time.perf_counter()
         result, _ = plan_pruning(pruned, adapter, settings, tokens, manifest, device=device, cost=cost)
