@@ -35,7 +35,7 @@ from .export import (
     export_checkpoint,
 )
 from .model_card import check_card_target, record_eval
-from .models import load_config, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from .models import load_config, load_model, load_tokenizer, load_weights, pick_device, pick_dtype, resolve_model_dir
 from .outputs import check_free_space, check_output, holding_outputs, lock_output, writing
 from .plan import ModelIdentity, Plan, load_plan
 from .progress import progress_reporter
@@ -124,13 +124,12 @@ def _check_sources(settings: Settings) -> None:
 
 
 def _open_model(job: Job):
-    """(model, tokenizer, residency, router weights): with --stream the decoder layers stay on disk
-    until used, one at a time, and the router weights for the fingerprint are read on their own."""
+    """(model, residency, router weights): with --stream the decoder layers stay on disk until used, one
+    at a time, and the router weights for the fingerprint are read on their own."""
     if job.settings.stream:
         streamed = StreamedModel(job.model_dir, job.adapter, job.dtype)
-        return streamed.model, load_tokenizer(job.model_dir), streamed, streamed.router_weights()
-    model, tokenizer = load_model(job.model_dir, job.dtype)
-    return model, tokenizer, None, None
+        return streamed.model, streamed, streamed.router_weights()
+    return load_weights(job.model_dir, job.dtype), None, None
 
 
 def _activation_store(settings: Settings, device: torch.device) -> ActivationStore:
@@ -156,7 +155,7 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     lock_output(output)
     writer = CalibrationWriter(output, settings.overwrite)
     start = time.perf_counter()
-    model, _, residency, router_weights = _open_model(job)
+    model, residency, router_weights = _open_model(job)
     identity = model_identity(model, job.adapter, router_weights)
     fingerprint = {"tokens": manifest["token_ids_sha256"], "model": identity.router_sha256, "dtype": str(job.dtype)}
     resumed = writer.begin(fingerprint)  # an interrupted run's layers are kept; the rest is written now
@@ -270,7 +269,8 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
         check_length(job, settings.seq_len, "--seq-len")
     if is_main():  # rank 0 writes the outputs (and the journal) for every process
         lock_output(output)
-    model, tokenizer, residency, router_weights = _open_model(job)
+    model, residency, router_weights = _open_model(job)
+    tokenizer = load_tokenizer(job.model_dir)
     identity = model_identity(model, job.adapter, router_weights)
     token_ids, manifest = _tokens_from(store, job, model, tokenizer, identity)
     loaded = time.perf_counter()
@@ -466,10 +466,11 @@ def evaluate(
     plan = _plan_without_recovery(plan_path) if plan_path else None
     thresholds = load_thresholds(thresholds_path) if thresholds_path else None
     with _task_index(settings) as index:
-        stream = token_stream(load_tokenizer(job.model_dir), load_documents(settings.eval_text))
-        if settings.perplexity:  # before the model loads
+        tokenizer = load_tokenizer(job.model_dir)
+        if settings.perplexity:  # the text's length checked before the model loads
+            stream = token_stream(tokenizer, load_documents(settings.eval_text))
             check_scorable(stream, settings.eval_window, settings.eval_text)
-        model, tokenizer = load_model(job.model_dir, job.dtype)
+        model = load_weights(job.model_dir, job.dtype)
         model.to(job.device)
         result = {
             "model": settings.model,

@@ -273,14 +273,14 @@ def verify_export(
     (bf16 search, GPU) the source is reloaded in float32 so rounding is not mistaken for a bug, and
     parameters re-fitted in memory (`prune --recover`) are copied into it, module to module.
     """
-    from .models import load_model
+    from .models import load_weights
 
     exported, how = _load_export(exported_dir, quant.detect(exported_dir))
     first = next(original.parameters()) if original is not None else None
     if first is not None and first.dtype == torch.float32 and first.device.type == "cpu":
         reference = original
     else:
-        reference = load_model(source_dir, torch.float32)[0]
+        reference = load_weights(source_dir, torch.float32)
         if plan.options.get("recover"):
             _copy_recovered(original, reference, adapter, list(plan.kept()), merged_experts(plan))
     with adapter.pruned_view(reference, plan.kept()):

@@ -150,11 +150,16 @@ def _reported_error(report: list[str], exc: BaseException) -> str:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype):
-    """Weights on the CPU; callers move what they compute with. Quantized checkpoints come decoded."""
+    """(model, tokenizer): `load_weights` and `load_tokenizer`."""
+    return load_weights(model_dir, dtype), load_tokenizer(model_dir)
+
+
+def load_weights(model_dir: Path, dtype: torch.dtype):
+    """The model, weights on the CPU; callers move what they compute with. Quantized checkpoints come decoded."""
     from .quant import detect
 
     if detect(model_dir) is not None:
-        return load_decoded(model_dir, dtype), load_tokenizer(model_dir)
+        return load_decoded(model_dir, dtype)
     report: list[str] = []
     try:
         model, info = load_pretrained(model_dir, dtype, report, output_loading_info=True)
@@ -171,7 +176,7 @@ def load_model(model_dir: Path, dtype: torch.dtype):
             f"the checkpoint in {model_dir} lacks {len(missing)} weight(s) the model needs ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}); re-save or re-download the checkpoint"
         )
-    return model, load_tokenizer(model_dir)
+    return model
 
 
 def load_pretrained(model_dir: Path, dtype: torch.dtype, report: list[str] | None = None, **kwargs):
