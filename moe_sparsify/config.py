@@ -39,7 +39,7 @@ from .choices import (
     STRATEGIES,
 )
 from .errors import UsageError
-from .files import DOCUMENT_CONFIG, describe_errors, load_yaml
+from .files import DOCUMENT_CONFIG, describe_errors, load_yaml, named_twice
 from .models import configs_dir, model_aliases
 
 
@@ -67,7 +67,7 @@ def _comma_separated(value):
 
 
 def _distinct(values: list) -> list:
-    twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+    twice = named_twice(values)
     if twice:
         raise ValueError(f"{twice[0]!r} is named twice; name each once")
     return values

@@ -67,10 +67,14 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def named_twice(values: list) -> list:
+    """The values that occur more than once in `values`, sorted (by their text, so mixed types sort)."""
+    return sorted({v for v in values if values.count(v) > 1}, key=str)
+
+
 def _unique_pairs(pairs: list) -> dict:
     """json.loads' object hook: like `load_yaml`, a key given twice is an error, not the last one silently."""
-    keys = [key for key, _ in pairs]
-    twice = sorted({key for key in keys if keys.count(key) > 1})
+    twice = named_twice([key for key, _ in pairs])
     if twice:
         raise ValueError(f"key {twice[0]!r} appears twice in one object; keep one")
     return dict(pairs)

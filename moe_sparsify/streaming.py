@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import quant
-from .errors import FailedRun, UsageError
+from .errors import FailedRun, UsageError, first_line
 from .model_config import auto_model_class, load_config
 from .quant.reader import DequantizingReader
 
@@ -122,10 +122,9 @@ def module_state(
             state[f"{head}.gate_up_proj"] = torch.stack(gate_up)
             state[f"{head}.down_proj"] = torch.stack([pick(head, e, _DOWN) for e in ids])
         except RuntimeError as exc:  # experts of different shapes cannot be stacked
-            detail = str(exc).splitlines()[0]
             raise FailedRun(
-                f"the expert weights under {prefix}{head} in {reader.dir} differ in shape ({detail}); re-save or "
-                "re-download the checkpoint"
+                f"the expert weights under {prefix}{head} in {reader.dir} differ in shape ({first_line(exc)}); "
+                "re-save or re-download the checkpoint"
             ) from None
     return state
 
