@@ -21,10 +21,10 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from . import __version__, commands
+from .aliases import model_aliases
 from .config import Settings, resolve_settings
 from .distributed import is_main
 from .errors import FailedRun, MoeSparsifyError, UsageError
-from .models import model_aliases
 from .plan import load_plan
 
 TRACEBACK_HINT = "Errors are one line; set MOE_SPARSIFY_TRACEBACK=1 to see the full traceback."

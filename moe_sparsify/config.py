@@ -26,6 +26,7 @@ from pydantic import (
     with_config,
 )
 
+from .aliases import configs_dir, model_aliases
 from .choices import (
     DEFAULT_MAX_SUBSETS,
     DEVICES,
@@ -40,7 +41,6 @@ from .choices import (
 )
 from .errors import UsageError
 from .files import DOCUMENT_CONFIG, describe_errors, load_yaml, named_twice
-from .models import configs_dir, model_aliases
 
 
 def _device(value: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .aliases import model_aliases
 from .errors import UsageError
 from .outputs import write_atomically
 from .plan import Plan
@@ -45,8 +46,6 @@ def split_front_matter(text: str) -> tuple[dict, str]:
 
 def base_model_id(plan: Plan, source_config: dict) -> str | None:
     """The hub id the export derives from: the source's own `base_model` is its ancestor, not it."""
-    from .models import model_aliases
-
     aliases = model_aliases()
     candidates = [str(aliases[plan.source]["path"]) if plan.source in aliases else plan.source]
     candidates.append(str(source_config.get("_name_or_path") or ""))

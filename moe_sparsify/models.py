@@ -9,30 +9,14 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 
+from .aliases import model_aliases
 from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 from .model_config import auto_model_class, load_config
 from .streaming import StreamedModel
 
 BUNDLED_PREFIX = "bundled:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def configs_dir() -> Path:
-    """`configs/` ships inside the package as `moe_sparsify.configs`; from a bare checkout it sits beside it."""
-    try:
-        return Path(str(resources.files("moe_sparsify.configs")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "configs"
-
-
-def model_aliases() -> dict[str, dict]:
-    # libyaml's safe loader where PyYAML has it (its wheels do): a tenth of the pure-Python parse, read on
-    # every command; the shipped file needs no user-facing error messages, which the pure one writes better.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    data = yaml.load((configs_dir() / "models.yaml").read_text(), Loader=loader)  # noqa: S506 (a safe loader)
-    return {name: (entry if isinstance(entry, dict) else {"path": entry}) for name, entry in data.items()}
 
 
 def bundled_model_dir(name: str) -> Path:

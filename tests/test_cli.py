@@ -213,8 +213,8 @@ def test_bfloat16_search_still_verifies_in_float32(tmp_path):
 def test_shipped_configs_are_valid():
     import yaml
 
+    from moe_sparsify.aliases import configs_dir
     from moe_sparsify.config import resolve_settings
-    from moe_sparsify.models import configs_dir
 
     shipped = [path for path in sorted(configs_dir().glob("*.yaml")) if path.name != "models.yaml"]
     assert shipped

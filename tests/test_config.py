@@ -82,7 +82,7 @@ def test_unreadable_config_names_the_flag(tmp_path):
 
 
 def test_every_model_alias_resolves():
-    from moe_sparsify.models import model_aliases
+    from moe_sparsify.aliases import model_aliases
 
     for name, entry in model_aliases().items():
         assert entry.get("path"), name

@@ -5,6 +5,8 @@ the cycle without removing it)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import moe_sparsify
@@ -63,3 +65,13 @@ def test_a_cycle_closed_by_an_import_inside_a_function_is_found(tmp_path):
     (package / "high.py").write_text("from .low import f\n\n\ndef g():\n    return f\n")
     (package / "apart.py").write_text("from . import low\n")
     assert cycles(import_graph(package)) == {("pkg.high", "pkg.low")}
+
+
+def test_settings_load_without_torch_or_any_algorithm_module():
+    """Validating settings (config) reads the shipped aliases and names; it must not drag in torch, the
+    model loaders or the algorithms (a config that imported `models` for its alias list once did)."""
+    probe = "import sys, moe_sparsify.config; print(sorted(m for m in sys.modules if m in WATCHED))"
+    watched = ["torch", "transformers", "moe_sparsify.models", "moe_sparsify.prune", "moe_sparsify.search"]
+    code = f"WATCHED = {watched!r}\n{probe}"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

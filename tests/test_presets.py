@@ -11,11 +11,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from moe_sparsify.aliases import model_aliases
 from moe_sparsify.calibration import presets
 from moe_sparsify.calibration.presets import PRESETS, SHUFFLE_SEED
 from moe_sparsify.calibration.sources import load_documents
 from moe_sparsify.cli import app
-from moe_sparsify.models import model_aliases
 
 datasets = pytest.importorskip("datasets")
 
