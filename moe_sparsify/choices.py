@@ -9,6 +9,7 @@ DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 DTYPES = ("float32", "bfloat16", "float16")
 DIVERGENCES = ("kl", "reverse_kl", "js")  # e2e: KL(original || pruned), KL(pruned || original), Jensen-Shannon
 SKIP_RULES = ("ratio", "tail")  # ratio: top-2 (the paper); tail: top-k
+DEFAULT_SKIP_QUANTILE = 0.5  # skip-profile's beta: the paper's median (about half the tokens drop one expert)
 DEFAULT_MAX_SUBSETS = 100_000  # exhaustive search refuses above this many subsets per layer
 # The end-to-end strategies and their defaults: subsets re-scored per layer, calibration sequences the
 # divergence is measured on, later layers run before reading it (None: all, to the logits), the racing

@@ -22,9 +22,10 @@ from typer.core import TyperGroup
 
 from . import __version__, commands
 from .aliases import model_aliases
+from .choices import DEFAULT_SKIP_QUANTILE
 from .config import Settings, resolve_settings
 from .distributed import is_main
-from .errors import FailedRun, MoeSparsifyError, UsageError
+from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 from .plan import load_plan
 
 TRACEBACK_HINT = "Errors are one line; set MOE_SPARSIFY_TRACEBACK=1 to see the full traceback."
@@ -256,8 +257,9 @@ def reporting_errors(fn):
         except Exception as exc:
             if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            _fail(f"{type(exc).__name__}: {first} (set MOE_SPARSIFY_TRACEBACK=1 for the traceback)", 1)
+            name, detail = type(exc).__name__, first_line(exc)  # first_line falls back to the name
+            what = name if detail == name else f"{name}: {detail}"
+            _fail(f"{what} (set MOE_SPARSIFY_TRACEBACK=1 for the traceback)", 1)
 
     return wrapper
 
@@ -650,7 +652,9 @@ def skip_profile(
     ] = None,
     quantile: Annotated[
         Optional[float],
-        typer.Option("--quantile", help="beta = this quantile of the rule's statistic. [default: 0.5]"),
+        typer.Option(
+            "--quantile", help=f"beta = this quantile of the rule's statistic. [default: {DEFAULT_SKIP_QUANTILE}]"
+        ),
     ] = None,
     target_skip: Annotated[
         Optional[float],

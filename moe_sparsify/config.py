@@ -29,6 +29,7 @@ from pydantic import (
 from .aliases import configs_dir, model_aliases
 from .choices import (
     DEFAULT_MAX_SUBSETS,
+    DEFAULT_SKIP_QUANTILE,
     DEVICES,
     DIVERGENCES,
     DTYPES,
@@ -39,7 +40,7 @@ from .choices import (
     SKIP_RULES,
     STRATEGIES,
 )
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .files import DOCUMENT_CONFIG, describe_errors, load_yaml, named_twice
 
 
@@ -169,7 +170,7 @@ class Settings:
     offload_dir: WritableDirectory | None = None  # where activations beyond both go, memory-mapped (default: temp)
     verify_samples: PositiveInt = 4  # calibration sequences the exported checkpoint is checked on
     skip_rule: Literal[SKIP_RULES] | None = None  # ratio (top-2, the paper) or tail (top-k); default by top_k
-    quantile: Share | None = None  # skip-profile statistic; 0.5 (the paper's median) unless target_skip
+    quantile: Share | None = None  # skip-profile statistic; DEFAULT_SKIP_QUANTILE unless target_skip
     target_skip: Share | None = None  # or: the share of (token, expert) pairs to skip on calibration tokens
     eval_text: Name = "bundled:heldout"
     eval_window: PositiveInt = 256
@@ -199,7 +200,7 @@ class Settings:
     def skip_statistic(self) -> dict:
         if self.target_skip is not None:
             return {"kind": "target_skip", "value": float(self.target_skip)}
-        return {"kind": "quantile", "value": float(0.5 if self.quantile is None else self.quantile)}
+        return {"kind": "quantile", "value": float(DEFAULT_SKIP_QUANTILE if self.quantile is None else self.quantile)}
 
 
 KNOWN_KEYS = {f.name for f in fields(Settings)}
@@ -222,8 +223,8 @@ def _cross_field_errors(s: Settings) -> list[str]:
     if "merge" not in s.recover:  # a merge setting without a merge would be silently ignored
         errors += [
             f"{key}: applies to --recover merge, which this run does not do; add merge to recover or drop {key}"
-            for key, default in (("recover_merge_by", "output"), ("recover_merge_align", False))
-            if getattr(s, key) != default
+            for key in ("recover_merge_by", "recover_merge_align")
+            if getattr(s, key) != getattr(Settings, key)  # changed from its default
         ]
     return errors
 
@@ -249,7 +250,7 @@ def _read_yaml(path: Path) -> dict:
     except OSError:
         raise UsageError(f"cannot read config {path}; check the --config path") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"config {path} is not valid YAML: {first_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

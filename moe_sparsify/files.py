@@ -12,7 +12,7 @@ from typing import ClassVar
 import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .outputs import write_atomically
 
 # Documents are dataclasses validated by pydantic on load: unknown keys refused, and strict types
@@ -121,7 +121,7 @@ def load_mapping(path: Path, what: str, fix: str) -> dict:
         text = raw.decode("utf-8")
         data = load_json(text) if fmt == "json" else load_yaml(text)
     except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
-        raise UsageError(f"{what} {path} is not valid {fmt.upper()}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{what} {path} is not valid {fmt.upper()}: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{what} {path} is not a mapping; {fix}")
     return data

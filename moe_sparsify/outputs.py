@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import FailedRun, MoeSparsifyError, UsageError
+from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 
 _PARTIAL = ".partial-"
 
@@ -67,7 +67,7 @@ def writing(path: Path) -> Iterator[None]:
         found = re.search(r"os error (\d+)", str(exc))
         if found is None:
             raise
-        raise write_failure(int(found[1]), path, str(exc).splitlines()[0]) from None
+        raise write_failure(int(found[1]), path, first_line(exc)) from None
 
 
 def _gib(n: int) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..corpus import DOCUMENT_SEPARATOR, bundled_text
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from .presets import PRESETS, is_preset, preset_documents
 
 TEXT_FIELD = "text"
@@ -147,9 +147,8 @@ def _parquet_documents(path: Path) -> list[str]:
     try:
         table = pq.read_table(path, columns=[TEXT_FIELD])
     except (OSError, ValueError, KeyError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(
-            f"cannot read {path} as a parquet table with a {TEXT_FIELD!r} column ({detail}); check the file"
+            f"cannot read {path} as a parquet table with a {TEXT_FIELD!r} column ({first_line(exc)}); check the file"
         ) from None
     return [str(t) for t in table.column(TEXT_FIELD).to_pylist()]
 
