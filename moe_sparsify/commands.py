@@ -619,8 +619,7 @@ def _compare(settings: Settings, variants, report_dir: Path | None, show_progres
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     tokenizers = [cmp.load_variant(v, dtype, device) for v in variants]
-    if len({len(t) for t in tokenizers}) != 1:
-        raise UsageError("the variants use different tokenizers; compare variants of one model")
+    cmp.check_one_tokenizer(tokenizers)
     stream = token_stream(tokenizers[0], load_documents(settings.eval_text))
     check_scorable(stream, settings.eval_window, settings.eval_text)
     needed = max(settings.speed_batch) * settings.prompt_len

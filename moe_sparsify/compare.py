@@ -72,6 +72,14 @@ def load_variant(variant: Variant, dtype: torch.dtype, device: torch.device) -> 
     return tokenizer
 
 
+def check_one_tokenizer(tokenizers: list[PreTrainedTokenizerBase]) -> None:
+    """Every variant is scored on the ids the first variant's tokenizer gives the text, so all must map
+    tokens to ids alike: an equal vocabulary size is not enough (the same ids would be other tokens)."""
+    first = tokenizers[0].get_vocab()
+    if any(t.get_vocab() != first for t in tokenizers[1:]):
+        raise UsageError("the variants use different tokenizers; compare variants of one model")
+
+
 def weights_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 

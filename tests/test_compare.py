@@ -2,6 +2,7 @@
 
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,32 @@ def test_median_interval_matches_the_binomial_order_statistics(n):
         if cover >= 0.95:
             best = (values[j - 1], values[n - j], cover)
     assert (low, high) == best[:2] and coverage == pytest.approx(best[2])
+
+
+def _tokenizer(directory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def test_variants_whose_tokenizers_map_ids_differently_are_refused_even_at_one_vocabulary_size(tmp_path):
+    import json
+    import shutil
+    from importlib import resources
+
+    from moe_sparsify.compare import check_one_tokenizer
+    from moe_sparsify.errors import UsageError
+
+    tiny = Path(str(resources.files("moe_sparsify") / "assets" / "tiny"))
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny, swapped)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[300:302]  # two ordinary tokens trade ids: the size stays, the ids mean other text
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    original, other = _tokenizer(tiny), _tokenizer(swapped)
+    assert len(original) == len(other)
+    check_one_tokenizer([original, _tokenizer(tiny)])  # the same tokenizer twice passes
+    with pytest.raises(UsageError, match="different tokenizers"):
+        check_one_tokenizer([original, other])
