@@ -33,13 +33,25 @@ def _label(variant: str) -> str:
 
 
 def write_report(result: dict, directory: Path) -> dict:
+    """comparison.json and one chart per view: quality against size, speed-ups, and, where variants
+    have them, the experts kept and the realised skip shares. Returns {name: path written}."""
     plt = _pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     rows, setup = result["variants"], result["setup"]
-    names = [_label(r["variant"]) for r in rows]
     files = {"json": directory / "comparison.json"}
     files["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
+    files["quality"] = _quality_chart(plt, rows, setup, directory / "quality_vs_parameters.png")
+    files["speed"] = _speed_chart(plt, rows, setup, result["noise"][str(setup["batch"])], directory / "speedup.png")
+    pruned = [r for r in rows if r.get("kept_experts")]
+    if pruned:
+        files["kept"] = _kept_chart(plt, pruned, directory / "kept_experts.png")
+    skipping = [r for r in rows if r.get("skip_fraction")]
+    if skipping:
+        files["skip"] = _skip_chart(plt, skipping, directory / "skip_fractions.png")
+    return {k: str(v) for k, v in files.items()}
 
+
+def _quality_chart(plt, rows: list[dict], setup: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Variants of one size (a model with and without skipping) can land on one spot: each gets its own
     # marker and a smaller size than the one drawn before it, so none hides another; a legend names them
@@ -65,10 +77,14 @@ def write_report(result: dict, directory: Path) -> dict:
     ax.set_title("Quality against size")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    files["quality"] = directory / "quality_vs_parameters.png"
-    fig.savefig(files["quality"], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
+
+def _speed_chart(plt, rows: list[dict], setup: dict, headline: dict, path: Path) -> Path:
+    """Prefill and decode speed-ups against the first variant at the headline batch size, with their intervals."""
+    names = [_label(r["variant"]) for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
     width = 0.38
     xs = range(len(rows))
@@ -83,7 +99,6 @@ def write_report(result: dict, directory: Path) -> dict:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(list(xs), names, rotation=15, ha="right")
     ax.set_ylabel(f"tokens/s relative to {names[0]}")
-    headline = result["noise"][str(setup["batch"])]
     ax.set_title(
         f"Speed-up, median of {headline['rounds']} rounds; bars: {100 * headline['interval_coverage']:.0f} % "
         f"interval\n{_setup_line(setup)}",
@@ -98,49 +113,48 @@ def write_report(result: dict, directory: Path) -> dict:
             color="darkred",
         )
     fig.tight_layout()
-    files["speed"] = directory / "speedup.png"
-    fig.savefig(files["speed"], dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return path
 
-    pruned = [r for r in rows if r.get("kept_experts")]
-    if pruned:
-        fig, axes = plt.subplots(1, len(pruned), figsize=(3.2 * len(pruned), 3.2), squeeze=False)
-        for ax, r in zip(axes[0], pruned):
-            layers = sorted(r["kept_experts"], key=int)
-            grid = [
-                [1 if e in r["kept_experts"][layer] else 0 for e in range(r["original_experts"])] for layer in layers
-            ]
-            ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
-            ax.set_title(_label(r["variant"]), fontsize=9)
-            ax.set_xlabel("original expert id")
-            ax.set_ylabel("MoE layer")
-            ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        fig.suptitle("Experts kept (green) per layer")
-        fig.tight_layout()
-        files["kept"] = directory / "kept_experts.png"
-        fig.savefig(files["kept"], dpi=120)
-        plt.close(fig)
 
-    skipping = [r for r in rows if r.get("skip_fraction")]
-    if skipping:
-        layers = sorted({int(k) for r in skipping for k in r["skip_fraction"]})
-        grid = [
-            [100 * r["skip_fraction"].get(layer, r["skip_fraction"].get(str(layer), 0.0)) for layer in layers]
-            for r in skipping
-        ]
-        fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(layers) + 2), 1 + 0.6 * len(skipping)))
-        image = ax.imshow(grid, cmap="Blues", vmin=0, aspect="auto")
-        low, high = image.get_clim()
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                dark = value > low + 0.55 * (high - low)  # white text on the dark end of the colour map
-                ax.text(j, i, f"{value:.0f}%", ha="center", va="center", fontsize=8, color="white" if dark else "black")
-        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-        ax.set_yticks(range(len(skipping)), [_label(r["variant"]) for r in skipping])
-        ax.set_xlabel("MoE layer")
-        fig.colorbar(image, ax=ax, label="expert evaluations skipped (%)")
-        ax.set_title("Realised skip share per layer")
-        files["skip"] = directory / "skip_fractions.png"
-        fig.savefig(files["skip"], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    return {k: str(v) for k, v in files.items()}
+def _kept_chart(plt, pruned: list[dict], path: Path) -> Path:
+    """Per pruned variant, a layer x original-expert grid: green where the expert was kept."""
+    fig, axes = plt.subplots(1, len(pruned), figsize=(3.2 * len(pruned), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], pruned):
+        layers = sorted(r["kept_experts"], key=int)
+        grid = [[1 if e in r["kept_experts"][layer] else 0 for e in range(r["original_experts"])] for layer in layers]
+        ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(_label(r["variant"]), fontsize=9)
+        ax.set_xlabel("original expert id")
+        ax.set_ylabel("MoE layer")
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    fig.suptitle("Experts kept (green) per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _skip_chart(plt, skipping: list[dict], path: Path) -> Path:
+    """Variant x MoE layer: the share of expert evaluations skipped, in per cent."""
+    layers = sorted({int(k) for r in skipping for k in r["skip_fraction"]})
+    grid = [
+        [100 * r["skip_fraction"].get(layer, r["skip_fraction"].get(str(layer), 0.0)) for layer in layers]
+        for r in skipping
+    ]
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(layers) + 2), 1 + 0.6 * len(skipping)))
+    image = ax.imshow(grid, cmap="Blues", vmin=0, aspect="auto")
+    low, high = image.get_clim()
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            dark = value > low + 0.55 * (high - low)  # white text on the dark end of the colour map
+            ax.text(j, i, f"{value:.0f}%", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_yticks(range(len(skipping)), [_label(r["variant"]) for r in skipping])
+    ax.set_xlabel("MoE layer")
+    fig.colorbar(image, ax=ax, label="expert evaluations skipped (%)")
+    ax.set_title("Realised skip share per layer")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
