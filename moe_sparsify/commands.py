@@ -39,7 +39,15 @@ from .models import load_config, load_model, load_tokenizer, load_weights, pick_
 from .outputs import check_free_space, check_output, holding_outputs, lock_output, writing
 from .plan import ModelIdentity, Plan, load_plan
 from .progress import progress_reporter
-from .prune import ProgressJournal, check_keep, check_kept, model_identity, plan_pruning, search_fingerprint
+from .prune import (
+    LayerTiming,
+    ProgressJournal,
+    check_keep,
+    check_kept,
+    model_identity,
+    plan_pruning,
+    search_fingerprint,
+)
 from .skip_rules import check_skip_rule, default_skip_rule
 from .skipping import check_skipping_supported, skip_fractions, skipping
 from .streaming import StreamedModel
@@ -256,17 +264,7 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     settings = job.settings
     keep = check_keep(job.adapter, settings.keep)
     _check_recovery(job, store)
-    default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
-    output = Path(settings.output or default_output)
-    inputs = read_paths(settings, job.model_dir)
-    if settings.plan_only:
-        check_output(output, "file", settings.overwrite, inputs=inputs)
-    else:
-        needed = estimated_output_bytes(job.model_dir, keep, job.adapter.num_experts)
-        check_output(output, "directory", settings.overwrite, needed, inputs=inputs)
-        _check_exportable(job)
-    if store is None:
-        check_length(job, settings.seq_len, "--seq-len")
+    output = _checked_prune_output(job, store, keep)
     if is_main():  # rank 0 writes the outputs (and the journal) for every process
         lock_output(output)
     model, residency, router_weights = _open_model(job)
@@ -304,36 +302,67 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     result["processes"] = world()[1]
     # The resolved settings (defaults, alias, YAML and flags merged), naming the path written, default or not.
     result["settings"] = {**settings.to_dict(), "output": str(output)}
-    if not is_main():  # rank 0 writes; the others end here with the same decisions
-        result.update(output=None, plan=None)
-    elif settings.plan_only:
-        plan.save(output, settings.overwrite)
-        result.update(plan=str(output), output=None)
-    else:
-        try:
-            provenance = export_checkpoint(
-                job.model_dir,
-                output,
-                plan,
-                job.adapter,
-                model,
-                token_ids[: settings.verify_samples],
-                overwrite=settings.overwrite,
-                streamed=settings.stream,
-            )
-        except VerificationFailed:
-            journal.finish()  # its decisions may rest on the same wrong decode: a rerun must not resume them
-            raise
-        result.update(
-            output=str(output),
-            plan=str(output / PLAN_FILE),
-            verified_max_abs_logit_diff=provenance["verified_max_abs_logit_diff"],
-            config_changes=provenance["config_changes"],
-        )
+    result.update(_write_pruned(job, output, plan, model, token_ids, journal))
     journal.finish()
     result["resumed_layers"] = resumed
     done = time.perf_counter()
-    result["layers"] = [
+    result["layers"] = _layer_rows(plan, timings)
+    result["timings"] = _prune_timings(timings, start, loaded, searched, done)
+    result["peak_memory"] = peak_memory_bytes(job.device)
+    result["plan_sha256"] = plan.sha256()
+    return result
+
+
+def _checked_prune_output(job: Job, store: CalibrationStore | None, keep: int) -> Path:
+    """Where prune writes (a plan file with --plan-only, else a checkpoint directory), checked before
+    any weights load: the path, the free disk, the source's exportability and the sequence length."""
+    settings = job.settings
+    default_output = f"{_model_name(settings)}-keep{keep}" + (".plan.yaml" if settings.plan_only else "")
+    output = Path(settings.output or default_output)
+    inputs = read_paths(settings, job.model_dir)
+    if settings.plan_only:
+        check_output(output, "file", settings.overwrite, inputs=inputs)
+    else:
+        needed = estimated_output_bytes(job.model_dir, keep, job.adapter.num_experts)
+        check_output(output, "directory", settings.overwrite, needed, inputs=inputs)
+        _check_exportable(job)
+    if store is None:
+        check_length(job, settings.seq_len, "--seq-len")
+    return output
+
+
+def _write_pruned(job: Job, output: Path, plan: Plan, model, token_ids: torch.Tensor, journal: ProgressJournal) -> dict:
+    """Rank 0 writes the plan (--plan-only) or the verified checkpoint; returns what the result says of it."""
+    settings = job.settings
+    if not is_main():  # rank 0 writes; the others end here with the same decisions
+        return {"output": None, "plan": None}
+    if settings.plan_only:
+        plan.save(output, settings.overwrite)
+        return {"plan": str(output), "output": None}
+    try:
+        provenance = export_checkpoint(
+            job.model_dir,
+            output,
+            plan,
+            job.adapter,
+            model,
+            token_ids[: settings.verify_samples],
+            overwrite=settings.overwrite,
+            streamed=settings.stream,
+        )
+    except VerificationFailed:
+        journal.finish()  # its decisions may rest on the same wrong decode: a rerun must not resume them
+        raise
+    return {
+        "output": str(output),
+        "plan": str(output / PLAN_FILE),
+        "verified_max_abs_logit_diff": provenance["verified_max_abs_logit_diff"],
+        "config_changes": provenance["config_changes"],
+    }
+
+
+def _layer_rows(plan: Plan, timings: list[LayerTiming]) -> list[dict]:
+    return [
         {
             "layer": lp.layer,
             "kept": lp.kept,
@@ -345,12 +374,15 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
         }
         for lp, t in zip(plan.layers, timings)
     ]
+
+
+def _prune_timings(timings: list[LayerTiming], start: float, loaded: float, searched: float, done: float) -> dict:
+    """total = load + layer pass + write; the layer pass = the layers' stats + search (their sums) + the rest
+    (loading each layer, running it forward to make the next layer's inputs, e2e reference passes)."""
     layer_pass = searched - loaded
     stats_s = sum(t.stats_s for t in timings)
     search_s = sum(t.search_s for t in timings)
-    # total = load + layer pass + write; the layer pass = the layers' stats + search (their sums) + the rest
-    # (loading each layer, running it forward to make the next layer's inputs, e2e reference passes).
-    result["timings"] = {
+    return {
         "load_and_calibration_tokens_s": loaded - start,
         "layer_pass_s": layer_pass,
         "layers_stats_s": stats_s,
@@ -359,9 +391,6 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
         "write_s": done - searched,  # the export and its verification, or the plan file
         "total_s": done - start,
     }
-    result["peak_memory"] = peak_memory_bytes(job.device)
-    result["plan_sha256"] = plan.sha256()
-    return result
 
 
 def _plan_without_recovery(path: Path) -> Plan:
