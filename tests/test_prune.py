@@ -177,11 +177,11 @@ def test_e2e_sequences_are_shared_evenly_between_ranks_or_refused(monkeypatch, s
     """Each rank scores batches/world of its own sequences; together they must be exactly the batches one
     process scores (batch size 8: 64 or 60 samples are 8 batches, 4 each; 4 samples are one batch and
     24 are three, which two ranks cannot share, so the union would hold more sequences)."""
-    import moe_sparsify.prune as prune_module
+    import moe_sparsify.e2e as e2e_module
+    from moe_sparsify.e2e import EndToEndRescorer
     from moe_sparsify.errors import UsageError
-    from moe_sparsify.prune import EndToEndRescorer
 
-    monkeypatch.setattr(prune_module, "world", lambda: (0, processes))
+    monkeypatch.setattr(e2e_module, "world", lambda: (0, processes))
     model = random_mixtral()
     build = lambda: EndToEndRescorer(model, adapter_for(model.config), samples, 8, torch.device("cpu"))  # noqa: E731
     if batches_per_rank is None:
