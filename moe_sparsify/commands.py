@@ -7,6 +7,7 @@ progress go to stderr.
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import time
 from dataclasses import dataclass
@@ -496,6 +497,7 @@ def evaluate(
     thresholds = load_thresholds(thresholds_path) if thresholds_path else None
     with _task_index(settings) as index:
         tokenizer = load_tokenizer(job.model_dir)
+        stream = None  # the text as token ids, where perplexity is measured
         if settings.perplexity:  # the text's length checked before the model loads
             stream = token_stream(tokenizer, load_documents(settings.eval_text))
             check_scorable(stream, settings.eval_window, settings.eval_text)
@@ -515,23 +517,8 @@ def evaluate(
             kept = plan.kept()
         _check_thresholds(thresholds, model, job.adapter, kept)
 
-        def score() -> dict:
-            scores = {}
-            if settings.perplexity:
-                with progress_bar(show_progress) as progress:
-                    task = progress.add_task("perplexity windows") if progress is not None else None
-                    scores = perplexity(
-                        model,
-                        stream,
-                        settings.eval_window,
-                        settings.eval_stride,
-                        job.device,
-                        on_window=(lambda: progress.advance(task)) if progress is not None else None,
-                    )
-            if settings.tasks:
-                scores["harness"] = _harness(settings, model, tokenizer, job.device, index)
-            return scores
-
+        # The same measurements, on the model as a plan and thresholds leave it (below).
+        score = functools.partial(_scores, settings, model, tokenizer, stream, job.device, index, show_progress)
         if thresholds is None or kept:
             # A plan applied in memory runs through the reference router, skipping included.
             skip = {e.layer: (e.beta, thresholds.rule) for e in thresholds.layers} if thresholds else None
@@ -549,6 +536,28 @@ def evaluate(
         if card:
             result["card"] = record_eval(job.model_dir, result)
         return result
+
+
+def _scores(
+    settings: Settings, model, tokenizer, stream: torch.Tensor | None, device, index, show_progress: bool
+) -> dict:
+    """What eval measures on `model` as it stands: perplexity on `stream` (None: not asked for) and the
+    lm-eval tasks."""
+    scores = {}
+    if stream is not None:
+        with progress_bar(show_progress) as progress:
+            task = progress.add_task("perplexity windows") if progress is not None else None
+            scores = perplexity(
+                model,
+                stream,
+                settings.eval_window,
+                settings.eval_stride,
+                device,
+                on_window=(lambda: progress.advance(task)) if progress is not None else None,
+            )
+    if settings.tasks:
+        scores["harness"] = _harness(settings, model, tokenizer, device, index)
+    return scores
 
 
 def _task_index(settings: Settings):
