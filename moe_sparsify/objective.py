@@ -118,11 +118,7 @@ class LayerStats:
             probs = scores(logits, spec)
             choice = choice_scores(probs, None, selection_bias, logits if spec.ranking is Ranking.LOGITS else None)
             cand_idx, block = candidate_experts(choice, spec, keep, probs)
-            outputs = torch.zeros(x.shape[0], cand_idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            for expert in range(num_experts):
-                token, slot = torch.nonzero(cand_idx == expert, as_tuple=True)
-                if token.numel():
-                    outputs[token, slot] = expert_forward(x[token], expert).float()
+            outputs = _candidate_outputs(x, cand_idx, expert_forward, num_experts)
             padding = cand_idx == num_experts
             safe = cand_idx.clamp(max=num_experts - 1)
             parts["idx"].append(cand_idx.cpu())
@@ -151,6 +147,19 @@ class LayerStats:
             offset_cross=_cat_padded(parts["cross"], width, 0.0) if parts["cross"] else None,
             offset_sq=torch.cat(parts["sq"]) if parts["sq"] else None,
         )
+
+
+def _candidate_outputs(
+    x: torch.Tensor, cand_idx: torch.Tensor, expert_forward: ExpertFn, num_experts: int
+) -> torch.Tensor:
+    """tokens x m x hidden float32: each token's candidate experts' outputs (padding slots 0), every expert
+    run once, on the tokens that have it as a candidate."""
+    outputs = torch.zeros(x.shape[0], cand_idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    for expert in range(num_experts):
+        token, slot = torch.nonzero(cand_idx == expert, as_tuple=True)
+        if token.numel():
+            outputs[token, slot] = expert_forward(x[token], expert).float()
+    return outputs
 
 
 def _split_aligned(inputs, offsets, rows_per_pass):
@@ -305,20 +314,31 @@ class SubsetLoss:
         can sit in a selected expert's band) and softmax plus bias (removing e rescales every kept
         probability against its bias) score every child subset instead.
         """
-        s, n, k = self.stats, self.num_experts, self.stats.spec.top_k
-        keep = keep.reshape(n).bool()
+        spec = self.stats.spec
+        keep = keep.reshape(self.num_experts).bool()
         removable = self.removable(keep)
-        total = torch.full((n,), float("inf"), dtype=torch.float64)
         if not removable.any():
-            return total
-        if s.spec.grouped and not s.spec.needs_all_logits:
+            return torch.full((self.num_experts,), float("inf"), dtype=torch.float64)
+        if spec.grouped and not spec.needs_all_logits:
             return self._grouped_removal_losses(keep, removable)
-        if s.spec.grouped or s.spec.scoring is Scoring.SPARSEMIXER or s.spec.choice_depends_on_kept:
-            experts = torch.nonzero(removable).flatten()
-            children = keep.expand(len(experts), n).clone()
-            children[torch.arange(len(experts)), experts] = False
-            total[experts] = self(children)
-            return total
+        if spec.grouped or spec.scoring is Scoring.SPARSEMIXER or spec.choice_depends_on_kept:
+            return self._every_child_loss(keep, removable)
+        return self._rescaled_removal_losses(keep, removable)
+
+    def _every_child_loss(self, keep: torch.Tensor, removable: torch.Tensor) -> torch.Tensor:
+        """removal_losses by scoring each child subset (keep minus one removable expert) in full."""
+        n = self.num_experts
+        experts = torch.nonzero(removable).flatten()
+        children = keep.expand(len(experts), n).clone()
+        children[torch.arange(len(experts)), experts] = False
+        total = torch.full((n,), float("inf"), dtype=torch.float64)
+        total[experts] = self(children)
+        return total
+
+    def _rescaled_removal_losses(self, keep: torch.Tensor, removable: torch.Tensor) -> torch.Tensor:
+        """removal_losses for plain top-k routing: a token that does not select e keeps its selection, its
+        weights unchanged or rescaled by c (see removal_losses); a token that selects e is scored afresh."""
+        s, n, k = self.stats, self.num_experts, self.stats.spec.top_k
         total = torch.zeros(n, dtype=torch.float64)
         for start in range(0, s.num_tokens, self.token_chunk):
             tokens = slice(start, start + self.token_chunk)
