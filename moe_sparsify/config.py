@@ -42,6 +42,7 @@ from .choices import (
 )
 from .errors import UsageError, first_line
 from .files import DOCUMENT_CONFIG, describe_errors, load_yaml, named_twice
+from .model_card import PROVENANCE_FILE
 
 
 def _device(value: str) -> str:
@@ -267,7 +268,7 @@ def _alias_defaults_for(model: str) -> dict:
     aliases = model_aliases()
     if model in aliases:
         return aliases[model]
-    provenance = Path(model) / "moe_sparsify_provenance.json"
+    provenance = Path(model) / PROVENANCE_FILE
     try:
         source = json.loads(provenance.read_text()).get("source")
     except (OSError, ValueError, AttributeError):
