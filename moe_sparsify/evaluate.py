@@ -76,6 +76,8 @@ def next_token_log_probs(model, windows: torch.Tensor, device: torch.device, bat
 
 
 @torch.no_grad()
-def mean_kl(model, windows: torch.Tensor, reference: list[torch.Tensor], device: torch.device, batch_size: int = 8):
+def mean_kl(
+    model, windows: torch.Tensor, reference: list[torch.Tensor], device: torch.device, batch_size: int = 8
+) -> float:
     """Mean per token of KL(reference || model) over next-token distributions of token windows."""
     return mean_divergence(reference, next_token_log_probs(model, windows, device, batch_size), "kl")
