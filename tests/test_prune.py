@@ -118,6 +118,37 @@ def test_layers_the_forward_never_runs_are_refused():
         propagate(model, adapter_for(model.config), tokens, lambda step: None, batch_size=2, device=CPU)
 
 
+def test_a_callback_that_raises_leaves_no_layer_visiting_the_device():
+    """A refusal or an interrupt inside the per-layer callback still releases the layer it was given
+    (a layer left on the compute device would hold its memory, or its copy, after prune gave up)."""
+    from moe_sparsify.calibration.propagate import Resident
+    from moe_sparsify.errors import FailedRun
+
+    class Recording(Resident):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.visits: list[int] = []
+
+        def load_layer(self, index, device):
+            self.visits.append(index)
+            return super().load_layer(index, device)
+
+        def release_layer(self, index):
+            self.visits.remove(index)
+            super().release_layer(index)
+
+    model = random_mixtral(layers=2)
+    adapter = adapter_for(model.config)
+    residency = Recording(model, adapter)
+
+    def refuse(step):
+        raise FailedRun("stop")
+
+    with pytest.raises(FailedRun, match="stop"):
+        propagate(model, adapter, torch.randint(0, 100, (2, 16)), refuse, batch_size=2, device=CPU, residency=residency)
+    assert residency.visits == []
+
+
 def test_stored_calibration_gives_the_propagated_layerwise_plan_whatever_the_seq_len_setting(tmp_path):
     """The stored source takes its sequence length from the stored tokens, not from settings."""
     from moe_sparsify.calibration.store import CalibrationStore, CalibrationWriter

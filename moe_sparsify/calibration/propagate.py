@@ -214,8 +214,9 @@ def propagate(
     residency=None,
     activations=None,
     track_original: bool = False,
-) -> list[tuple[torch.Tensor, dict]]:
-    """Returns the last layer's outputs per batch (with every layer's kwargs).
+) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Returns the last layer's outputs per batch (with every layer's kwargs). Whether it returns or
+    raises, the layer in use is released and the modules outside the layers go back to the model's device.
 
     residency: how decoder layers reach the device (default: held in memory).
     activations: an `offload.ActivationStore` deciding where hidden states and MoE inputs wait between
@@ -237,24 +238,28 @@ def propagate(
     def run(layer, index, stream):
         return [park(run_layer(layer, hidden.to(device), kwargs, index, adapter)) for hidden, kwargs in stream]
 
-    for index in range(len(layers)):
-        if activations is not None:
-            activations.new_generation()
-        layer = residency.load_layer(index, device)
-        block = adapter.moe_block(layer)
-        outputs, captured = _run_recorded(run, layer, index, batches, block, park)
-        if originals is not None:
-            original_outputs, original_captured = _run_recorded(run, layer, index, originals, block, park)
-            originals = [(out, kwargs) for out, (_, kwargs) in zip(original_outputs, originals)]
-        if block is not None:
-            step = LayerStep(index, block, captured, batches, original_captured if originals is not None else None)
-            kept = on_layer(step)
-            if kept is not None and len(kept) < adapter.num_experts:
-                with adapter.pruned_view(model, {index: kept}):
-                    outputs = run(layer, index, batches)
-        batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
-        residency.release_layer(index)
-        if progress:
-            progress.advance(task)
-    place_outside_layers(model, layers, home)
+    try:
+        for index in range(len(layers)):
+            if activations is not None:
+                activations.new_generation()
+            layer = residency.load_layer(index, device)
+            try:
+                block = adapter.moe_block(layer)
+                outputs, captured = _run_recorded(run, layer, index, batches, block, park)
+                if originals is not None:
+                    original_outputs, original_captured = _run_recorded(run, layer, index, originals, block, park)
+                    originals = [(out, kwargs) for out, (_, kwargs) in zip(original_outputs, originals)]
+                if block is not None:
+                    original = original_captured if originals is not None else None
+                    kept = on_layer(LayerStep(index, block, captured, batches, original))
+                    if kept is not None and len(kept) < adapter.num_experts:
+                        with adapter.pruned_view(model, {index: kept}):
+                            outputs = run(layer, index, batches)
+                batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
+            finally:  # a callback that raises (a refusal, an interrupt) must not leave the layer visiting
+                residency.release_layer(index)
+            if progress:
+                progress.advance(task)
+    finally:
+        place_outside_layers(model, layers, home)
     return batches
