@@ -80,9 +80,11 @@ def run_cached(
     at_depth = {}
     for index in range(start, stop):
         layer = layers[index] if index == start else residency.load_layer(index, device)
-        states = [run_layer(layer, h, kwargs, index, adapter) for h, (_, kwargs) in zip(states, batches)]
-        if index != start:
-            residency.release_layer(index)
+        try:
+            states = [run_layer(layer, h, kwargs, index, adapter) for h, (_, kwargs) in zip(states, batches)]
+        finally:
+            if index != start:
+                residency.release_layer(index)
         if index + 1 in also_at:
             at_depth[index + 1] = states if park_at is None else [h.to(park_at) for h in states]
     return states, at_depth
