@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +28,7 @@ from .config import Settings
 from .cost import SearchCost, count_search_cost
 from .distributed import ReducedOracle, is_main, world
 from .e2e import EndToEndRescorer
-from .errors import FailedRun, UsageError
+from .errors import UsageError, stop_if_asked_after
 from .files import dumps, load_mapping, write_atomically
 from .guard import EndToEndGuard
 from .layer_fit import LayerData, Recovery, block_output
@@ -184,9 +183,7 @@ class ProgressJournal:
         if is_main():  # every rank holds the same decisions; one writes them
             data = {"fingerprint": self.fingerprint, "layers": [asdict(lp) for lp in self.layers.values()]}
             write_atomically(self.path, dumps(data, "json"))
-        stop = os.environ.get("MOE_SPARSIFY_STOP_AFTER_LAYER")
-        if stop is not None and int(stop) == layer.layer:
-            raise FailedRun(f"stopped after layer {layer.layer} (MOE_SPARSIFY_STOP_AFTER_LAYER); rerun to resume")
+        stop_if_asked_after(layer.layer)
 
     def finish(self) -> None:
         if is_main():

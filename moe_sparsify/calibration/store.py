@@ -11,7 +11,6 @@ layer-wise mode; progressive mode re-runs the layers from the stored tokens.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..errors import FailedRun, UsageError, first_line
+from ..errors import FailedRun, UsageError, first_line, stop_if_asked_after
 from ..files import save_tensors
 from ..outputs import move_into_place, replacing, writing
 
@@ -79,9 +78,7 @@ class CalibrationWriter:
             tensor = torch.cat([x.detach().cpu() for x in inputs]).contiguous()
             with replacing(path) as partial, writing(self.final):
                 save_tensors({"moe_input": tensor}, partial)
-        stop = os.environ.get("MOE_SPARSIFY_STOP_AFTER_LAYER")
-        if stop is not None and int(stop) == index:
-            raise FailedRun(f"stopped after layer {index} (MOE_SPARSIFY_STOP_AFTER_LAYER); rerun to resume")
+        stop_if_asked_after(index)
 
     def commit(self, manifest: dict) -> Path:
         with writing(self.final):
