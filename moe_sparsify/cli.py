@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -103,6 +104,20 @@ def setting_help(text: str, setting: str) -> str:
     return f"{text} {default_of(setting)}"
 
 
+def whole_number(text: str | int) -> int:
+    """An integer flag takes digits only: `--keep 6.0` or `--samples 1e3` is refused, not rounded (typer's
+    own parsing takes 6.0 as 6, while a settings file's `keep: 6.0` is an error)."""
+    if isinstance(text, int):
+        return text
+    if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+        raise typer.BadParameter(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def int_option(*names: str, **options) -> object:
+    return typer.Option(*names, parser=whole_number, metavar="<int>", **options)
+
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -123,13 +138,13 @@ CalibOpt = Annotated[
         help=setting_help("Text source: bundled, bundled:heldout, a file, hf:NAME, a mix a=0.7,b=0.3.", "calibration"),
     ),
 ]
-SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help=setting_help("Calibration sequences.", "samples"))]
+SamplesOpt = Annotated[Optional[int], int_option("--samples", help=setting_help("Calibration sequences.", "samples"))]
 SeqLenOpt = Annotated[
-    Optional[int], typer.Option("--seq-len", help=setting_help("Tokens per calibration sequence.", "seq_len"))
+    Optional[int], int_option("--seq-len", help=setting_help("Tokens per calibration sequence.", "seq_len"))
 ]
 SeedOpt = Annotated[
     Optional[int],
-    typer.Option(
+    int_option(
         "--seed", help=setting_help("Seed for drawing calibration sequences (and the random strategy).", "seed")
     ),
 ]
@@ -143,7 +158,7 @@ DtypeOpt = Annotated[
     ),
 ]
 BatchOpt = Annotated[
-    Optional[int], typer.Option("--batch-size", help=setting_help("Sequences per forward pass.", "batch_size"))
+    Optional[int], int_option("--batch-size", help=setting_help("Sequences per forward pass.", "batch_size"))
 ]
 OverwriteOpt = Annotated[
     Optional[bool], typer.Option("--overwrite", help=setting_help("Replace an existing output.", "overwrite"))
@@ -241,6 +256,22 @@ def _unwinding_on_signals(fn, *args, **kwargs):
         raise
 
 
+def _traceback_wanted() -> bool:
+    """MOE_SPARSIFY_TRACEBACK=1 (or true, yes); 0, false, no or empty keep errors to one line."""
+    return os.environ.get("MOE_SPARSIFY_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _stdout_failure(exc: BaseException) -> str:
+    """Why stdout took no output, and stdout pointed at /dev/null: the interpreter's last flush at exit
+    would otherwise fail again and print a second error."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):  # stdout closed or None
+        pass
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "it is closed"
+    return f"cannot write to stdout ({reason}); check where it is redirected"
+
+
 def reporting_errors(fn):
     """Known errors become one line and their exit code; anything else one line and 1."""
 
@@ -249,13 +280,13 @@ def reporting_errors(fn):
         try:
             return _unwinding_on_signals(fn, *args, **kwargs)
         except MoeSparsifyError as exc:
-            if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
+            if _traceback_wanted():
                 raise
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; temporary files were removed, and rerunning resumes where it can", 130)
         except Exception as exc:
-            if os.environ.get("MOE_SPARSIFY_TRACEBACK"):
+            if _traceback_wanted():
                 raise
             name, detail = type(exc).__name__, first_line(exc)  # first_line falls back to the name
             what = name if detail == name else f"{name}: {detail}"
@@ -277,7 +308,13 @@ def _emit(result: dict, as_json: bool, summary) -> None:
     if not is_main():  # under torchrun, rank 0 speaks for all
         return
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        try:
+            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+            sys.stdout.flush()
+        except (OSError, AttributeError, ValueError) as exc:  # a full device, a closed stdout
+            written = result.get("output") or result.get("plan")
+            done = f"the run finished and wrote {written}, but " if written else ""
+            raise FailedRun(done + _stdout_failure(exc)) from None
     else:
         summary(result)
 
@@ -351,7 +388,7 @@ def prune(
     overwrite: OverwriteOpt = None,
     json_out: JsonOpt = False,
     keep: Annotated[
-        Optional[int], typer.Option("--keep", help="Experts each MoE layer keeps (required, here or in --config).")
+        Optional[int], int_option("--keep", help="Experts each MoE layer keeps (required, here or in --config).")
     ] = None,
     strategy: Annotated[
         Optional[str],
@@ -391,11 +428,11 @@ def prune(
     from_calibration: FromCalibrationOpt = None,
     max_subsets: Annotated[
         Optional[int],
-        typer.Option(
+        int_option(
             "--max-subsets", help=setting_help("Subsets per layer beyond which auto turns greedy.", "max_subsets")
         ),
     ] = None,
-    beam: Annotated[Optional[int], typer.Option("--beam", help=setting_help("Greedy beam width.", "beam"))] = None,
+    beam: Annotated[Optional[int], int_option("--beam", help=setting_help("Greedy beam width.", "beam"))] = None,
     stream: StreamOpt = None,
 ):
     """Choose the experts each layer keeps; write the checkpoint.
@@ -422,10 +459,10 @@ def export(
         Optional[str], typer.Option("--calibration", help=setting_help(VERIFY + " Their text source.", "calibration"))
     ] = None,
     seq_len: Annotated[
-        Optional[int], typer.Option("--seq-len", help=setting_help(VERIFY + " Their length in tokens.", "seq_len"))
+        Optional[int], int_option("--seq-len", help=setting_help(VERIFY + " Their length in tokens.", "seq_len"))
     ] = None,
     seed: Annotated[
-        Optional[int], typer.Option("--seed", help=setting_help(VERIFY + " The seed that draws them.", "seed"))
+        Optional[int], int_option("--seed", help=setting_help(VERIFY + " The seed that draws them.", "seed"))
     ] = None,
     dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = None,
@@ -467,10 +504,10 @@ def eval_(
         Optional[Path], typer.Option("--plan", help="Apply a plan in memory instead of exporting. [default: none]")
     ] = None,
     window: Annotated[
-        Optional[int], typer.Option("--window", help=setting_help("Tokens per scoring window.", "eval_window"))
+        Optional[int], int_option("--window", help=setting_help("Tokens per scoring window.", "eval_window"))
     ] = None,
     stride: Annotated[
-        Optional[int], typer.Option("--stride", help=setting_help("Tokens between window starts.", "eval_stride"))
+        Optional[int], int_option("--stride", help=setting_help("Tokens between window starts.", "eval_stride"))
     ] = None,
     perplexity: Annotated[
         Optional[bool],
@@ -490,10 +527,10 @@ def eval_(
         typer.Option("--task-dir", help=setting_help("Directory of lm-eval task YAML (repeatable).", "task_dirs")),
     ] = None,
     num_fewshot: Annotated[
-        Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per task. [default: the task's own]")
+        Optional[int], int_option("--num-fewshot", help="Few-shot examples per task. [default: the task's own]")
     ] = None,
     limit: Annotated[
-        Optional[int], typer.Option("--limit", help="Documents per task, for quick runs. [default: all]")
+        Optional[int], int_option("--limit", help="Documents per task, for quick runs. [default: all]")
     ] = None,
     compare: Annotated[
         bool,
@@ -515,15 +552,15 @@ def eval_(
         ),
     ] = None,
     prompt_len: Annotated[
-        Optional[int], typer.Option("--prompt-len", help=setting_help("With --compare: prompt tokens.", "prompt_len"))
+        Optional[int], int_option("--prompt-len", help=setting_help("With --compare: prompt tokens.", "prompt_len"))
     ] = None,
     new_tokens: Annotated[
         Optional[int],
-        typer.Option("--new-tokens", help=setting_help("With --compare: tokens generated.", "new_tokens")),
+        int_option("--new-tokens", help=setting_help("With --compare: tokens generated.", "new_tokens")),
     ] = None,
     repeats: Annotated[
         Optional[int],
-        typer.Option(
+        int_option(
             "--repeats", help=setting_help("With --compare: timed rounds at least (after a warm-up).", "repeats")
         ),
     ] = None,
@@ -684,7 +721,20 @@ def _thresholds_table(result: dict) -> None:
 
 
 def main() -> None:
-    app()
+    _quiet_library_warnings()
+    try:
+        app()
+    except OSError as exc:  # help or the version printed to a full device: commands report their own
+        sys.exit(_fail_line(_stdout_failure(exc), 1))
+
+
+def _quiet_library_warnings() -> None:
+    """transformers' warnings (a config's token id outside its vocabulary, a deprecated key) would print
+    lines around the one error line and the results; TRANSFORMERS_VERBOSITY=warning shows them again."""
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

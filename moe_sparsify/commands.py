@@ -77,9 +77,9 @@ def open_job(settings: Settings) -> Job:
     return Job(settings, model_dir, adapter, device, pick_dtype(settings.dtype, device))
 
 
-def check_length(job: Job, tokens: int, flag: str) -> None:
+def check_length(config, tokens: int, flag: str) -> None:
     """Refuse sequences longer than the model's position embeddings before any text is tokenised."""
-    limit = getattr(job.adapter.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and tokens > limit:
         raise UsageError(f"{flag} {tokens} exceeds the model's max_position_embeddings {limit}; pass at most {limit}")
 
@@ -154,7 +154,7 @@ def _activation_store(settings: Settings, device: torch.device) -> ActivationSto
 def calibrate(settings: Settings, show_progress: bool) -> dict:
     _check_sources(settings)  # before the model is resolved: a hub alias may download it
     job = open_job(settings)
-    check_length(job, settings.seq_len, "--seq-len")
+    check_length(job.adapter.config, settings.seq_len, "--seq-len")
     output = Path(settings.output or f"{_model_name(settings)}-calibration")
     check_output(output, "directory", settings.overwrite, inputs=read_paths(settings, job.model_dir))
     # The tokens before the disk check (the tokenizer alone, no weights): more samples than the text
@@ -263,7 +263,7 @@ def prune(settings: Settings, show_progress: bool) -> dict:
 
 def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start: float) -> dict:
     settings = job.settings
-    keep = check_keep(job.adapter, settings.keep)
+    keep = check_keep(job.adapter, settings.keep, must_prune=True)
     _check_recovery(job, store)
     output = _checked_prune_output(job, store, keep)
     if is_main():  # rank 0 writes the outputs (and the journal) for every process
@@ -328,7 +328,7 @@ def _checked_prune_output(job: Job, store: CalibrationStore | None, keep: int) -
         check_output(output, "directory", settings.overwrite, needed, inputs=inputs)
         _check_exportable(job)
     if store is None:
-        check_length(job, settings.seq_len, "--seq-len")
+        check_length(job.adapter.config, settings.seq_len, "--seq-len")
     return output
 
 
@@ -486,7 +486,7 @@ def evaluate(
         raise UsageError("--no-perplexity leaves nothing to measure; add --tasks or drop --no-perplexity")
     check_source(settings.eval_text)
     job = open_job(settings)
-    check_length(job, settings.eval_window, "--window")
+    check_length(job.adapter.config, settings.eval_window, "--window")
     if card:
         if plan_path:
             raise UsageError("--card records results of the exported checkpoint itself; drop --plan (or --card)")
@@ -594,7 +594,7 @@ def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool
     check_skipping_supported(job.adapter)
     rule = check_skip_rule(settings.skip_rule or default_skip_rule(job.adapter.top_k), job.adapter.top_k)
     if store is None:
-        check_length(job, settings.seq_len, "--seq-len")
+        check_length(job.adapter.config, settings.seq_len, "--seq-len")
     plan = _plan_without_recovery(plan_path) if plan_path else None
     lock_output(output)
     model, tokenizer = load_model(job.model_dir, job.dtype)
@@ -643,6 +643,9 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
         raise UsageError("eval --compare needs at least two variants, e.g. tiny tiny-keep6 tiny-keep6+skip")
     check_source(settings.eval_text)
     variants = [cmp.parse_variant(spec) for spec in specs]
+    for config in {v.model_dir: load_config(v.model_dir) for v in variants}.values():  # before any loads
+        check_length(config, settings.eval_window, "--window")
+        check_length(config, settings.prompt_len + settings.new_tokens, "--prompt-len plus --new-tokens")
     if report_dir is not None:  # an existing report directory is written into again
         read = [v.model_dir for v in variants] + [v.thresholds_path for v in variants if v.thresholds_path]
         check_output(report_dir, "directory", overwrite=True, flag="--report", inputs=(*read, Path(settings.eval_text)))

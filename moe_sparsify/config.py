@@ -181,7 +181,7 @@ class Settings:
     tasks: Annotated[Names, AfterValidator(_distinct)] = field(default_factory=list)
     task_dirs: Directories = field(default_factory=list)  # eval: directories of lm-eval task YAML
     num_fewshot: NonNegativeInt | None = None  # eval: the harness default per task when unset
-    task_limit: NonNegativeInt | None = None  # eval: documents per task (for quick runs)
+    task_limit: PositiveInt | None = None  # eval: documents per task (for quick runs; 0 would score none)
     # eval --compare: batch sizes (first = headline)
     speed_batch: BatchSizes = field(default_factory=lambda: [1])
     prompt_len: PositiveInt = 64  # eval --compare: prompt tokens per sequence
@@ -276,6 +276,15 @@ def _alias_defaults_for(model: str) -> dict:
     return aliases.get(source, {}) if isinstance(source, str) else {}
 
 
+def _known_like(key) -> str:
+    """`did you mean keep?` for `Keep` or `kepp`, else the whole list of settings."""
+    import difflib
+
+    lowered = {name.lower(): name for name in KNOWN_KEYS}
+    close = difflib.get_close_matches(str(key).lower(), lowered, n=1, cutoff=0.75)
+    return f"did you mean {lowered[close[0]]}?" if close else f"known: {', '.join(sorted(KNOWN_KEYS))}"
+
+
 def resolve_settings(config_file: Path | None, flags: dict) -> Settings:
     """flags: values the user passed on the command line (None = not given)."""
     given = {k: v for k, v in flags.items() if v is not None}
@@ -284,11 +293,7 @@ def resolve_settings(config_file: Path | None, flags: dict) -> Settings:
     kind = from_file.get("kind")
     if isinstance(kind, str) and kind.startswith("moe-sparsify-"):  # a plan or threshold file, not settings
         raise UsageError(f"config {config_file} is a {kind} file, not settings; pass it with its own flag (--plan ...)")
-    errors = [
-        f"{k}: unknown setting in {config_file} (known: {', '.join(sorted(KNOWN_KEYS))})"
-        for k in from_file
-        if k not in KNOWN_KEYS
-    ]
+    errors = [f"{k}: unknown setting in {config_file} ({_known_like(k)})" for k in from_file if k not in KNOWN_KEYS]
     model = given.get("model", from_file.get("model", Settings.model))
     alias = _alias_defaults_for(model)
     alias_defaults = {k: v for k, v in alias.items() if k != "path"}

@@ -33,8 +33,18 @@ def describe_errors(exc: ValidationError) -> str:
         elif error["type"] == "missing":
             parts.append(f"{where}: {error['msg']}")
         else:
-            parts.append(f"{where}: {error['msg']} (got {error['input']!r})")
+            parts.append(f"{where}: {error['msg']} (got {_shown(error['input'])})")
     return "; ".join(parts)
+
+
+def _shown(value) -> str:
+    """A value's repr, cut short: a YAML alias bomb (`a: &a [1, 1, ...]`, nine levels) is cheap to load as
+    shared lists, and its full repr would take hours and all memory."""
+    import reprlib
+
+    shortened = reprlib.Repr()
+    shortened.maxlevel, shortened.maxlist, shortened.maxdict, shortened.maxstring = 2, 4, 4, 80
+    return shortened.repr(value)
 
 
 @functools.cache
@@ -49,6 +59,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen
@@ -62,9 +74,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_TOO_DEEP = "it nests deeper than Python's recursion limit"
+
+
 def load_yaml(text: str):
     """YAML as `yaml.safe_load` reads it, except that a mapping naming one key twice is an error."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:  # `[[[[...]]]]` thousands deep: the parser recurses once per level
+        raise yaml.YAMLError(_TOO_DEEP) from None
 
 
 def named_twice(values: list) -> list:
@@ -81,7 +99,10 @@ def _unique_pairs(pairs: list) -> dict:
 
 
 def load_json(text: str):
-    return json.loads(text, object_pairs_hook=_unique_pairs)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
 
 
 def format_of(path: Path) -> str:

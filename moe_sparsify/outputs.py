@@ -70,8 +70,12 @@ def writing(path: Path) -> Iterator[None]:
         raise write_failure(int(found[1]), path, first_line(exc)) from None
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: int) -> str:
+    """Bytes in the largest unit that shows them as at least 1 (0.00 GiB told a user nothing)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def check_output(
@@ -112,15 +116,63 @@ def check_output(
         raise UsageError(f"{flag} {path}: {parent} {what}; create it or choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write in {parent} (read-only or no permission); choose another {flag}")
+    _check_name_fits(path, flag)
+    _check_creatable(path, flag)
     if path.is_symlink() and not path.exists() and not overwrite:
         raise UsageError(f"{flag} {path} is a broken symbolic link; remove it, pass --overwrite or choose another")
     if path.exists():
+        if not (path.is_dir() or path.is_file()):  # replacing /dev/null or a FIFO by a plan is never meant
+            raise UsageError(
+                f"{flag} {path} is a FIFO, socket or device, not a file or directory; choose another {flag}"
+            )
         found = "directory" if path.is_dir() else "file"
         if found != kind:
             raise UsageError(f"{flag} {path} is a {found}, but this writes a {kind}; choose another {flag}")
         if not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite or choose another {flag}")
     check_free_space(path, needed_bytes, flag)
+
+
+def _siblings(path: Path) -> tuple[str, ...]:
+    """The names a run makes beside its output: the temporary, the lock and prune's resume journal."""
+    return (_temporary(path).name, _lock_file(path).name, f"{path.name}.progress.json")
+
+
+def _check_name_fits(path: Path, flag: str) -> None:
+    """A name the file system takes, with room for the longer names made beside it: an output named
+    near the limit would otherwise fail at its first temporary, after the model loaded."""
+    parent = path.absolute().parent
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return
+    longest = max(len(os.fsencode(name)) for name in _siblings(path))
+    if longest > limit:
+        room = limit - (longest - len(os.fsencode(path.name)))
+        raise UsageError(
+            f"{flag} {path}: the name is {len(os.fsencode(path.name))} bytes, and its file system takes names of "
+            f"at most {limit}, {room} with the temporary files made beside it; choose a shorter name"
+        )
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    """Create and remove the run's own temporary name beside the output: access() trusts permission bits
+    that root ignores and file systems (/proc, /sys, a read-only mount) that refuse new files anyway. A
+    probe left by a kill is a stale temporary, which the next run on this output removes."""
+    probe = _temporary(path)
+    try:
+        with _termination_deferred():
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+    except FileExistsError:  # a temporary of this very process: creating works
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise write_failure(exc.errno, path) from None
+        parent = path.absolute().parent
+        raise UsageError(
+            f"{flag} {path}: cannot create files in {parent} ({exc.strerror or exc}); choose another {flag}"
+        ) from None
 
 
 def check_free_space(path: Path, needed_bytes: int, flag: str = "--output") -> None:
@@ -130,7 +182,7 @@ def check_free_space(path: Path, needed_bytes: int, flag: str = "--output") -> N
         free = shutil.disk_usage(parent).free
         if free < needed_bytes:
             raise FailedRun(
-                f"{flag} {path} needs at least {_gib(needed_bytes)}, and {parent} has {_gib(free)} free; "
+                f"{flag} {path} needs at least {_size(needed_bytes)}, and {parent} has {_size(free)} free; "
                 f"free some space or choose another {flag}"
             )
 

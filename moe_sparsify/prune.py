@@ -39,14 +39,21 @@ from .routing import group_keep_counts, max_candidate_count
 from .search import SearchContext, resolve_strategy, run_strategy
 
 
-def check_keep(adapter: MoEAdapter, keep: int | None) -> int:
+def check_keep(adapter: MoEAdapter, keep: int | None, must_prune: bool = False) -> int:
+    """A keep count the model can take. must_prune: it is the user's --keep, where keeping every expert is
+    a mistake (a plan's layer may keep all, and the search keeping all is the identity)."""
     n, k = adapter.num_experts, adapter.top_k
+    top = n - 1 if must_prune else n
+    if top < k:
+        raise UsageError(f"each token uses all {n} experts of a layer (top_k={k}): pruning any changes every output")
     if keep is None:
-        raise UsageError(f"--keep is required: how many of the {n} experts each MoE layer keeps ({k}..{n})")
+        raise UsageError(f"--keep is required: how many of the {n} experts each MoE layer keeps ({k}..{top})")
+    if keep == n and must_prune:
+        raise UsageError(f"--keep {keep} keeps all {n} experts per layer, which prunes nothing; choose {k}..{top}")
     if keep > n:
-        raise UsageError(f"--keep {keep} is larger than the {n} experts per layer; choose {k}..{n}")
+        raise UsageError(f"--keep {keep} is larger than the {n} experts per layer; choose {k}..{top}")
     if keep < k:
-        raise UsageError(f"--keep {keep} is smaller than top_k={k} (experts each token uses); choose {k}..{n}")
+        raise UsageError(f"--keep {keep} is smaller than top_k={k} (experts each token uses); choose {k}..{top}")
     spec = adapter.routing
     if (limit := spec.group_limit) is not None and keep not in (allowed := group_keep_counts(n, spec)):
         raise UsageError(

@@ -116,6 +116,14 @@ def test_bad_calibration_specs(tmp_path, spec, fragment):
 # --- settings files and flags ------------------------------------------------------------------------
 
 
+# Nine levels of nine aliases: 9^9 values when expanded, a few lists as loaded; its full repr would not end.
+ALIAS_BOMB = (
+    "a: &a [1,1,1,1,1,1,1,1,1]\n"
+    + "".join(f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "keep: *i\n"
+)
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "fragment"),
     [
@@ -135,11 +143,22 @@ def test_bad_calibration_specs(tmp_path, spec, fragment):
         ("keep: 6\nmodel: {path: tiny}\n", "model: Input should be a valid string"),
         ("keep: 6\ncalibration: [{source: bundled, weight: .nan}]\n", "weights must be positive finite numbers"),
         ("\ufeffkeep: 6\nsamples: 0\n", "samples: Input should be greater than or equal to 1"),  # a BOM is fine
+        ("<<: {keep: 6, samples: 0}\n", "samples: Input should be greater than or equal to 1"),  # merge keys read
+        ("base: &b {keep: 6}\n<<: *b\nkeep: 4\nbeam: 0\n", "base: unknown setting"),  # overriding a merged key
+        ("Keep: 6\n", "Keep: unknown setting in"),
+        ("keep: 6\nmodel: " + "[" * 3000 + "]" * 3000 + "\n", "nests deeper than Python's recursion limit"),
+        (ALIAS_BOMB, "keep: Input should be a valid integer (got [[[...], [...], [...], [...], ...], "),
     ],
 )
 def test_bad_settings_files(tmp_path, yaml_text, fragment):
     config = _write(tmp_path / "run.yaml", yaml_text)
     assert fragment in refused(tmp_path, "prune", "--config", config)
+
+
+def test_a_key_in_the_wrong_case_is_pointed_to_its_setting(tmp_path):
+    config = _write(tmp_path / "run.yaml", "Keep: 6\nplan_Only: true\n")
+    line = refused(tmp_path, "prune", "--config", config)
+    assert "Keep: unknown setting" in line and "(did you mean keep?)" in line and "did you mean plan_only?" in line
 
 
 def test_a_plan_given_as_the_settings_file_is_named_as_such(tmp_path, plan_file):
@@ -155,7 +174,7 @@ def test_binary_and_missing_settings_files(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["prune", "--keep", 6, "--seed", "abc"], "Invalid value for '--seed': Input should be a valid integer"),
+        (["prune", "--keep", 6, "--seed", "abc"], "Invalid value for '--seed': 'abc' is not a whole number"),
         (["prune", "--keep", "six"], "Invalid value for '--keep'"),
         (["prune", "--kep", 6], "No such option: --kep"),
         (["prune", "--keep", 6, "--seq-len", 4096], "--seq-len 4096 exceeds the model's max_position_embeddings 1024"),
@@ -189,6 +208,12 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["calibrate", "--calibration", "a.txt=inf,b.txt=1"], "weights must be positive finite numbers"),
         (["prune", "--keep", 6, "--recover", "router,refit,router"], "recover: 'router' is named twice"),
         (["calibrate", "--samples", 10**9, "--seq-len", 64], "lower --samples or --seq-len"),  # not "free space"
+        (["prune", "--keep", "6.0"], "Invalid value for '--keep': '6.0' is not a whole number"),  # not rounded to 6
+        (["calibrate", "--samples", "1e3"], "'1e3' is not a whole number"),
+        (["eval", "--tasks", "pydoc_cloze", "--limit", 0], "task_limit: Input should be greater than or equal to 1"),
+        (["prune", "--keep", 8, *FAST], "--keep 8 keeps all 8 experts per layer, which prunes nothing; choose 2..7"),
+        (["eval", "--compare", "tiny", "tiny", "--prompt-len", 1000], "--prompt-len plus --new-tokens 1032 exceeds"),
+        (["eval", "--compare", "tiny", "tiny", "--window", 2048], "--window 2048 exceeds"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, args, fragment):
@@ -292,6 +317,29 @@ def test_output_of_the_wrong_kind_is_refused_even_with_overwrite(tmp_path):
     assert "is a directory" in refused(tmp_path, "skip-profile", "-o", tmp_path / "dir", "--overwrite", *FAST)
     assert "is a file" in refused(tmp_path, "calibrate", "-o", tmp_path / "file", "--overwrite", *FAST)
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_output_that_is_a_fifo_is_refused_even_with_overwrite(tmp_path):
+    """`-o /dev/null --overwrite` as root would have replaced the device by a plan file."""
+    os.mkfifo(tmp_path / "fifo")
+    for args in (["skip-profile", *FAST], ["prune", "--keep", 6, "--plan-only"]):
+        line = refused(tmp_path, *args, "-o", tmp_path / "fifo", "--overwrite")
+        assert "is a FIFO, socket or device, not a file or directory" in line
+    assert (tmp_path / "fifo").is_fifo()
+
+
+def test_an_output_name_too_long_for_its_temporaries_is_refused_before_loading(tmp_path):
+    """250 bytes fit the file system, `.NAME.partial-PID` beside it does not: the run would fail at its
+    first write, after the search."""
+    line = refused(tmp_path, "prune", "--keep", 6, "--plan-only", "-o", tmp_path / ("x" * 250), *FAST)
+    assert "the name is 250 bytes" in line and "choose a shorter name" in line
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_on_a_file_system_that_refuses_new_files_is_refused(tmp_path):
+    """/proc passes access() for root, and then refuses every new file."""
+    line = refused(tmp_path, "prune", "--keep", 6, "--plan-only", "-o", "/proc/plan.json", *FAST)
+    assert "cannot create files in /proc" in line
 
 
 def test_existing_output_needs_overwrite(tmp_path):
@@ -554,6 +602,9 @@ BROKEN_MODELS = [  # (what is broken, how, exit code, the line must name)
     ("fp8 block size a string", lambda m: _set_config(m, quantization_config=FP8_BAD_BLOCK), 2, "weight_block_size"),
     ("unknown compressed format", lambda m: _set_config(m, quantization_config=CT_UNKNOWN), 2, "does not define"),
     ("an expert weight missing", lambda m: _drop_tensor(m, "experts.3.w2.weight"), 1, "down_proj MISMATCH"),
+    ("top-k zero", lambda m: _set_config(m, num_experts_per_tok=0), 2, "needs 1 <= top-k <= experts"),
+    ("top-k above the experts", lambda m: _set_config(m, num_experts_per_tok=9), 2, "8 experts per MoE layer and 9"),
+    ("a negative expert count", lambda m: _set_config(m, num_local_experts=-8), 2, "fix its config.json"),
 ]
 
 
@@ -691,3 +742,76 @@ def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path):
     child = Forked(tmp_path / "logs", _signal_while_locking, tmp_path / "out")
     stdout, stderr = child.communicate(timeout=60)
     assert child.returncode == 0, (stdout, stderr)
+
+
+def test_library_warnings_do_not_add_lines_to_the_error(tmp_path, monkeypatch, capsys):
+    """A config whose token ids lie outside its vocabulary makes transformers warn while reading it: the
+    entry point keeps its stderr to the one error line (TRANSFORMERS_VERBOSITY=warning shows them)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from moe_sparsify.cli import main
+    from moe_sparsify.models import bundled_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_model_dir("tiny"), model)
+    _set_config(model, bos_token_id=50256, eos_token_id=50256, num_experts_per_tok=0)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["moe-sparsify", "prune", "--model", str(model), "--keep", "6"])
+    printed = []  # what transformers' own stderr handler would print (it writes to the stream of import time)
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            printed.append(record.getMessage())
+
+    collect, level = Collect(), hf_logging.get_verbosity()
+    hf_logging.get_logger("transformers").addHandler(collect)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(collect)
+        hf_logging.set_verbosity(level)
+    assert exited.value.code == 2 and printed == []
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "needs 1 <= top-k <= experts" in lines[0], lines
+
+
+def test_a_result_that_stdout_cannot_take_is_one_line_naming_what_was_written(tmp_path, monkeypatch):
+    """`--json > /dev/full`, or stdout closed: the output is in place, and the line says so."""
+    import moe_sparsify.cli as cli
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fileno(self):
+            raise ValueError("not a real file")
+
+    monkeypatch.setattr(cli, "is_main", lambda: True)
+    for stdout, reason in ((Full(), "No space left on device"), (None, "it is closed")):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        with pytest.raises(FailedRun, match=f"wrote {tmp_path}/p.json, but cannot write to stdout \\({reason}\\)"):
+            cli._emit({"output": f"{tmp_path}/p.json"}, True, print)
+
+
+def test_help_printed_to_a_full_device_is_one_line(monkeypatch, capsys):
+    from moe_sparsify.cli import main
+
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        monkeypatch.setattr(sys, "argv", ["moe-sparsify", "prune", "--help"])
+        with pytest.raises(SystemExit) as exited:
+            main()
+    assert exited.value.code == 1
+    assert (
+        capsys.readouterr().err
+        == "error: cannot write to stdout (No space left on device); check where it is redirected\n"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", ""])
+def test_a_traceback_switch_set_off_keeps_errors_to_one_line(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("MOE_SPARSIFY_TRACEBACK", value)
+    assert "not found" in refused(tmp_path, "export", "--plan", tmp_path / "none.json")

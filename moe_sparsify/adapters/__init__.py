@@ -47,7 +47,22 @@ def adapter_for(config) -> MoEAdapter:
         )
     adapter = ADAPTERS[model_type](config)
     adapter.config_section = section
+    _check_expert_counts(adapter)
     return adapter
+
+
+def _check_expert_counts(adapter: MoEAdapter) -> None:
+    """A config whose top-k is 0 or above its expert count loads, routes nothing sensible, and would be
+    pruned without complaint: refuse it, naming the two numbers."""
+    try:
+        n, k = adapter.num_experts, adapter.top_k
+    except AttributeError as exc:
+        raise UsageError(f"the model config names no expert count ({exc}); fix its config.json") from None
+    if all(isinstance(c, int) and not isinstance(c, bool) for c in (n, k)) and not 1 <= k <= n:
+        raise UsageError(
+            f"the model config gives {n} experts per MoE layer and {k} experts per token (top-k); a MoE layer "
+            "needs 1 <= top-k <= experts; fix its config.json"
+        )
 
 
 __all__ = ["ADAPTERS", "MoEAdapter", "TensorRule", "adapter_for", "supported_model_types"]
