@@ -30,16 +30,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import __version__, quant
-from .adapters import MoEAdapter
+from .adapters import MoEAdapter, adapter_for
 from .errors import FailedRun, UsageError
 from .files import save_tensors
 from .model_card import CARD_FILE, EVALS_FILE, PROVENANCE_FILE, render_card
+from .models import load_config, load_decoded, load_pretrained, load_weights
 from .mtp import drop_mtp_config, mtp_layer_count, mtp_tensor_filter
 from .outputs import check_output, replacing, writing
 from .plan import Plan
 from .quant.base import QuantFormat
+from .quant.reader import DequantizingReader
+from .recover import recoverable_parameters
+from .streaming import INDEX, CheckpointReader, streamed_logits
 
-INDEX = "model.safetensors.index.json"
 PLAN_FILE = "moe_sparsify_plan.yaml"
 THRESHOLDS_FILE = "moe_sparsify_thresholds.json"
 VERIFY_TOLERANCE = 1e-4
@@ -101,8 +104,6 @@ def check_quantized_source(model_dir: Path, adapter: MoEAdapter) -> QuantFormat 
     fmt = quant.detect(model_dir)
     if fmt is None:
         return None
-    from .streaming import CheckpointReader
-
     for logical in fmt.group(CheckpointReader(model_dir).weight_map):
         rule = adapter.tensor_rule(logical)
         if rule is not None and rule.kind in ("router", "flat"):
@@ -241,13 +242,8 @@ def _copy_side_files(source_dir: Path, tmp: Path) -> None:
 
 def _load_export(exported_dir: Path, fmt: QuantFormat | None):
     """(the export as a float32 CPU model, how it was decoded), never through the decode the search used."""
-    from .models import load_decoded, load_pretrained
-
     if fmt is None:
         return load_pretrained(exported_dir, torch.float32), "transformers' load of the export"
-    from .quant.reader import DequantizingReader
-    from .streaming import CheckpointReader
-
     reader = DequantizingReader(CheckpointReader(exported_dir), fmt)
     exact = fmt.transformers_decodes(reader.shapes())
     reader.close()
@@ -273,8 +269,6 @@ def verify_export(
     (bf16 search, GPU) the source is reloaded in float32 so rounding is not mistaken for a bug, and
     parameters re-fitted in memory (`prune --recover`) are copied into it, module to module.
     """
-    from .models import load_weights
-
     exported, how = _load_export(exported_dir, quant.detect(exported_dir))
     first = next(original.parameters()) if original is not None else None
     if first is not None and first.dtype == torch.float32 and first.device.type == "cpu":
@@ -296,8 +290,6 @@ def merged_experts(plan: Plan) -> bool:
 
 def _copy_recovered(model, reference, adapter: MoEAdapter, layers: list[int], merged: bool) -> None:
     """Copy every parameter recovery may change from `model` into `reference`, by module, not by file name."""
-    from .recover import recoverable_parameters
-
     for index in layers:
         source = adapter.moe_block(adapter.decoder_layers(model)[index])
         target = adapter.moe_block(adapter.decoder_layers(reference)[index])
@@ -311,10 +303,6 @@ def verify_streamed(
 ) -> tuple[float, str]:
     """`verify_export` for models larger than memory: both models run one decoder layer at a time; a
     quantized export is decoded by its format's reference decode."""
-    from .adapters import adapter_for
-    from .models import load_config
-    from .streaming import streamed_logits
-
     fmt = quant.detect(exported_dir)
     exported_adapter = adapter_for(load_config(exported_dir))
     exported = streamed_logits(exported_dir, exported_adapter, token_ids, reference_decode=True)

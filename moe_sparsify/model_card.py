@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from . import __version__
 from .aliases import model_aliases
 from .errors import UsageError
 from .outputs import write_atomically
@@ -159,8 +160,6 @@ def check_card_target(model_dir: Path) -> None:
 
 def record_eval(model_dir: Path, result: dict) -> str:
     """Append one eval result to the export's evals file and rewrite the card's evaluation section."""
-    from . import __version__
-
     model_dir = Path(model_dir)
     evals_path, card_path = model_dir / EVALS_FILE, model_dir / CARD_FILE
     runs = json.loads(evals_path.read_text()) if evals_path.is_file() else []

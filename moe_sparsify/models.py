@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_for
 from .aliases import model_aliases
 from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 from .model_config import auto_model_class, load_config
+from .quant import detect
 from .streaming import StreamedModel
 
 BUNDLED_PREFIX = "bundled:"
@@ -70,9 +72,6 @@ def load_decoded(model_dir: Path, dtype: torch.dtype, reference_decode: bool = F
     """A quantized checkpoint as the float model its config describes, every weight decoded by our
     reader (the same tensors `--stream` reads), not by transformers' quantizer: that one infers the
     block size from shapes, wrong for partial edge blocks."""
-    from .adapters import adapter_for
-    from .quant import detect
-
     label = detect(model_dir).label
     adapter = adapter_for(load_config(model_dir))
     if adapter.config_section or not adapter.streamable:
@@ -140,8 +139,6 @@ def load_model(model_dir: Path, dtype: torch.dtype):
 
 def load_weights(model_dir: Path, dtype: torch.dtype):
     """The model, weights on the CPU; callers move what they compute with. Quantized checkpoints come decoded."""
-    from .quant import detect
-
     if detect(model_dir) is not None:
         return load_decoded(model_dir, dtype)
     report: list[str] = []

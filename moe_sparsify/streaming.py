@@ -16,19 +16,17 @@ import ctypes
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from . import quant
+from .adapters import MoEAdapter
+from .calibration.propagate import propagate
 from .errors import FailedRun, UsageError, first_line
 from .model_config import auto_model_class, load_config
 from .quant.reader import DequantizingReader
-
-if TYPE_CHECKING:  # only annotations: settings validation imports models, and so this module, without adapters
-    from .adapters import MoEAdapter
 
 INDEX = "model.safetensors.index.json"
 
@@ -235,8 +233,6 @@ def streamed_logits(
     reference_decode: bool = False,
 ) -> torch.Tensor:
     """float32 CPU logits of a checkpoint (pruned in place to `kept`), one decoder layer in memory at a time."""
-    from .calibration.propagate import propagate
-
     streamed = StreamedModel(model_dir, adapter, torch.float32, reference_decode)
     kept = kept or {}
     cpu = torch.device("cpu")

@@ -27,6 +27,7 @@ from pydantic import StrictFloat, StrictInt, StrictStr, with_config
 from torch import nn
 
 from .adapters import MoEAdapter
+from .calibration.propagate import propagate
 from .choices import SKIP_RULES, STATISTICS
 from .errors import UsageError
 from .files import DOCUMENT_CONFIG, Document
@@ -166,8 +167,6 @@ def routing_weights(
     With `kept`, the weights of the pruned model: each layer routes among its kept experts and
     feeds the next layer the pruned layer's outputs.
     """
-    from .calibration.propagate import propagate
-
     kept = kept or {}
     weights: dict[int, torch.Tensor] = {}
 
