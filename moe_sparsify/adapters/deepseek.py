@@ -155,9 +155,7 @@ class Mistral4Adapter(DeepseekAdapter):
 
     model_types = ("mistral4",)
     scoring = Scoring.SOFTMAX
-
-    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, block.gate.weight)
+    router_in_float32 = False  # its router is a bias-free linear in the model's dtype
 
 
 class GlmMoeDsaAdapter(DeepseekAdapter):
