@@ -131,7 +131,7 @@ def enable_skipping(model: nn.Module, thresholds, adapter: MoEAdapter | None = N
         thresholds = load_thresholds(thresholds)
     adapter = adapter or _adapter_of(model)
     check_skipping_supported(adapter)
-    thresholds.check_matches(model_fingerprint(model, adapter))
+    thresholds.check_matches(model_fingerprint(model, adapter), adapter.moe_layers(model))
     _register()
     current = model.config._experts_implementation
     previous = getattr(model, _PREVIOUS, current if current != IMPLEMENTATION else "grouped_mm")

@@ -189,6 +189,16 @@ def test_thresholds_for_another_model_are_refused(tiny, tmp_path):
         enable_skipping(model, SkipThresholds(pruned, "ratio", {}, thresholds.layers))
 
 
+def test_thresholds_naming_layers_the_model_lacks_are_refused_by_enable_skipping(tiny):
+    """The library call checks the layer ids as `eval --thresholds` does: one threshold per MoE layer
+    is not enough if they name other layers (here the last is relabelled past the model's end)."""
+    model, adapter = tiny
+    moe_layers = adapter.moe_layers(model)
+    relabelled = dict.fromkeys([*moe_layers[:-1], moe_layers[-1] + 10], 0.3)
+    with pytest.raises(UsageError, match="MoE layers are"):
+        enable_skipping(model, _thresholds(model, adapter, relabelled))
+
+
 def test_target_skip_and_quantile_statistics_set_the_skip_fraction(tiny, token_ids):
     model, adapter = tiny
     weights = routing_weights(model, adapter, token_ids, batch_size=4, device=CPU)
