@@ -29,6 +29,8 @@ from pydantic import (
 from .aliases import configs_dir, model_aliases
 from .choices import (
     DEFAULT_MAX_SUBSETS,
+    DEFAULT_MERGE_BY,
+    DEFAULT_RECOVER_HOLDOUT,
     DEFAULT_SKIP_QUANTILE,
     DEVICES,
     DIVERGENCES,
@@ -156,9 +158,9 @@ class Settings:
     recover: Annotated[
         list[Literal[RECOVERY_METHODS]], BeforeValidator(_comma_separated), AfterValidator(_distinct)
     ] = field(default_factory=list)
-    recover_holdout: Annotated[Float, Field(gt=0, lt=1)] = 0.125  # calibration sequences held back as a guard
+    recover_holdout: Annotated[Float, Field(gt=0, lt=1)] = DEFAULT_RECOVER_HOLDOUT  # held back as a guard
     # --recover merge: join each removed expert to the kept one closest by mean output, or by router logits
-    recover_merge_by: Literal[MERGE_BY] = "output"
+    recover_merge_by: Literal[MERGE_BY] = DEFAULT_MERGE_BY
     # --recover merge: permute each removed expert's neurons to best match its kept expert's before averaging
     recover_merge_align: StrictBool = False
     output: Name | None = None

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
+from .choices import DEFAULT_MERGE_BY, DEFAULT_RECOVER_HOLDOUT
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,13 @@ class Recovery:
     """How to recover: which methods (applied in the order of RECOVERY_METHODS) and their guard."""
 
     methods: tuple[str, ...]
-    holdout: float = 0.125  # share of the calibration sequences held back to accept or refuse a change
+    holdout: float = DEFAULT_RECOVER_HOLDOUT  # share of calibration sequences held back to judge a change
     router_steps: int = 200
     router_lr: float = 0.01  # Adam step, relative to the RMS of the kept router rows
     router_patience: int = 20  # steps without a better held-back loss before stopping
     refit_damp: float = 0.01
     refit_sweeps: int = 2
-    merge_by: str = "output"  # which kept expert a removed one joins: closest mean output, or router logits
+    merge_by: str = DEFAULT_MERGE_BY  # which kept expert a removed one joins: closest mean output, or router logits
     merge_align: bool = False  # permute each removed expert's neurons to match its kept expert's before averaging
 
     def record(self, layers: list[dict]) -> dict:
