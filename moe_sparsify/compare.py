@@ -93,8 +93,8 @@ class Rounds:
     """How many timed rounds: at least `minimum`; then more while any speed-up's interval is wider than
     `tolerance` of its median, until `budget_s` seconds of timed work are spent (or `maximum` rounds)."""
 
-    minimum: int = 3
-    budget_s: float = 60.0
+    minimum: int  # the settings' repeats
+    budget_s: float  # the settings' speed_budget_s
     tolerance: float = 0.10
     maximum: int = 1000
 
