@@ -62,13 +62,15 @@ class StoredInputs:
         rank, size = world()  # this rank's share of the sequences, as with sampled tokens
         for index in moe_layers:
             layer = self.residency.load_layer(index, self.device)
-            stored = self.store.layer_inputs(index)
-            hidden = stored.shape[-1]
-            mine = stored.view(-1, self.seq_len, hidden)[rank::size].reshape(-1, hidden)
-            inputs = mine.to(device=self.device, dtype=next(layer.parameters()).dtype)
-            batches = list(inputs.split(self.batch_size * self.seq_len))
-            decide(LayerStep(index, self.adapter.moe_block(layer), batches, batches=[]))
-            self.residency.release_layer(index)
+            try:
+                stored = self.store.layer_inputs(index)
+                hidden = stored.shape[-1]
+                mine = stored.view(-1, self.seq_len, hidden)[rank::size].reshape(-1, hidden)
+                inputs = mine.to(device=self.device, dtype=next(layer.parameters()).dtype)
+                batches = list(inputs.split(self.batch_size * self.seq_len))
+                decide(LayerStep(index, self.adapter.moe_block(layer), batches, batches=[]))
+            finally:  # as in `propagate`: a refusal or an interrupt leaves no layer visiting the device
+                self.residency.release_layer(index)
             if self.progress:
                 self.progress.advance(task)
 
