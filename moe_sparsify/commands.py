@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from . import compare as cmp
 from . import quant
 from .adapters import MoEAdapter, adapter_for
 from .calibration.offload import ActivationStore, default_budgets
@@ -637,8 +638,6 @@ def skip_profile(settings: Settings, plan_path: Path | None, show_progress: bool
 
 @holding_outputs
 def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_progress: bool) -> dict:
-    from . import compare as cmp
-
     if len(specs) < 2:
         raise UsageError("eval --compare needs at least two variants, e.g. tiny tiny-keep6 tiny-keep6+skip")
     check_source(settings.eval_text)
@@ -655,8 +654,6 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
 
 
 def _compare(settings: Settings, variants, report_dir: Path | None, show_progress: bool, index) -> dict:
-    from . import compare as cmp
-
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     tokenizers = [cmp.load_variant(v, dtype, device) for v in variants]
@@ -674,41 +671,13 @@ def _compare(settings: Settings, variants, report_dir: Path | None, show_progres
                 return _harness(settings, model, tokenizers[0], device, index)
 
         cmp.measure_quality(variants, stream, settings.eval_window, settings.eval_stride, device, progress, harness)
-        rounds = cmp.Rounds(minimum=settings.repeats, budget_s=settings.speed_budget_s)
-        noise = {}
-        for i, batch in enumerate(settings.speed_batch):
-            prompt = stream[: batch * settings.prompt_len].reshape(batch, settings.prompt_len)
-            measured, noise[str(batch)] = cmp.measure_speed(
-                variants, prompt, settings.new_tokens, rounds, device, progress
-            )
-            for warning in noise[str(batch)]["warnings"]:  # on stderr whatever the output format
-                stderr.print(f"warning: batch {batch}: {warning}")
-            for v in variants:
-                v.results.setdefault("speed", {})[str(batch)] = measured[v.spec]
-                if i == 0:  # the first batch size is the headline (table, charts)
-                    v.results.update(measured[v.spec])
-    rows = []
-    for v in variants:
-        rows.append({**cmp.describe(v), **v.results})
+        noise = _measure_speeds(settings, variants, stream, device, progress)
     result = {
-        "setup": {
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "text": settings.eval_text,
-            "window": settings.eval_window,
-            "stride": settings.eval_stride,
-            "batch": settings.speed_batch[0],
-            "batches": settings.speed_batch,
-            "prompt_len": settings.prompt_len,
-            "new_tokens": settings.new_tokens,
-            "repeats": settings.repeats,
-            "speed_budget_s": settings.speed_budget_s,
-            "threads": torch.get_num_threads(),
-        },
+        "setup": _compare_setup(settings, device, dtype),
         # How settled each batch size's timings are; noisy: some speed-up is not known within the tolerance.
         "noise": noise,
         "noisy": any(n["noisy"] for n in noise.values()),
-        "variants": rows,
+        "variants": [{**cmp.describe(v), **v.results} for v in variants],
         "peak_memory": peak_memory_bytes(device),
     }
     if result["noisy"]:
@@ -722,3 +691,39 @@ def _compare(settings: Settings, variants, report_dir: Path | None, show_progres
         with writing(report_dir):
             result["report"] = write_report(result, Path(report_dir))
     return result
+
+
+def _measure_speeds(settings: Settings, variants, stream: torch.Tensor, device, progress) -> dict:
+    """Prefill and decode speed of every variant at each batch size (prompts cut from the text's start),
+    into each variant's results (the first batch size also as its headline); returns the noise record
+    per batch size and prints its warnings on stderr whatever the output format."""
+    rounds = cmp.Rounds(minimum=settings.repeats, budget_s=settings.speed_budget_s)
+    noise = {}
+    for i, batch in enumerate(settings.speed_batch):
+        prompt = stream[: batch * settings.prompt_len].reshape(batch, settings.prompt_len)
+        measured, noise[str(batch)] = cmp.measure_speed(variants, prompt, settings.new_tokens, rounds, device, progress)
+        for warning in noise[str(batch)]["warnings"]:
+            stderr.print(f"warning: batch {batch}: {warning}")
+        for v in variants:
+            v.results.setdefault("speed", {})[str(batch)] = measured[v.spec]
+            if i == 0:  # the first batch size is the headline (table, charts)
+                v.results.update(measured[v.spec])
+    return noise
+
+
+def _compare_setup(settings: Settings, device: torch.device, dtype: torch.dtype) -> dict:
+    """How the comparison was measured, as its table title and report state it."""
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "text": settings.eval_text,
+        "window": settings.eval_window,
+        "stride": settings.eval_stride,
+        "batch": settings.speed_batch[0],
+        "batches": settings.speed_batch,
+        "prompt_len": settings.prompt_len,
+        "new_tokens": settings.new_tokens,
+        "repeats": settings.repeats,
+        "speed_budget_s": settings.speed_budget_s,
+        "threads": torch.get_num_threads(),
+    }
