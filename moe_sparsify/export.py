@@ -322,6 +322,19 @@ def _mtp_record(source_dir: Path, adapter: MoEAdapter, tensors: int) -> dict:
     }
 
 
+def _quantization_record(fmt: QuantFormat | None) -> dict:
+    """The provenance's `quantization` entry for a quantized export (none for a float one)."""
+    if fmt is None:
+        return {}
+    return {
+        "quantization": {
+            "format": fmt.label,
+            "quant_method": fmt.quant_method,
+            "export": "kept experts' raw tensors and every other tensor copied byte for byte; not requantized",
+        }
+    }
+
+
 def export_checkpoint(
     source_dir: Path,
     output: Path,
@@ -377,13 +390,8 @@ def export_checkpoint(
             "verify_tolerance": VERIFY_TOLERANCE,
             "verified_by": how,
             "moe_sparsify": __version__,
+            **_quantization_record(fmt),
         }
-        if fmt is not None:
-            provenance["quantization"] = {
-                "format": fmt.label,
-                "quant_method": fmt.quant_method,
-                "export": "kept experts' raw tensors and every other tensor copied byte for byte; not requantized",
-            }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(render_card(source_dir, plan, provenance))
     return provenance
