@@ -111,7 +111,7 @@ def merge_groups_(
     groups: dict[int, list[int]],
     frequency: torch.Tensor,
     permutations: dict[int, torch.Tensor] | None = None,
-):
+) -> None:
     """In place: each kept expert's tensors become the frequency-weighted average of its group (float64
     sums), each removed member's neurons first reordered by `permutations` where it has one; a group no
     token routed to keeps its kept expert as it is."""
