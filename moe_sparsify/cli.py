@@ -1,8 +1,9 @@
 """The `moe-sparsify` command line: parse flags, call `commands`, print, exit.
 
 Results go to stdout (`--json`: one JSON object), logs and progress to
-stderr. Exit codes: 0 success, 2 usage or config error, 1 failed run; errors
-are one line naming the fix (MOE_SPARSIFY_TRACEBACK=1 shows the traceback).
+stderr. Exit codes: 0 success, 2 usage or config error, 1 failed run, 128 + the
+signal when stopped by one (130: Ctrl-C); errors are one line naming the fix
+(MOE_SPARSIFY_TRACEBACK=1 shows the traceback).
 """
 
 from __future__ import annotations
