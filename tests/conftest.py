@@ -59,6 +59,26 @@ def texts_tokenised_once_per_worker():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def click_command_built_once_per_worker():
+    """typer's CliRunner rebuilds the click command from the app's signatures on every invoke (~14 ms of
+    typing.get_type_hints; ~500 invokes in the suite). A process builds it once; so does a test worker.
+    The command is a pure function of the app, which no test changes."""
+    from typer import testing
+
+    built = {}
+    build = testing._get_command
+
+    def built_once(app):
+        if id(app) not in built:
+            built[id(app)] = (app, build(app))  # the app is kept alive, so its id stays its own
+        return built[id(app)][1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(testing, "_get_command", built_once)
+        yield
+
+
 def random_mixtral(num_experts: int = 8, top_k: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0):
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
