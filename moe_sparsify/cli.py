@@ -233,9 +233,11 @@ def _terminate(signum, frame) -> None:
 
 @contextmanager
 def _signals_unwind():
-    """A terminating signal unwinds the stack like an exception instead of killing the process mid-write."""
+    """A terminating signal unwinds the stack like an exception instead of killing the process mid-write;
+    Ctrl-C raises KeyboardInterrupt, whatever handler the console script set for start-up (`launch`)."""
+    handlers = {**{sig: _terminate for sig in _TERMINATING}, signal.SIGINT: signal.default_int_handler}
     try:
-        previous = {sig: signal.signal(sig, _terminate) for sig in _TERMINATING}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         yield
         return

@@ -646,6 +646,9 @@ def compare(settings: Settings, specs: list[str], report_dir: Path | None, show_
         check_length(config, settings.eval_window, "--window")
         check_length(config, settings.prompt_len + settings.new_tokens, "--prompt-len plus --new-tokens")
     if report_dir is not None:  # an existing report directory is written into again
+        from .report import pyplot
+
+        pyplot()  # without matplotlib, refuse now rather than after the measuring
         read = [v.model_dir for v in variants] + [v.thresholds_path for v in variants if v.thresholds_path]
         check_output(report_dir, "directory", overwrite=True, flag="--report", inputs=(*read, Path(settings.eval_text)))
         lock_output(report_dir)

@@ -48,7 +48,9 @@ class Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    model, _, skip = spec.partition("+")
+    model, plus, skip = spec.partition("+")
+    if plus and not skip:  # `tiny+` would silently compare the plain model
+        raise UsageError(f"variant {spec!r} names nothing after '+'; write MODEL+skip or MODEL+THRESHOLDS_FILE")
     model_dir = resolve_model_dir(model)
     thresholds = None
     if skip:

@@ -176,8 +176,10 @@ class Document:
     @classmethod
     def from_dict(cls, data: dict):
         kind, schema = cls.__dataclass_fields__["kind"].default, cls.__dataclass_fields__["schema_version"].default
-        if data.get("kind") != kind:
-            raise UsageError(f"not a moe-sparsify {cls.WHAT} (missing kind: {kind}); {cls.REMEDY}")
+        found = data.get("kind")
+        if found != kind:
+            what = f"it is a {found} file" if str(found).startswith("moe-sparsify-") else f"missing kind: {kind}"
+            raise UsageError(f"not a moe-sparsify {cls.WHAT} ({what}); {cls.REMEDY}")
         if data.get("schema_version") != schema:
             raise UsageError(f"{cls.WHAT} schema {data.get('schema_version')} is not {schema}; {cls.REMEDY}")
         try:
@@ -196,9 +198,11 @@ class Document:
     def check_same_model(self, recorded, actual, remedy: str) -> None:
         """Refuse a document made for another model, naming every difference of the two records."""
         mine, theirs = asdict(recorded), asdict(actual)
-        diffs = [
-            f"{k} {mine[k]!r} in the {self.WHAT}, {theirs[k]!r} in the model" for k in mine if mine[k] != theirs[k]
-        ]
+        differing = [k for k in mine if mine[k] != theirs[k]]
+        diffs = [f"{k} {mine[k]!r} in the {self.WHAT}, {theirs[k]!r} in the model" for k in differing]
+        if differing == ["router_sha256"]:  # same shape, other router numbers
+            remedy += "; if it is this model, load it in the --dtype the file was made with (a lower precision rounds"
+            remedy += " the router weights it is recognised by)"
         if diffs:
             raise UsageError(
                 f"the {self.WHAT} does not match this model: its numbers belong to another model "

@@ -8,7 +8,8 @@ from pathlib import Path
 from .errors import UsageError
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, drawing to files; `eval --compare --report` calls it first, before any model loads."""
     try:
         import matplotlib
     except ImportError:
@@ -35,7 +36,7 @@ def _label(variant: str) -> str:
 def write_report(result: dict, directory: Path) -> dict:
     """comparison.json and one chart per view: quality against size, speed-ups, and, where variants
     have them, the experts kept and the realised skip shares. Returns {name: path written}."""
-    plt = _pyplot()
+    plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     rows, setup = result["variants"], result["setup"]
     files = {"json": directory / "comparison.json"}

@@ -214,6 +214,7 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["prune", "--keep", 8, *FAST], "--keep 8 keeps all 8 experts per layer, which prunes nothing; choose 2..7"),
         (["eval", "--compare", "tiny", "tiny", "--prompt-len", 1000], "--prompt-len plus --new-tokens 1032 exceeds"),
         (["eval", "--compare", "tiny", "tiny", "--window", 2048], "--window 2048 exceeds"),
+        (["eval", "--compare", "tiny", "tiny+"], "variant 'tiny+' names nothing after '+'"),  # was the plain model
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, args, fragment):
@@ -355,6 +356,12 @@ def test_report_path_is_checked_before_measuring(tmp_path):
     assert "does not exist" in line
 
 
+def test_a_report_without_matplotlib_is_refused_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a base install without the report extra has
+    line = refused(tmp_path, "eval", "--compare", "tiny", "tiny", "--report", tmp_path / "report")
+    assert "pip install 'moe-sparsify[report]'" in line
+
+
 def test_too_little_free_disk_is_refused(tmp_path, monkeypatch):
     import moe_sparsify.outputs as outputs
 
@@ -416,6 +423,17 @@ def test_malformed_plans_fail_before_loading(tmp_path, plan_file, change, fragme
     assert fragment in refused(tmp_path, "export", "--plan", plan, "-o", tmp_path / "out")
     assert fragment in refused(tmp_path, "eval", "--plan", plan)
     assert fragment in refused(tmp_path, "skip-profile", "--plan", plan, "-o", tmp_path / "t.json")
+
+
+def test_a_document_of_the_other_kind_is_named_as_such(tmp_path, plan_file):
+    line = refused(tmp_path, "eval", "--thresholds", plan_file)
+    assert "not a moe-sparsify thresholds file (it is a moe-sparsify-plan file)" in line
+
+
+def test_a_plan_met_in_a_lower_precision_points_to_the_dtype(tmp_path, plan_file):
+    """The model is recognised by its router weights as loaded: float16 rounds those of a float32 model."""
+    line = refused(tmp_path, "export", "--plan", plan_file, "-o", tmp_path / "out", "--dtype", "float16")
+    assert "router_sha256" in line and "load it in the --dtype the file was made with" in line
 
 
 @pytest.mark.parametrize(
@@ -815,3 +833,29 @@ def test_help_printed_to_a_full_device_is_one_line(monkeypatch, capsys):
 def test_a_traceback_switch_set_off_keeps_errors_to_one_line(tmp_path, monkeypatch, value):
     monkeypatch.setenv("MOE_SPARSIFY_TRACEBACK", value)
     assert "not found" in refused(tmp_path, "export", "--plan", tmp_path / "none.json")
+
+
+def _signalled_while_importing(signum: int) -> None:
+    """In a process of its own: the console script's start-up, with the command line's import replaced by
+    one that receives `signum` halfway (the real import takes seconds of torch and transformers)."""
+    import types
+
+    from moe_sparsify.launch import main
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            os.kill(os.getpid(), signum)
+            time.sleep(30)  # the handler ends the process before this does
+
+    sys.modules["moe_sparsify.cli"] = Importing("moe_sparsify.cli")
+    main()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_command_line_imports_is_one_line(tmp_path, signum):
+    """Ctrl-C during start-up printed a KeyboardInterrupt traceback, SIGTERM killed without a word."""
+    child = Forked(tmp_path, _signalled_while_importing, signum)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    assert stderr == f"error: stopped by {name} while starting or finishing; no file was left half-written\n"
