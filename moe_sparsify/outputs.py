@@ -27,10 +27,11 @@ import yaml
 from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 
 _PARTIAL = ".partial-"
+_PROBE = ".probe-"  # the pre-flight's test file: not a temporary that holds work (tests wait for those)
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_PARTIAL}{os.getpid()}")
+def _temporary(path: Path, marker: str = _PARTIAL) -> Path:
+    return path.with_name(f".{path.name}{marker}{os.getpid()}")
 
 
 def _lock_file(path: Path) -> Path:
@@ -156,10 +157,10 @@ def _check_name_fits(path: Path, flag: str) -> None:
 
 
 def _check_creatable(path: Path, flag: str) -> None:
-    """Create and remove the run's own temporary name beside the output: access() trusts permission bits
-    that root ignores and file systems (/proc, /sys, a read-only mount) that refuse new files anyway. A
-    probe left by a kill is a stale temporary, which the next run on this output removes."""
-    probe = _temporary(path)
+    """Create and remove a file beside the output: access() trusts permission bits that root ignores and
+    file systems (/proc, /sys, a read-only mount) that refuse new files anyway. Signals wait meanwhile;
+    a probe left by SIGKILL is removed, like a stale temporary, by the next run on this output."""
+    probe = _temporary(path, _PROBE)
     try:
         with _termination_deferred():
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -214,14 +215,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove `.NAME.partial-PID` left beside `path` by processes that are gone; returns what went."""
+    """Remove `.NAME.partial-PID` (and pre-flight probes, `.NAME.probe-PID`) left beside `path` by
+    processes that are gone; returns what went."""
     path = Path(path)
     removed = []
-    for candidate in path.parent.glob(f".{glob.escape(path.name)}{_PARTIAL}*"):
-        pid = candidate.name.rpartition(_PARTIAL)[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            _remove(candidate)
-            removed.append(candidate)
+    for marker in (_PARTIAL, _PROBE):
+        for candidate in path.parent.glob(f".{glob.escape(path.name)}{marker}*"):
+            pid = candidate.name.rpartition(marker)[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                _remove(candidate)
+                removed.append(candidate)
     return removed
 
 

@@ -529,10 +529,12 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".out.partial-{dead.stdout.strip()}"
     stale.mkdir()
+    probe = tmp_path / f".out.probe-{dead.stdout.strip()}"  # the pre-flight's, left by a SIGKILL
+    probe.touch()
     alive = tmp_path / f".out.partial-{os.getppid()}"  # a live process's: not ours to remove
     alive.mkdir()
-    assert remove_stale_temporaries(out) == [stale]
-    assert alive.exists() and not stale.exists()
+    assert remove_stale_temporaries(out) == [stale, probe]
+    assert alive.exists() and not stale.exists() and not probe.exists()
 
 
 def _wait_for(predicate, process: Forked, seconds: float = 120) -> None:
