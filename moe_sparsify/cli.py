@@ -22,13 +22,13 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from . import __version__, commands
+from . import __version__
 from .aliases import model_aliases
 from .choices import DEFAULT_SKIP_QUANTILE
 from .config import Settings, resolve_settings
-from .distributed import is_main
 from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 from .plan import load_plan
+from .progress import stderr
 
 TRACEBACK_HINT = "Errors are one line; set MOE_SPARSIFY_TRACEBACK=1 to see the full traceback."
 
@@ -307,8 +307,28 @@ def _settings(config: Optional[Path], params: dict) -> Settings:
     return resolve_settings(config, {k: v for k, v in params.items() if k not in _NOT_SETTINGS})
 
 
+# Set by `main`: the console script owns its process's logging; an embedding program or a test keeps its own.
+_quiet_libraries = False
+
+
+def _commands():
+    """The commands, imported when one runs: they bring torch and transformers (~2 s), which `--help`, a bad
+    flag or a bad settings file never need, so those answer at once."""
+    from . import commands
+
+    if _quiet_libraries:
+        _quiet_library_warnings()
+    return commands
+
+
+def _is_main() -> bool:
+    from .distributed import is_main
+
+    return is_main()
+
+
 def _emit(result: dict, as_json: bool, summary) -> None:
-    if not is_main():  # under torchrun, rank 0 speaks for all
+    if not _is_main():  # under torchrun, rank 0 speaks for all
         return
     if as_json:
         try:
@@ -324,7 +344,7 @@ def _emit(result: dict, as_json: bool, summary) -> None:
 
 def _show_progress() -> bool:
     """Progress goes to stderr whatever the output format (stdout may be JSON); under torchrun, rank 0's."""
-    return is_main()
+    return _is_main()
 
 
 def _layers_table(result: dict) -> None:
@@ -336,11 +356,11 @@ def _layers_table(result: dict) -> None:
         table.add_row(
             str(lp["layer"]), " ".join(map(str, lp["kept"])), f"{lp['loss']:.4g}", runner_up, str(lp["subsets_scored"])
         )
-    commands.stderr.print(table)
+    stderr.print(table)
     for change in result.get("config_changes", []):
-        commands.stderr.print(f"config: {change}")
+        stderr.print(f"config: {change}")
     where = result["output"] or result["plan"]
-    commands.stderr.print(f"wrote {where} in {result['timings']['total_s']:.1f} s")
+    stderr.print(f"wrote {where} in {result['timings']['total_s']:.1f} s")
 
 
 @app.command()
@@ -365,13 +385,11 @@ def calibrate(
     `prune --from-calibration DIR` then skips sampling and the forward passes that produce each block's inputs.
     """
     settings = _settings(config, locals())
-    result = commands.calibrate(settings, _show_progress())
+    result = _commands().calibrate(settings, _show_progress())
     _emit(
         result,
         json_out,
-        lambda r: commands.stderr.print(
-            f"wrote {r['output']}: {r['manifest']['tokens']} tokens in {r['seconds']:.1f} s"
-        ),
+        lambda r: stderr.print(f"wrote {r['output']}: {r['manifest']['tokens']} tokens in {r['seconds']:.1f} s"),
     )
 
 
@@ -443,7 +461,7 @@ def prune(
     With --plan-only, write only the plan file (for `export`, or `eval --plan`).
     """
     settings = _settings(config, locals())
-    _emit(commands.prune(settings, _show_progress()), json_out, _layers_table)
+    _emit(_commands().prune(settings, _show_progress()), json_out, _layers_table)
 
 
 VERIFY = "The export is checked on verify_samples calibration sequences:"
@@ -480,11 +498,11 @@ def export(
     if model is None:
         model = load_plan(plan).source
     settings = _settings(config, locals())
-    result = commands.export(settings, plan, thresholds)
+    result = _commands().export(settings, plan, thresholds)
     _emit(
         result,
         json_out,
-        lambda r: commands.stderr.print(
+        lambda r: stderr.print(
             f"wrote {r['output']} ({', '.join(r['config_changes'])}) in {r['seconds']:.1f} s; "
             f"max logit diff {r['verified_max_abs_logit_diff']:.2g}"
             + (f"; copied the thresholds {r['thresholds']} beside it" if r.get("thresholds") else "")
@@ -599,20 +617,20 @@ def eval_(
                 "variants as arguments go with --compare only (MODEL, MODEL+skip, MODEL+FILE), and --compare "
                 "takes no --plan, --thresholds, --model or --card; see moe-sparsify eval --help"
             )
-        _emit(commands.compare(settings, variants or [], report, _show_progress()), json_out, _compare_table)
+        _emit(_commands().compare(settings, variants or [], report, _show_progress()), json_out, _compare_table)
         return
-    _emit(commands.evaluate(settings, plan, thresholds, card, _show_progress()), json_out, _eval_summary)
+    _emit(_commands().evaluate(settings, plan, thresholds, card, _show_progress()), json_out, _eval_summary)
 
 
 def _eval_summary(r: dict) -> None:
     what = f"{r['model']}{' + ' + r['plan'] if r['plan'] else ''}{' + skipping' if r['thresholds'] else ''}"
     if "perplexity" in r:
-        commands.stderr.print(
+        stderr.print(
             f"{what}: perplexity {r['perplexity']:.3f} on {r['tokens']} tokens of {r['text']} "
             f"(window {r['window']}, stride {r['stride']}, {r['device']}, {r['dtype']})"
         )
     for task, metrics in r.get("harness", {}).get("tasks", {}).items():
-        commands.stderr.print(f"{what} {task}: {_metrics(metrics)}")
+        stderr.print(f"{what} {task}: {_metrics(metrics)}")
 
 
 def _number(value) -> str:
@@ -656,15 +674,15 @@ def _compare_table(result: dict) -> None:
             _speedup(r, "decode"),
             share,
         )
-    commands.stderr.print(table)
+    stderr.print(table)
     for extra in setup["batches"][1:]:
         speedups = ", ".join(f"{r['variant']} {_speedup(r['speed'][str(extra)], 'decode')}" for r in result["variants"])
-        commands.stderr.print(f"decode speed-up at batch {extra}: {speedups}")
+        stderr.print(f"decode speed-up at batch {extra}: {speedups}")
     for r in result["variants"]:
         for task, metrics in r.get("harness", {}).get("tasks", {}).items():
-            commands.stderr.print(f"{r['variant']} {task}: {_metrics(metrics)}")
+            stderr.print(f"{r['variant']} {task}: {_metrics(metrics)}")
     if result.get("report"):
-        commands.stderr.print(f"report: {', '.join(result['report'].values())}")
+        stderr.print(f"report: {', '.join(result['report'].values())}")
 
 
 @app.command("skip-profile")
@@ -708,7 +726,7 @@ def skip_profile(
     Writes a threshold file for `eval --thresholds` and `export --thresholds`.
     """
     settings = _settings(config, locals())
-    result = commands.skip_profile(settings, plan, _show_progress())
+    result = _commands().skip_profile(settings, plan, _show_progress())
     _emit(result, json_out, _thresholds_table)
 
 
@@ -719,12 +737,13 @@ def _thresholds_table(result: dict) -> None:
         table.add_column(column, justify="right")
     for entry in result["layers"]:
         table.add_row(str(entry["layer"]), f"{entry['beta']:.4f}", f"{100 * entry['skip_fraction']:.1f} %")
-    commands.stderr.print(table)
-    commands.stderr.print(f"wrote {result['output']} in {result['seconds']:.1f} s")
+    stderr.print(table)
+    stderr.print(f"wrote {result['output']} in {result['seconds']:.1f} s")
 
 
 def main() -> None:
-    _quiet_library_warnings()
+    global _quiet_libraries
+    _quiet_libraries = True
     try:
         app()
     except OSError as exc:  # help or the version printed to a full device: commands report their own

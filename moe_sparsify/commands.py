@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from . import compare as cmp
 from . import quant
@@ -40,7 +39,7 @@ from .model_card import check_card_target, record_eval
 from .models import load_config, load_model, load_tokenizer, load_weights, pick_device, pick_dtype, resolve_model_dir
 from .outputs import check_free_space, check_output, holding_outputs, lock_output, writing
 from .plan import ModelIdentity, Plan, load_plan
-from .progress import progress_reporter
+from .progress import progress_reporter, stderr
 from .prune import (
     LayerTiming,
     ProgressJournal,
@@ -55,8 +54,6 @@ from .skipping import check_skipping_supported, skip_fractions, skipping
 from .streaming import StreamedModel
 from .system import proc_bytes
 from .thresholds import SkipThresholds, load_thresholds, model_fingerprint, profile, routing_weights
-
-stderr = Console(stderr=True, soft_wrap=True)  # a long path must not break a line a script may grep
 
 
 @dataclass

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+stderr = Console(stderr=True, soft_wrap=True)  # a long path must not break a line a script may grep
+
 
 @dataclass
 class _Task:

@@ -809,7 +809,7 @@ def test_a_result_that_stdout_cannot_take_is_one_line_naming_what_was_written(tm
         def fileno(self):
             raise ValueError("not a real file")
 
-    monkeypatch.setattr(cli, "is_main", lambda: True)
+    monkeypatch.setattr(cli, "_is_main", lambda: True)
     for stdout, reason in ((Full(), "No space left on device"), (None, "it is closed")):
         monkeypatch.setattr(sys, "stdout", stdout)
         with pytest.raises(FailedRun, match=f"wrote {tmp_path}/p.json, but cannot write to stdout \\({reason}\\)"):
