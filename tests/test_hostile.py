@@ -146,13 +146,44 @@ ALIAS_BOMB = (
         ("<<: {keep: 6, samples: 0}\n", "samples: Input should be greater than or equal to 1"),  # merge keys read
         ("base: &b {keep: 6}\n<<: *b\nkeep: 4\nbeam: 0\n", "base: unknown setting"),  # overriding a merged key
         ("Keep: 6\n", "Keep: unknown setting in"),
-        ("keep: 6\nmodel: " + "[" * 3000 + "]" * 3000 + "\n", "nests deeper than Python's recursion limit"),
-        (ALIAS_BOMB, "keep: Input should be a valid integer (got [[[...], [...], [...], [...], ...], "),
+        pytest.param(
+            "keep: 6\nmodel: " + "[" * 3000 + "]" * 3000 + "\n", "nests deeper than Python's recursion limit", id="deep"
+        ),
+        pytest.param(ALIAS_BOMB, "keep: Input should be a valid integer (got [[[...], [...], [...], ", id="alias bomb"),
     ],
 )
 def test_bad_settings_files(tmp_path, yaml_text, fragment):
     config = _write(tmp_path / "run.yaml", yaml_text)
     assert fragment in refused(tmp_path, "prune", "--config", config)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [  # round 3's probe: these already held; kept so that they keep holding
+        (["prune", "--model", "-", "--keep", 6], "model '-' is not an alias"),
+        (["prune", "--model", "~/no-such-model", "--keep", 6], "is not an alias"),
+        (["prune", "--model", "a\nb", "--keep", 6], "is not an alias"),
+        (["prune", "--model", "/dev/null", "--keep", 6], "is not an alias"),
+        (["prune", "--keep", 6, "--calibration", "/dev/null", *FAST], "is not a file"),
+        (["prune", "--keep", 6, "--from-calibration", "/dev/null", "--plan-only"], "is not a calibration directory"),
+        (["prune", "--", "--keep", 6], "unexpected extra argument"),
+        (["prune", "--keep", 6, "--seed", -1], "seed: Input should be greater than or equal to 0"),
+        (["export", "--plan", "-"], "plan - not found"),
+        (["eval", "--thresholds", "."], "is not a regular file"),
+        (
+            ["eval", "--compare", "tiny", "tiny", "--report", "/dev/null"],
+            "--report /dev/null is a FIFO, socket or device",
+        ),
+    ],
+)
+def test_paths_and_values_that_already_held(tmp_path, args, fragment):
+    assert fragment in refused(tmp_path, *args)
+
+
+def test_a_python_tag_in_settings_is_refused_not_run(tmp_path):
+    config = _write(tmp_path / "run.yaml", "keep: !!python/object/apply:os.system ['touch pwned']\n")
+    assert "is not valid YAML" in refused(tmp_path, "prune", "--config", config)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_a_key_in_the_wrong_case_is_pointed_to_its_setting(tmp_path):
@@ -215,6 +246,8 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["eval", "--compare", "tiny", "tiny", "--prompt-len", 1000], "--prompt-len plus --new-tokens 1032 exceeds"),
         (["eval", "--compare", "tiny", "tiny", "--window", 2048], "--window 2048 exceeds"),
         (["eval", "--compare", "tiny", "tiny+"], "variant 'tiny+' names nothing after '+'"),  # was the plain model
+        (["eval", "--text", "hf:"], "text source 'hf:' names no dataset; write hf:NAME"),
+        (["calibrate", "--calibration", "hf::en@train"], "names no dataset"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, args, fragment):
@@ -407,6 +440,12 @@ def _edited(plan_file: Path, directory: Path, change) -> Path:
 
 
 PLAN_EDITS = [
+    (lambda d: d["layers"][0].update(kept=[0.0, 1, 4, 5, 6, 7]), "layers.0.kept.0: Input should be a valid integer"),
+    (lambda d: d["layers"][0].update(kept=[True, 1, 4, 5, 6, 7]), "(got True)"),
+    (lambda d: d["layers"][0].update(kept=[0, 0, 4, 5, 6, 7]), "layer 0 keeps invalid experts [0, 0, 4, 5, 6, 7]"),
+    (lambda d: d["layers"][0].update(kept=[-1, 1, 4, 5, 6, 7]), "keeps invalid experts"),
+    (lambda d: d["layers"][0].update(kept=[3]), "keeps 1 experts, fewer than top_k=2"),
+    (lambda d: d["layers"][0].update(layer=99), "layer 99 is not one of the MoE layers"),
     (lambda d: d["layers"][0].update(kept=[str(e) for e in d["layers"][0]["kept"]]), "Input should be a valid integer"),
     (lambda d: d["layers"].pop(), "is missing"),
     (lambda d: d["layers"][1].update(layer=0), "layer 0 appears 2 times"),

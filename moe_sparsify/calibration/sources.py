@@ -63,7 +63,11 @@ def _preset_names() -> str:
 def check_source(source: str) -> None:
     """Validation before any weights are read. A preset is fetched now (then cached), so that being
     offline fails here rather than after loading the model."""
-    if source in ("bundled", "bundled:calib", "bundled:heldout") or source.startswith("hf:"):
+    if source in ("bundled", "bundled:calib", "bundled:heldout"):
+        return
+    if source.startswith("hf:"):
+        if not source[3:].partition("@")[0].partition(":")[0]:
+            raise UsageError(f"text source {source!r} names no dataset; write hf:NAME, hf:NAME:CONFIG or hf:NAME@SPLIT")
         return
     if is_preset(source):
         preset_documents(source)
