@@ -268,7 +268,9 @@ def _stdout_failure(exc: BaseException) -> str:
     """Why stdout took no output, and stdout pointed at /dev/null: the interpreter's last flush at exit
     would otherwise fail again and print a second error."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     except (OSError, AttributeError, ValueError):  # stdout closed or None
         pass
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "it is closed"

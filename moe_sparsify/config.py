@@ -45,6 +45,7 @@ from .choices import (
 from .errors import UsageError, first_line
 from .files import DOCUMENT_CONFIG, describe_errors, load_yaml, named_twice
 from .model_card import PROVENANCE_FILE
+from .outputs import creation_error
 
 
 def _device(value: str) -> str:
@@ -60,8 +61,12 @@ def _directory(value: str) -> str:
 
 
 def _writable_directory(value: str) -> str:
+    """A directory that takes new files: tried, since root passes access() on /proc and read-only mounts."""
     if not os.access(_directory(value), os.W_OK | os.X_OK):
         raise ValueError(f"cannot write in {value}; pass a writable directory")
+    refused = creation_error(Path(value) / f".moe-sparsify-probe-{os.getpid()}")
+    if refused is not None:
+        raise ValueError(f"cannot create files in {value} ({refused.strerror}); pass a writable directory")
     return value
 
 

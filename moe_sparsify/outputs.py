@@ -156,18 +156,25 @@ def _check_name_fits(path: Path, flag: str) -> None:
         )
 
 
-def _check_creatable(path: Path, flag: str) -> None:
-    """Create and remove a file beside the output: access() trusts permission bits that root ignores and
-    file systems (/proc, /sys, a read-only mount) that refuse new files anyway. Signals wait meanwhile;
-    a probe left by SIGKILL is removed, like a stale temporary, by the next run on this output."""
-    probe = _temporary(path, _PROBE)
+def creation_error(probe: Path) -> OSError | None:
+    """Create and remove the file `probe`, signals waiting meanwhile; the error if that failed."""
     try:
         with _termination_deferred():
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             os.unlink(probe)
-    except FileExistsError:  # a temporary of this very process: creating works
-        return
+    except FileExistsError:  # this very process's: creating works
+        return None
     except OSError as exc:
+        return exc
+    return None
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    """Create and remove a file beside the output: access() trusts permission bits that root ignores and
+    file systems (/proc, /sys, a read-only mount) that refuse new files anyway. Signals wait meanwhile;
+    a probe left by SIGKILL is removed, like a stale temporary, by the next run on this output."""
+    exc = creation_error(_temporary(path, _PROBE))
+    if exc is not None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise write_failure(exc.errno, path) from None
         parent = path.absolute().parent

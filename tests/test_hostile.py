@@ -371,9 +371,13 @@ def test_an_output_name_too_long_for_its_temporaries_is_refused_before_loading(t
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_an_output_on_a_file_system_that_refuses_new_files_is_refused(tmp_path):
-    """/proc passes access() for root, and then refuses every new file."""
+    """/proc passes access() for root, and then refuses every new file: as the output, and as the
+    directory activations spill to (which failed after the model loaded)."""
     line = refused(tmp_path, "prune", "--keep", 6, "--plan-only", "-o", "/proc/plan.json", *FAST)
     assert "cannot create files in /proc" in line
+    config = _write(tmp_path / "spill.yaml", "offload_dir: /proc\nactivations_cpu_gb: 0\n")
+    line = refused(tmp_path, "prune", "--keep", 6, "--plan-only", "-o", tmp_path / "p.json", "--config", config)
+    assert "offload_dir: cannot create files in /proc" in line
 
 
 def test_existing_output_needs_overwrite(tmp_path):
