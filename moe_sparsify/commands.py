@@ -166,14 +166,13 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
     identity = model_identity(model, job.adapter, router_weights)
     fingerprint = {"tokens": manifest["token_ids_sha256"], "model": identity.router_sha256, "dtype": str(job.dtype)}
     resumed = writer.begin(fingerprint)  # an interrupted run's layers are kept; the rest is written now
-    activations = _activation_store(settings, job.device)
     writer.add_tokens(token_ids)
 
     def store(step):
         writer.add_layer(step.index, step.inputs)
         return None
 
-    with progress_bar(show_progress) as progress:
+    with _activation_store(settings, job.device) as activations, progress_bar(show_progress) as progress:
         propagate(
             model,
             job.adapter,
@@ -185,7 +184,6 @@ def calibrate(settings: Settings, show_progress: bool) -> dict:
             residency=residency,
             activations=activations,
         )
-    activations.close()
     manifest["model"] = {
         "source": settings.model,
         "model_type": identity.model_type,
@@ -277,8 +275,10 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
     local_tokens = shard(token_ids)
     if len(local_tokens) == 0:
         raise UsageError(f"{len(token_ids)} calibration sequences cannot be shared by {world()[1]} processes")
-    activations = _activation_store(settings, job.device)
-    with progress_bar(show_progress and is_main()) as progress:
+    with (
+        _activation_store(settings, job.device) as activations,
+        progress_bar(show_progress and is_main()) as progress,
+    ):
         plan, timings = plan_pruning(
             model,
             job.adapter,
@@ -293,7 +293,6 @@ def _prune(job: Job, store: CalibrationStore | None, show_progress: bool, start:
             identity=identity,
             activations=activations,
         )
-    activations.close()
     searched = time.perf_counter()
     result = {"model": settings.model, "keep": keep, "strategy": plan.strategy, "mode": plan.mode}
     if "recover" in plan.options:

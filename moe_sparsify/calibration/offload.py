@@ -57,3 +57,9 @@ class ActivationStore:
 
     def close(self) -> None:
         self._dir.cleanup()
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # the spilled files go whether the run ends or fails
