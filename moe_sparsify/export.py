@@ -228,8 +228,7 @@ def _write_config(
     changes = adapter.pruned_config(text, keep) + drop_mtp_config(text)
     changes = [f"{section}.{change}" for change in changes] if section else changes
     if fmt is not None:  # kept as it is, but for module lists that name experts
-        qconfig = config.get("quantization_config") or config["text_config"]["quantization_config"]
-        changes += fmt.pruned_config(qconfig, kept)
+        changes += fmt.pruned_config(quant.quantization_config(config), kept)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return changes
 

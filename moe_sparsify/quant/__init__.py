@@ -91,7 +91,8 @@ register(CompressedTensors)
 
 
 def quantization_config(config: dict) -> dict | None:
-    """The checkpoint's quantization_config: top level, or a multimodal checkpoint's text_config."""
+    """The checkpoint's quantization_config: top level, or a multimodal checkpoint's text_config. The
+    mapping itself, not a copy: the export rewrites it in place."""
     text = config.get("text_config")
     found = config.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
     if found and not isinstance(found, dict):
@@ -99,7 +100,7 @@ def quantization_config(config: dict) -> dict | None:
             f"config.json's quantization_config is {type(found).__name__} {found!r}, not a mapping with a "
             "quant_method; fix config.json or pass the float checkpoint"
         )
-    return dict(found) if found else None
+    return found or None
 
 
 def _method(qconfig: dict) -> str:
