@@ -485,11 +485,7 @@ def evaluate(
     job = open_job(settings)
     check_length(job.adapter.config, settings.eval_window, "--window")
     if card:
-        if plan_path:
-            raise UsageError("--card records results of the exported checkpoint itself; drop --plan (or --card)")
-        if not settings.perplexity:
-            raise UsageError("--card records the perplexity; drop --no-perplexity (or --card)")
-        check_card_target(job.model_dir)
+        _check_card(settings, job, plan_path)
     plan = _plan_without_recovery(plan_path) if plan_path else None
     thresholds = load_thresholds(thresholds_path) if thresholds_path else None
     with _task_index(settings) as index:
@@ -533,6 +529,15 @@ def evaluate(
         if card:
             result["card"] = record_eval(job.model_dir, result)
         return result
+
+
+def _check_card(settings: Settings, job: Job, plan_path: Path | None) -> None:
+    """--card records the perplexity of an exported checkpoint as it is: refuse what it could not record."""
+    if plan_path:
+        raise UsageError("--card records results of the exported checkpoint itself; drop --plan (or --card)")
+    if not settings.perplexity:
+        raise UsageError("--card records the perplexity; drop --no-perplexity (or --card)")
+    check_card_target(job.model_dir)
 
 
 def _scores(

@@ -367,15 +367,7 @@ def _decider(
 ) -> LayerDecider:
     """The per-layer decider the settings describe: the strategy's search context, the e2e rescorer
     (e2e strategies), and the recovery with its end-to-end guard (--recover)."""
-    recovery = None
-    if settings.recover:
-        methods = tuple(settings.recover)
-        recovery = Recovery(
-            methods,
-            holdout=settings.recover_holdout,
-            merge_by=settings.recover_merge_by,
-            merge_align=settings.recover_merge_align,
-        )
+    recovery = _recovery(settings)
     rescorer = None
     if end_to_end is not None:
         rescorer = EndToEndRescorer(
@@ -408,6 +400,18 @@ def _decider(
         recovery=recovery,
         guard=EndToEndGuard(model, adapter, device, residency) if recovery is not None else None,
         cost=cost,
+    )
+
+
+def _recovery(settings: Settings) -> Recovery | None:
+    """What --recover asks for (None: no recovery)."""
+    if not settings.recover:
+        return None
+    return Recovery(
+        tuple(settings.recover),
+        holdout=settings.recover_holdout,
+        merge_by=settings.recover_merge_by,
+        merge_align=settings.recover_merge_align,
     )
 
 
