@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import FailedRun, MoeSparsifyError, UsageError, first_line
 
 BUNDLED_TASKS = ("pydoc_cloze",)
 _TASK_YAML = """task: {name}
@@ -127,12 +127,24 @@ def run_tasks(
     """{task: {metric: value}} from lm_eval.simple_evaluate, plus the harness version. `index`: an open
     `task_index` holding `tasks`."""
     lm_eval, HFLM, _ = _lm_eval()
+    # The harness's output (warnings, tqdm bars, `git describe`) is kept only when the harness fails: then
+    # it is the account of why, and the error names it. A finished run, a signal or Ctrl-C leave nothing.
     log = Path(tempfile.gettempdir()) / f"moe-sparsify-lm-eval-{os.getpid()}.log"
-    with output_to(log):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=index, num_fewshot=num_fewshot, limit=limit, log_samples=False
-        )
+    try:
+        with output_to(log):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=index, num_fewshot=num_fewshot, limit=limit, log_samples=False
+            )
+    except Exception as exc:
+        if not _raised_by_us(exc):
+            raise FailedRun(f"lm-eval failed on {', '.join(tasks)}: {first_line(exc)}; its output is in {log}") from exc
+        log.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        log.unlink(missing_ok=True)
+        raise
+    log.unlink(missing_ok=True)
     scores = {
         task: {k.replace(",none", ""): v for k, v in metrics.items() if isinstance(v, (int, float))}
         for task, metrics in output["results"].items()
@@ -142,5 +154,14 @@ def run_tasks(
         "num_fewshot": num_fewshot,
         "limit": limit,
         "lm_eval": lm_eval.__version__,
-        "log": str(log),  # the harness's own warnings and progress bars
     }
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """Ours, or raised while handling ours: a signal's exception that library code turned into its own."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, MoeSparsifyError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -346,6 +348,49 @@ def test_lm_eval_task_runs_offline_through_the_harness(tmp_path):
         scores[bool(extra)] = harness["tasks"]["pydoc_cloze"]["acc"]
     assert scores[False] > 0.35  # four choices: chance is 0.25
     assert scores[False] != scores[True]  # the harness scored the pruned in-memory model
+    assert not _harness_log().exists()  # a finished run leaves nothing behind
+
+
+def _harness_log():
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"moe-sparsify-lm-eval-{os.getpid()}.log"
+
+
+@pytest.mark.parametrize("failure", ["harness", "signal", "ctrl-c"])
+def test_a_failed_harness_keeps_its_output_and_names_it_and_a_stopped_one_keeps_nothing(monkeypatch, failure):
+    from moe_sparsify import harness
+    from moe_sparsify.errors import FailedRun
+
+    class Stopped(FailedRun):  # what a signal raises (cli.Terminated), turned into another error by a library
+        pass
+
+    def simple_evaluate(**kwargs):
+        print("harness progress")
+        if failure == "harness":
+            raise ValueError("dataset 'x' has no split 'test'")
+        if failure == "ctrl-c":
+            raise KeyboardInterrupt
+        try:
+            raise Stopped("stopped by SIGTERM")
+        except Stopped:
+            raise RuntimeError("storage error while handling it") from None
+
+    lm_eval = SimpleNamespace(simple_evaluate=simple_evaluate, __version__="0")
+    monkeypatch.setattr(harness, "_lm_eval", lambda: (lm_eval, lambda **kwargs: None, None))
+    expected = {"harness": FailedRun, "signal": RuntimeError, "ctrl-c": KeyboardInterrupt}[failure]
+    try:
+        with pytest.raises(expected) as raised:
+            harness.run_tasks(None, None, ["x"], None, num_fewshot=None, limit=None, batch_size=1, device="cpu")
+        if failure == "harness":
+            assert str(raised.value) == (
+                f"lm-eval failed on x: dataset 'x' has no split 'test'; its output is in {_harness_log()}"
+            )
+            assert _harness_log().read_text() == "harness progress\n"
+        else:
+            assert not _harness_log().exists()
+    finally:
+        _harness_log().unlink(missing_ok=True)
 
 
 def test_tasks_alone_print_only_their_scores(tmp_path):
