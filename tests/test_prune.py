@@ -108,6 +108,33 @@ def test_activations_offloaded_to_disk_give_the_same_plan(mode, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_spills_of_runs_killed_on_this_host_are_removed_by_the_next_run(tmp_path):
+    """SIGKILL or the OOM killer runs no `finally`: the next run removes the dead run's spill directory,
+    never a live run's or one from another machine sharing the directory."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from moe_sparsify.calibration.offload import ActivationStore
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    host = socket.gethostname()
+    names = {
+        "dead": f"moe-sparsify-activations-{host}-{dead}-x1",
+        "live": f"moe-sparsify-activations-{host}-{os.getppid()}-x2",
+        "elsewhere": f"moe-sparsify-activations-{host}x-{dead}-x3",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.pt").write_bytes(b"spilled")
+    with ActivationStore(CPU, device_bytes=0, cpu_bytes=0, directory=str(tmp_path)):
+        own = [p.name for p in tmp_path.glob(f"moe-sparsify-activations-{host}-{os.getpid()}-*")]
+        assert len(own) == 1
+        assert {p.name for p in tmp_path.iterdir()} == {names["live"], names["elsewhere"], *own}
+    assert {p.name for p in tmp_path.iterdir()} == {names["live"], names["elsewhere"]}
+
+
 def test_layers_the_forward_never_runs_are_refused():
     from moe_sparsify.errors import FailedRun
 

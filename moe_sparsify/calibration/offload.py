@@ -9,12 +9,19 @@ inputs and its outputs). Defaults: 40 % of the free memory of each.
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..outputs import pid_alive
 from ..system import proc_bytes
+
+_SPILL = "moe-sparsify-activations-"
 
 
 def _available_cpu_bytes() -> int:
@@ -28,10 +35,29 @@ def default_budgets(device: torch.device) -> tuple[int, int]:
     return cpu, cpu  # on CPU the "device" is CPU memory already
 
 
+def _host_prefix() -> str:
+    """The host and then the PID in a spill directory's name tell a killed run's directory from a live
+    one: another run's, or one on another machine sharing --offload-dir."""
+    return f"{_SPILL}{socket.gethostname()}-"
+
+
+def remove_stale_spills(parent: Path) -> list[Path]:
+    """Spill directories of runs killed on this host (SIGKILL, the OOM killer): no `finally` ran for them,
+    and they can hold gigabytes. Returns what went."""
+    prefix, removed = _host_prefix(), []
+    for candidate in Path(parent).glob(f"{glob.escape(prefix)}*"):
+        pid = candidate.name[len(prefix) :].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
 class ActivationStore:
     def __init__(self, device: torch.device, device_bytes: int, cpu_bytes: int, directory: str | None = None):
         self.device, self.device_bytes, self.cpu_bytes = device, device_bytes, cpu_bytes
-        self._dir = tempfile.TemporaryDirectory(prefix="moe-sparsify-activations-", dir=directory)
+        remove_stale_spills(Path(directory or tempfile.gettempdir()))
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{_host_prefix()}{os.getpid()}-", dir=directory)
         self._files = 0
         self.placed = {"device": 0, "cpu": 0, "disk": 0}  # bytes of the current generation
         self.peak = dict(self.placed)
