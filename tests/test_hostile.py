@@ -903,4 +903,25 @@ def test_a_signal_while_the_command_line_imports_is_one_line(tmp_path, signum):
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == 128 + signum
     name = signal.Signals(signum).name
-    assert stderr == f"error: stopped by {name} while starting or finishing; no file was left half-written\n"
+    assert stderr == f"error: stopped by {name} while starting; nothing was written\n"
+
+
+def _signalled_after_the_command(signum: int) -> None:
+    """In a process of its own: the console script around a command that succeeds, then `signum` arrives
+    as the interpreter would tear down; exits 0 if the signal was ignored instead of ending the process."""
+    import types
+
+    from moe_sparsify.launch import main
+
+    sys.modules["moe_sparsify.cli"] = types.SimpleNamespace(main=lambda: None)
+    main()
+    os.kill(os.getpid(), signum)
+    time.sleep(0.2)  # a handler, or the default action, would have run by now
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_command_leaves_its_exit_code(tmp_path, signum):
+    """SIGTERM a moment after `wrote ...` killed the process (status -15) with its output complete."""
+    child = Forked(tmp_path, _signalled_after_the_command, signum)
+    _, stderr = child.communicate(timeout=60)
+    assert (child.returncode, stderr) == (0, "")
