@@ -753,12 +753,18 @@ def main() -> None:
 
 
 def _quiet_library_warnings() -> None:
-    """transformers' warnings (a config's token id outside its vocabulary, a deprecated key) would print
-    lines around the one error line and the results; TRANSFORMERS_VERBOSITY=warning shows them again."""
+    """Libraries' warnings (a config's token id outside its vocabulary, a quantization_config passed
+    twice) would print lines around the one error line and the results. transformers logs them
+    (TRANSFORMERS_VERBOSITY=warning shows them again), others use Python's warnings (PYTHONWARNINGS or
+    -W show them again)."""
     if "TRANSFORMERS_VERBOSITY" not in os.environ:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+    if not sys.warnoptions:
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 if __name__ == "__main__":

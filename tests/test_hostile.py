@@ -841,6 +841,22 @@ def test_library_warnings_do_not_add_lines_to_the_error(tmp_path, monkeypatch, c
     assert len(lines) == 1 and "needs 1 <= top-k <= experts" in lines[0], lines
 
 
+def test_python_warnings_are_off_in_the_command_line_unless_asked_for(monkeypatch):
+    """transformers' UserWarning about a quantization_config passed twice printed two lines per export."""
+    import warnings
+
+    from moe_sparsify.cli import _quiet_library_warnings
+
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "warning")  # leave transformers' logger as the suite has it
+    for options, shown in (([], 0), (["default"], 1)):  # -W / PYTHONWARNINGS given: the user's choice stands
+        monkeypatch.setattr(sys, "warnoptions", options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _quiet_library_warnings()
+            warnings.warn("a library's aside", UserWarning, stacklevel=1)
+        assert len(caught) == shown
+
+
 def test_a_result_that_stdout_cannot_take_is_one_line_naming_what_was_written(tmp_path, monkeypatch):
     """`--json > /dev/full`, or stdout closed: the output is in place, and the line says so."""
     import moe_sparsify.cli as cli
