@@ -247,6 +247,7 @@ def test_binary_and_missing_settings_files(tmp_path):
         (["eval", "--compare", "tiny", "tiny", "--window", 2048], "--window 2048 exceeds"),
         (["eval", "--compare", "tiny", "tiny+"], "variant 'tiny+' names nothing after '+'"),  # was the plain model
         (["eval", "--text", "hf:"], "text source 'hf:' names no dataset; write hf:NAME"),
+        (["eval", "--text", "/dev/null"], "text source '/dev/null' is not a file (--calibration, --text)"),
         (["calibrate", "--calibration", "hf::en@train"], "names no dataset"),
     ],
 )

@@ -75,13 +75,11 @@ def check_source(source: str) -> None:
     path = Path(source)
     if not path.is_file():
         raise UsageError(
-            f"calibration source {source!r} is not a file; pass bundled, a preset ({_preset_names()}), "
-            "a local .txt/.jsonl/.json/.json.gz/.parquet file, or hf:NAME"
+            f"text source {source!r} is not a file (--calibration, --text); pass bundled, a preset "
+            f"({_preset_names()}), a local .txt/.jsonl/.json/.json.gz/.parquet file, or hf:NAME"
         )
     if not path.name.endswith(FILE_SUFFIXES):
-        raise UsageError(
-            f"calibration file {source!r} has suffix {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}"
-        )
+        raise UsageError(f"text file {source!r} has suffix {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
 def load_documents(source: str) -> list[str]:
