@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -196,11 +197,15 @@ class Document:
         return cls.from_dict(load_mapping(path, cls.WHAT, cls.REMEDY))
 
     def check_same_model(self, recorded, actual, remedy: str) -> None:
-        """Refuse a document made for another model, naming every difference of the two records."""
+        """Refuse a document made for another model, naming every difference of the two records. Router
+        weights that differ only as another precision rounds them (the records' dtypes differ, their
+        router norms agree) are the same model: a plan made in float32 applies to the bfloat16 load."""
         mine, theirs = asdict(recorded), asdict(actual)
-        differing = [k for k in mine if mine[k] != theirs[k]]
+        differing = [k for k in mine if k not in _PRECISION_KEYS and mine[k] != theirs[k]]
+        if differing == ["router_sha256"] and _rounded_alike(mine, theirs):
+            return
         diffs = [f"{k} {mine[k]!r} in the {self.WHAT}, {theirs[k]!r} in the model" for k in differing]
-        if differing == ["router_sha256"]:  # same shape, other router numbers
+        if differing == ["router_sha256"] and mine.get("router_norms") is None:  # a file written before the norms
             remedy += "; if it is this model, load it in the --dtype the file was made with (a lower precision rounds"
             remedy += " the router weights it is recognised by)"
         if diffs:
@@ -208,3 +213,18 @@ class Document:
                 f"the {self.WHAT} does not match this model: its numbers belong to another model "
                 f"({'; '.join(diffs)}); {remedy}"
             )
+
+
+# Identity records' precision keys: they explain a router hash that differs, they do not identify a model.
+_PRECISION_KEYS = ("router_dtype", "router_norms")
+
+
+def _rounded_alike(mine: dict, theirs: dict) -> bool:
+    """Routers loaded in two precisions: the per-layer norm sums agree to far better than 1e-3 (rounding to
+    bfloat16 moves a row's norm by ~1e-5 of it), another model's do not."""
+    if any(record.get(key) is None for record in (mine, theirs) for key in _PRECISION_KEYS):
+        return False
+    if mine["router_dtype"] == theirs["router_dtype"] or len(mine["router_norms"]) != len(theirs["router_norms"]):
+        return False
+    pairs = [zip(a, b) for a, b in zip(mine["router_norms"], theirs["router_norms"])]
+    return all(math.isclose(x, y, rel_tol=1e-3) for layer in pairs for x, y in layer)

@@ -42,6 +42,8 @@ class ModelIdentity:
     top_k: StrictInt
     moe_layers: list[StrictInt]
     router_sha256: StrictStr
+    router_dtype: StrictStr | None = None  # absent from plans written before: then the hash alone decides
+    router_norms: list[list[StrictFloat]] | None = None
 
 
 @dataclass

@@ -79,13 +79,16 @@ def check_kept(adapter: MoEAdapter, kept: list[int]) -> None:
 
 
 def model_identity(model: nn.Module, adapter: MoEAdapter, router_weights: dict | None = None) -> ModelIdentity:
+    sha256, dtype, norms = adapter.router_fingerprint(model, weights=router_weights)
     return ModelIdentity(
         model_type=adapter.config.model_type,
         num_layers=len(adapter.decoder_layers(model)),
         num_experts=adapter.num_experts,
         top_k=adapter.top_k,
         moe_layers=adapter.moe_layers(model),
-        router_sha256=adapter.router_fingerprint(model, weights=router_weights),
+        router_sha256=sha256,
+        router_dtype=dtype,
+        router_norms=norms,
     )
 
 

@@ -44,6 +44,8 @@ class Fingerprint:
     num_experts: list[StrictInt]  # per MoE layer
     top_k: StrictInt
     router_sha256: StrictStr
+    router_dtype: StrictStr | None = None  # absent from files written before: then the hash alone decides
+    router_norms: list[list[StrictFloat]] | None = None
 
 
 @with_config(DOCUMENT_CONFIG)
@@ -106,7 +108,7 @@ def model_fingerprint(model: nn.Module, adapter: MoEAdapter, kept: dict[int, lis
     """Fingerprint of `model`, or of the model `kept` would export (its router rows sliced)."""
     kept = kept or {}
     counts = [len(kept[i]) if i in kept else adapter.num_experts for i in adapter.moe_layers(model)]
-    return Fingerprint(adapter.config.model_type, counts, adapter.top_k, adapter.router_fingerprint(model, kept))
+    return Fingerprint(adapter.config.model_type, counts, adapter.top_k, *adapter.router_fingerprint(model, kept))
 
 
 def _quantile(values: torch.Tensor, q: float) -> float:

@@ -474,9 +474,24 @@ def test_a_document_of_the_other_kind_is_named_as_such(tmp_path, plan_file):
     assert "not a moe-sparsify thresholds file (it is a moe-sparsify-plan file)" in line
 
 
-def test_a_plan_met_in_a_lower_precision_points_to_the_dtype(tmp_path, plan_file):
-    """The model is recognised by its router weights as loaded: float16 rounds those of a float32 model."""
-    line = refused(tmp_path, "export", "--plan", plan_file, "-o", tmp_path / "out", "--dtype", "float16")
+def test_a_plan_applies_to_its_model_loaded_in_any_precision_and_not_to_another(tmp_path, plan_file):
+    """The plan was made in float32; float16 and bfloat16 round the router weights it recognises the model
+    by, so the hash differs, and the router norms agree to rounding: the same model. Norms of another
+    router (edited here) are refused in any precision, and so is a file written before the norms existed,
+    which is pointed to the dtype it was made with."""
+    for dtype in ("float16", "bfloat16"):
+        done = _run("export", "--plan", plan_file, "-o", tmp_path / dtype, "--dtype", dtype, "--json")
+        assert done.exit_code == 0, done.stderr
+    data = json.loads(plan_file.read_text())
+    assert data["model"]["router_dtype"] == "float32" and len(data["model"]["router_norms"]) == 4
+
+    def another_router(data):
+        data["model"]["router_norms"][2][0] *= 1.01
+
+    other = _edited(plan_file, tmp_path, another_router)
+    assert "router_sha256" in refused(tmp_path, "export", "--plan", other, "-o", tmp_path / "out", "--dtype", "float16")
+    older = _edited(plan_file, tmp_path, lambda d: [d["model"].pop(k) for k in ("router_dtype", "router_norms")])
+    line = refused(tmp_path, "export", "--plan", older, "-o", tmp_path / "out", "--dtype", "float16")
     assert "router_sha256" in line and "load it in the --dtype the file was made with" in line
 
 

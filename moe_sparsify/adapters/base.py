@@ -355,16 +355,23 @@ class MoEAdapter:
 
     def router_fingerprint(
         self, model: nn.Module, kept: dict[int, list[int]] | None = None, weights: dict | None = None
-    ) -> str:
-        """sha256 of the router weights in float32: of `model`, or of the model `kept` would export.
-        `weights` supplies them per MoE layer where the model's own are not in memory (streaming)."""
-        digest = hashlib.sha256()
+    ) -> tuple[str, str, list[list[float]]]:
+        """What recognises a model by its routers: (sha256 of the router weights in float32, their dtype as
+        loaded, and per MoE layer the sum of the router rows' norms and that sum weighted by expert id),
+        of `model` or of the model `kept` would export. The norms tell the same model loaded in another
+        precision (they agree to rounding) from another model (the hash alone cannot: rounding changes
+        it). `weights` supplies the routers per MoE layer where the model's own are not in memory."""
+        digest, dtypes, norms = hashlib.sha256(), set(), []
         for index in self.moe_layers(model):
             weight = (
                 weights[index] if weights else self.router_weight(self.moe_block(self.decoder_layers(model)[index]))
             )
+            dtypes.add(str(weight.dtype).removeprefix("torch."))
             weight = weight.detach().float().cpu()
             if kept and index in kept:
                 weight = weight[kept[index]]
             digest.update(weight.contiguous().numpy().tobytes())
-        return digest.hexdigest()
+            rows = weight.double().norm(dim=-1).reshape(-1)
+            ids = torch.arange(1, len(rows) + 1, dtype=torch.float64)
+            norms.append([rows.sum().item(), (rows * ids).sum().item()])
+        return digest.hexdigest(), "/".join(sorted(dtypes)), norms
