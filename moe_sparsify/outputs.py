@@ -211,7 +211,7 @@ def _replaceable(path: Path) -> bool:
     return isinstance(data, dict) and data.get("kind") in _REPLACEABLE_KINDS
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -219,6 +219,11 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+def owner_gone(pid: str) -> bool:
+    """A leftover's owner, the PID written in its name: another process that no longer runs here."""
+    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -229,7 +234,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     for marker in (_PARTIAL, _PROBE):
         for candidate in path.parent.glob(f".{glob.escape(path.name)}{marker}*"):
             pid = candidate.name.rpartition(marker)[2]
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if owner_gone(pid):
                 _remove(candidate)
                 removed.append(candidate)
     return removed

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..outputs import pid_alive
+from ..outputs import owner_gone
 from ..system import proc_bytes
 
 _SPILL = "moe-sparsify-activations-"
@@ -47,7 +47,7 @@ def remove_stale_spills(parent: Path) -> list[Path]:
     prefix, removed = _host_prefix(), []
     for candidate in Path(parent).glob(f"{glob.escape(prefix)}*"):
         pid = candidate.name[len(prefix) :].partition("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if owner_gone(pid):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
