@@ -226,5 +226,5 @@ def _rounded_alike(mine: dict, theirs: dict) -> bool:
         return False
     if mine["router_dtype"] == theirs["router_dtype"] or len(mine["router_norms"]) != len(theirs["router_norms"]):
         return False
-    pairs = [zip(a, b) for a, b in zip(mine["router_norms"], theirs["router_norms"])]
-    return all(math.isclose(x, y, rel_tol=1e-3) for layer in pairs for x, y in layer)
+    layers = zip(mine["router_norms"], theirs["router_norms"])
+    return all(math.isclose(x, y, rel_tol=1e-3) for a, b in layers for x, y in zip(a, b))

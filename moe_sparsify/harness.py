@@ -130,6 +130,7 @@ def run_tasks(
     # The harness's output (warnings, tqdm bars, `git describe`) is kept only when the harness fails: then
     # it is the account of why, and the error names it. A finished run, a signal or Ctrl-C leave nothing.
     log = Path(tempfile.gettempdir()) / f"moe-sparsify-lm-eval-{os.getpid()}.log"
+    keep_log = False
     try:
         with output_to(log):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
@@ -137,14 +138,13 @@ def run_tasks(
                 model=lm, tasks=tasks, task_manager=index, num_fewshot=num_fewshot, limit=limit, log_samples=False
             )
     except Exception as exc:
-        if not _raised_by_us(exc):
-            raise FailedRun(f"lm-eval failed on {', '.join(tasks)}: {first_line(exc)}; its output is in {log}") from exc
-        log.unlink(missing_ok=True)
-        raise
-    except BaseException:
-        log.unlink(missing_ok=True)
-        raise
-    log.unlink(missing_ok=True)
+        if _raised_by_us(exc):
+            raise
+        keep_log = True
+        raise FailedRun(f"lm-eval failed on {', '.join(tasks)}: {first_line(exc)}; its output is in {log}") from exc
+    finally:
+        if not keep_log:
+            log.unlink(missing_ok=True)
     scores = {
         task: {k.replace(",none", ""): v for k, v in metrics.items() if isinstance(v, (int, float))}
         for task, metrics in output["results"].items()
